@@ -1,0 +1,14 @@
+"""DenseNet in JAX and Flax NNX, number for number with torchvision."""
+
+from densenet_jax.errors import CheckpointError
+from densenet_jax.configs import DenseNetConfig, count_params, get_config, list_models
+from densenet_jax.models import (DenseBlock, DenseLayer, DenseNet, DenseNet121, DenseNet161,
+                                 DenseNet169, DenseNet201, Transition, create_model)
+from densenet_jax.weights import load, save
+
+__all__ = [
+    "CheckpointError", "load", "save",
+    "DenseNetConfig", "count_params", "get_config", "list_models",
+    "DenseBlock", "DenseLayer", "DenseNet", "DenseNet121", "DenseNet161", "DenseNet169",
+    "DenseNet201", "Transition", "create_model",
+]

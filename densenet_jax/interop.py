@@ -1,0 +1,166 @@
+"""torchvision's DenseNet state dicts <-> ours: names, layouts, and the architecture they imply.
+
+Works on numpy arrays only, so that this package never imports torch; ``convert/`` reads and writes
+the torch files. The mapping is a table built from the model itself: every one of our weights has
+exactly one torchvision key and layout, and every shape is checked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from flax import nnx
+
+from densenet_jax.configs import DenseNetConfig, get_config, list_models
+from densenet_jax.errors import CheckpointError
+from densenet_jax.models import DenseNet
+from densenet_jax.weights import state_arrays
+
+# Our leaf name -> torchvision's, by the rank of the array (a rank-2 kernel is the Linear layer).
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
+               "mean": "running_mean", "var": "running_var"}
+_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_IGNORED_SUFFIX = ".num_batches_tracked"  # a BN step counter: no Flax twin, unused with momentum 0.1
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One weight: our key, torchvision's key, and how to turn torch's layout into ours."""
+    flax_key: str
+    torch_key: str
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(a):
+    return a
+
+
+def _conv_to_flax(a):  # OIHW -> HWIO
+    return np.transpose(a, (2, 3, 1, 0))
+
+
+def _conv_to_torch(a):  # HWIO -> OIHW
+    return np.transpose(a, (3, 2, 0, 1))
+
+
+def _linear(a):  # (out, in) <-> (in, out)
+    return np.transpose(a)
+
+
+def weight_table(config: DenseNetConfig) -> list[Entry]:
+    """Every weight of the model ``config`` describes, with its torchvision twin."""
+    shapes = _abstract_shapes(config)
+    table = []
+    for key, shape in shapes.items():
+        module, leaf = key.rsplit(".", 1)
+        if leaf == "kernel":
+            to_flax, to_torch = (_conv_to_flax, _conv_to_torch) if len(shape) == 4 else (_linear, _linear)
+        else:
+            to_flax = to_torch = _identity
+        table.append(Entry(key, f"{module}.{_TORCH_LEAF[leaf]}", to_flax, to_torch))
+    return table
+
+
+def _abstract_shapes(config: DenseNetConfig) -> dict[str, tuple[int, ...]]:
+    model = nnx.eval_shape(lambda: DenseNet(config, rngs=nnx.Rngs(0)))
+    return {k: tuple(v.shape) for k, v in state_arrays(model).items()}
+
+
+def normalize_keys(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """Undo the variations people's checkpoints have: ``module.`` prefixes (DataParallel/DDP),
+    torchvision's legacy ``norm.1`` key names, and BN step counters."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(_IGNORED_SUFFIX):
+            continue
+        while key.startswith("module."):
+            key = key[len("module."):]
+        key = _LEGACY_KEY.sub(r"\1\2", key)
+        if key in out:
+            raise CheckpointError(f"{source}: key {key} appears twice (after removing prefixes)")
+        out[key] = value
+    return out
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], source: str, **overrides) -> DenseNetConfig:
+    """The DenseNetConfig a torchvision-style state dict describes, read off its shapes."""
+    def shape(key):
+        if key not in shapes:
+            raise CheckpointError(f"{source}: not a DenseNet checkpoint (no key {key})")
+        return shapes[key]
+
+    def check(condition, message):
+        if not condition:
+            raise CheckpointError(f"{source}: {message}")
+
+    conv0 = shape("features.conv0.weight")
+    check(len(conv0) == 4 and conv0[1] == 3 and conv0[2] in (3, 7),
+          f"features.conv0.weight has shape {conv0}, expected (C, 3, 7, 7) or (C, 3, 3, 3)")
+    stem = "imagenet" if conv0[2] == 7 else "cifar"
+    blocks = []
+    while any(k.startswith(f"features.denseblock{len(blocks) + 1}.") for k in shapes):
+        i = len(blocks) + 1
+        blocks.append(len({m.group(1) for k in shapes
+                           if (m := re.match(rf"features\.denseblock{i}\.denselayer(\d+)\.", k))}))
+    check(blocks, "not a DenseNet checkpoint (no features.denseblock1)")
+    first = "features.denseblock1.denselayer1"
+    conv1 = shape(f"{first}.conv1.weight")
+    bottleneck = f"{first}.conv2.weight" in shapes
+    growth_rate = shape(f"{first}.conv2.weight")[0] if bottleneck else conv1[0]
+    bn_size = None
+    if bottleneck:
+        check(conv1[0] % growth_rate == 0,
+              f"{first}.conv1.weight has {conv1[0]} outputs, not a multiple of the growth rate {growth_rate}")
+        bn_size = conv1[0] // growth_rate
+    compression = 0.5
+    if len(blocks) > 1:
+        out_c, in_c = shape("features.transition1.conv.weight")[:2]
+        compression = out_c / in_c
+    config = DenseNetConfig(growth_rate, tuple(blocks), conv0[0], bn_size, compression, stem,
+                            num_classes=shape("classifier.weight")[0])
+    return config.replace(**overrides)
+
+
+def registered_name(config: DenseNetConfig) -> str | None:
+    """The registered model whose architecture ``config`` is (ignoring classes, dropout, remat)."""
+    for name in list_models():
+        candidate = get_config(name, num_classes=config.num_classes, drop_rate=config.drop_rate,
+                               memory_efficient=config.memory_efficient)
+        if candidate == config:
+            return name
+    return None
+
+
+def from_torchvision(state_dict: dict[str, np.ndarray], source: str,
+                     **overrides) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
+    """Our arrays and config from a torchvision-style DenseNet state dict (numpy values)."""
+    state_dict = normalize_keys(state_dict, source)
+    config = infer_config({k: tuple(v.shape) for k, v in state_dict.items()}, source, **overrides)
+    table = weight_table(config)
+    expected = {e.torch_key for e in table}
+    extra = sorted(state_dict.keys() - expected)
+    if extra:
+        raise CheckpointError(f"{source}: unexpected key {extra[0]} for the inferred "
+                              f"{registered_name(config) or 'DenseNet'} ({len(extra)} in all)")
+    shapes = _abstract_shapes(config)
+    arrays = {}
+    for entry in table:
+        if entry.torch_key not in state_dict:
+            raise CheckpointError(f"{source}: missing key {entry.torch_key}")
+        value = entry.to_flax(state_dict[entry.torch_key])
+        if value.shape != shapes[entry.flax_key]:
+            expected_torch = entry.to_torch(np.empty(shapes[entry.flax_key], np.uint8)).shape
+            raise CheckpointError(f"{source}: {entry.torch_key} has shape "
+                                  f"{tuple(state_dict[entry.torch_key].shape)}, expected {expected_torch}")
+        arrays[entry.flax_key] = np.ascontiguousarray(value)
+    return arrays, config
+
+
+def to_torchvision(arrays: dict[str, np.ndarray], config: DenseNetConfig) -> dict[str, np.ndarray]:
+    """torchvision's state dict (numpy values, torch layouts) from our arrays."""
+    return {e.torch_key: np.ascontiguousarray(e.to_torch(np.asarray(arrays[e.flax_key])))
+            for e in weight_table(config)}

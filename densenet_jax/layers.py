@@ -1,0 +1,155 @@
+"""The three primitives DenseNet is built from, with torch's semantics.
+
+Flax's own Conv/BatchNorm/Linear differ from torch where parity needs them not to: BatchNorm keeps a
+biased running variance, and dtype promotion would compute bf16 inputs in fp32. Here every layer
+computes in the dtype of its input (parameters are cast to it), and BatchNorm follows torch exactly:
+momentum 0.1 on the torch convention, epsilon 1e-5, unbiased running variance, two-pass statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def _random(key: jax.Array, shape: tuple[int, ...], kind: str, scale: float) -> jax.Array:
+    """``scale`` * standard normal, or uniform on [-scale, scale], as float32 of ``shape``.
+
+    Drawn on the host from a generator seeded by the JAX key, because XLA compiles one program per
+    kernel shape (0.7 s each on a 2-core CPU: 29 s to build densenet_40_k12). Under a trace (e.g.
+    ``nnx.eval_shape``) the key has no value, and JAX's own sampler is used.
+    """
+    if isinstance(key, jax.core.Tracer):
+        if kind == "normal":
+            return scale * jax.random.normal(key, shape, jnp.float32)
+        return jax.random.uniform(key, shape, jnp.float32, -scale, scale)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+    if kind == "normal":
+        values = scale * rng.standard_normal(shape, np.float32)
+    else:
+        values = rng.uniform(-scale, scale, shape).astype(np.float32)
+    return jnp.asarray(values)
+
+
+class Conv2d(nnx.Module):
+    """A bias-free 2-D convolution, NHWC input, HWIO kernel, explicit symmetric padding."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
+                 stride: int = 1, padding: int = 0, rngs: nnx.Rngs):
+        fan_in = in_channels * kernel_size * kernel_size
+        # torchvision's DenseNet: kaiming_normal_ with its defaults, std = sqrt(2 / fan_in).
+        std = math.sqrt(2.0 / fan_in)
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        self.kernel = nnx.Param(_random(rngs.params(), shape, "normal", std))
+        self.stride = stride
+        self.padding = padding
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return conv2d(x, self.kernel[...], self.stride, self.padding)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), window_strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm2d over the channel (last) axis, as torch computes and updates it.
+
+    ``axis_name`` makes the batch statistics global across a ``pmap``/``shard_map`` axis.
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
+                 axis_name: str | None = None):
+        # From numpy, for the reason given in _random: jnp.ones compiles once per shape.
+        ones, zeros = np.ones(num_features, np.float32), np.zeros(num_features, np.float32)
+        self.scale = nnx.Param(jnp.asarray(ones))
+        self.bias = nnx.Param(jnp.asarray(zeros))
+        self.mean = nnx.BatchStat(jnp.asarray(zeros))
+        self.var = nnx.BatchStat(jnp.asarray(ones))
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.axis_name = axis_name
+        self.use_running_average = False
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean, var = self.statistics(x)
+        return normalize(x, mean, var, self.scale[...], self.bias[...], self.epsilon)
+
+    def statistics(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The mean and variance to normalise ``x`` with; in training, updates the running ones."""
+        if self.use_running_average:
+            return self.mean[...], self.var[...]
+        mean, var = batch_statistics(x, self.axis_name)
+        self.update_running(mean, var, sample_count(x.shape, self.axis_name))
+        return mean, var
+
+    def update_running(self, mean: jax.Array, var: jax.Array, count: int) -> None:
+        """torch's update: the running variance takes the unbiased batch variance."""
+        mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+        unbiased = var * (count / max(count - 1, 1))
+        m = self.momentum
+        self.mean[...] = ((1 - m) * self.mean[...] + m * mean).astype(self.mean.dtype)
+        self.var[...] = ((1 - m) * self.var[...] + m * unbiased).astype(self.var.dtype)
+
+
+def sample_count(shape: tuple[int, ...], axis_name: str | None = None) -> int:
+    """How many values each channel's batch statistics average over."""
+    count = math.prod(shape[:-1])
+    return count * jax.lax.axis_size(axis_name) if axis_name is not None else count
+
+
+def batch_statistics(x: jax.Array, axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per-channel mean and biased variance over N, H, W (and the devices along ``axis_name``).
+
+    Two passes (mean, then mean of squared deviations) rather than E[x^2] - E[x]^2, which loses
+    precision when a channel's mean is large against its spread. Statistics are at least fp32.
+    """
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    if axis_name is not None:
+        mean = jax.lax.pmean(mean, axis_name)
+    var = jnp.mean(jnp.square(x - mean), axes)
+    if axis_name is not None:
+        var = jax.lax.pmean(var, axis_name)
+    return mean, var
+
+
+def normalize(x, mean, var, scale, bias, epsilon):
+    """(x - mean) / sqrt(var + eps) * scale + bias, folded to one multiply-add in x's dtype."""
+    stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    mul = scale.astype(stats_dtype) * jax.lax.rsqrt(var.astype(stats_dtype) + epsilon)
+    add = bias.astype(stats_dtype) - mean.astype(stats_dtype) * mul
+    return x * mul.astype(x.dtype) + add.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """A dense layer, (in, out) kernel; torch's default uniform init, zero bias as torchvision sets."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_features)
+        self.kernel = nnx.Param(_random(rngs.params(), (in_features, out_features), "uniform", bound))
+        self.bias = nnx.Param(jnp.asarray(np.zeros(out_features, np.float32)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """torch's MaxPool2d(3, stride=2, padding=1): the padding is -inf, never zero."""
+    return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """torch's AvgPool2d(2, stride=2): an odd trailing row or column is dropped."""
+    summed = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add,
+                                   (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    return summed * jnp.asarray(0.25, x.dtype)

@@ -1,0 +1,186 @@
+"""DenseNet (Huang et al., CVPR 2017) in Flax NNX, laid out like torchvision's ``densenet.py``.
+
+Module names follow torchvision's state-dict paths (``features.denseblock1.denselayer1.norm1``,
+``features.transition1.conv``, ``classifier``), so every torchvision weight has an obvious twin.
+Inputs are NHWC; each layer computes in the dtype of its input.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from densenet_jax.configs import DenseNetConfig, get_config
+from densenet_jax.layers import (BatchNorm, Conv2d, Linear, avg_pool_2x2, batch_statistics,
+                                 conv2d, max_pool_3x3_s2, normalize, sample_count)
+
+
+class DenseLayer(nnx.Module):
+    """BN-ReLU-Conv1x1 (the bottleneck, to bn_size*k channels) then BN-ReLU-Conv3x3 to k channels.
+
+    Without a bottleneck (bn_size None) the layer is BN-ReLU-Conv3x3, held as norm1/conv1.
+    The layer reads the concatenation of all earlier feature maps in its block.
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int, bn_size: int | None, drop_rate: float,
+                 memory_efficient: bool, *, rngs: nnx.Rngs):
+        self.norm1 = BatchNorm(in_channels)
+        if bn_size:
+            self.conv1 = Conv2d(in_channels, bn_size * growth_rate, 1, rngs=rngs)
+            self.norm2 = BatchNorm(bn_size * growth_rate)
+            self.conv2 = Conv2d(bn_size * growth_rate, growth_rate, 3, padding=1, rngs=rngs)
+        else:
+            self.conv1 = Conv2d(in_channels, growth_rate, 3, padding=1, rngs=rngs)
+            self.norm2 = self.conv2 = None
+        self.dropout = nnx.Dropout(drop_rate, rngs=rngs) if drop_rate > 0 else None
+        self.memory_efficient = memory_efficient
+
+    def __call__(self, features: list[jax.Array]) -> jax.Array:
+        if self.memory_efficient:
+            out = self._first_conv_recomputed(features)
+        else:
+            out = self.conv1(jax.nn.relu(self.norm1(jnp.concatenate(features, axis=-1))))
+        if self.conv2 is not None:
+            out = self.conv2(jax.nn.relu(self.norm2(out)))
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return out
+
+    def _first_conv_recomputed(self, features: list[jax.Array]) -> jax.Array:
+        """concat -> norm1 -> relu -> conv1 under jax.checkpoint: only the inputs are kept.
+
+        The concatenation grows with depth, which makes the plain layer's saved activations
+        quadratic in the block's length. The batch statistics come out of the checkpointed function
+        so that the running statistics are updated here, once, and not again when the backward pass
+        recomputes it.
+        """
+        norm, conv = self.norm1, self.conv1
+        training = not norm.use_running_average
+
+        def concat_norm_relu_conv(features, scale, bias, mean, var, kernel):
+            x = jnp.concatenate(features, axis=-1)
+            if training:
+                mean, var = batch_statistics(x, norm.axis_name)
+            y = jax.nn.relu(normalize(x, mean, var, scale, bias, norm.epsilon))
+            return conv2d(y, kernel, conv.stride, conv.padding), (mean, var)
+
+        out, (mean, var) = jax.checkpoint(concat_norm_relu_conv)(
+            features, norm.scale[...], norm.bias[...], norm.mean[...], norm.var[...], conv.kernel[...])
+        if training:
+            norm.update_running(mean, var, sample_count(features[0].shape, norm.axis_name))
+        return out
+
+
+class DenseBlock(nnx.Module):
+    """``num_layers`` dense layers, each fed every feature map before it; returns their concatenation."""
+
+    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int | None,
+                 drop_rate: float, memory_efficient: bool, *, rngs: nnx.Rngs):
+        self.num_layers = num_layers
+        for i in range(num_layers):
+            layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate,
+                               memory_efficient, rngs=rngs)
+            setattr(self, f"denselayer{i + 1}", layer)
+
+    def layers(self) -> list[DenseLayer]:
+        return [getattr(self, f"denselayer{i + 1}") for i in range(self.num_layers)]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = [x]
+        for layer in self.layers():
+            features.append(layer(features))
+        return jnp.concatenate(features, axis=-1)
+
+
+class Transition(nnx.Module):
+    """BN-ReLU-Conv1x1 (compressing the channels) then 2x2 average pooling, between dense blocks."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):
+        self.norm = BatchNorm(in_channels)
+        self.conv = Conv2d(in_channels, out_channels, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return avg_pool_2x2(self.conv(jax.nn.relu(self.norm(x))))
+
+
+class Features(nnx.Module):
+    """torchvision's ``features``: the stem, dense blocks with transitions between, and norm5."""
+
+    def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
+        c0 = config.num_init_features
+        if config.stem == "imagenet":
+            self.conv0 = Conv2d(3, c0, 7, stride=2, padding=3, rngs=rngs)
+            self.norm0 = BatchNorm(c0)
+        else:
+            self.conv0 = Conv2d(3, c0, 3, padding=1, rngs=rngs)
+            self.norm0 = None
+        plan = config.block_channels()
+        for i, ((block_in, block_out), num_layers) in enumerate(zip(plan, config.block_config)):
+            setattr(self, f"denseblock{i + 1}", DenseBlock(
+                num_layers, block_in, config.growth_rate, config.bn_size, config.drop_rate,
+                config.memory_efficient, rngs=rngs))
+            if i < len(plan) - 1:
+                setattr(self, f"transition{i + 1}", Transition(
+                    block_out, config.transition_channels(block_out), rngs=rngs))
+        self.norm5 = BatchNorm(config.num_features)
+        self.num_blocks = len(plan)
+
+    def stem(self, x: jax.Array) -> jax.Array:
+        x = self.conv0(x)
+        if self.norm0 is not None:
+            x = max_pool_3x3_s2(jax.nn.relu(self.norm0(x)))
+        return x
+
+    def stages(self) -> list[tuple[DenseBlock, Transition | None]]:
+        """Each dense block with the transition after it (None after the last)."""
+        return [(getattr(self, f"denseblock{i}"), getattr(self, f"transition{i}", None))
+                for i in range(1, self.num_blocks + 1)]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.stem(x)
+        for block, transition in self.stages():
+            x = block(x)
+            if transition is not None:
+                x = transition(x)
+        return self.norm5(x)
+
+
+class DenseNet(nnx.Module):
+    """A DenseNet classifier. ``model(x)`` maps NHWC images to logits; ``model.eval()`` for inference.
+
+    Built from a :class:`DenseNetConfig`; see :func:`densenet_jax.create_model` for named ones.
+    """
+
+    def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.features = Features(config, rngs=rngs)
+        self.classifier = Linear(config.num_features, config.num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jax.nn.relu(self.features(x))
+        return self.classifier(jnp.mean(x, axis=(1, 2)))
+
+
+def _named(name: str, doc: str) -> type[DenseNet]:
+    def __init__(self, *, num_classes: int = 1000, memory_efficient: bool = False,
+                 drop_rate: float = 0.0, rngs: nnx.Rngs):
+        config = get_config(name, num_classes=num_classes, memory_efficient=memory_efficient,
+                            drop_rate=drop_rate)
+        DenseNet.__init__(self, config, rngs=rngs)
+
+    cls_name = name.replace("densenet", "DenseNet")
+    return type(cls_name, (DenseNet,), {"__init__": __init__, "__doc__": doc,
+                                        "__module__": __name__, "__qualname__": cls_name})
+
+
+DenseNet121 = _named("densenet121", "torchvision's densenet121: k=32, blocks (6, 12, 24, 16), 8.0M params.")
+DenseNet169 = _named("densenet169", "torchvision's densenet169: k=32, blocks (6, 12, 32, 32), 14.1M params.")
+DenseNet201 = _named("densenet201", "torchvision's densenet201: k=32, blocks (6, 12, 48, 32), 20.0M params.")
+DenseNet161 = _named("densenet161", "torchvision's densenet161: k=48, blocks (6, 12, 36, 24), 28.7M params.")
+
+
+def create_model(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> DenseNet:
+    """Build a registered model (see :func:`list_models`), e.g. ``create_model("densenet_bc_100_k12",
+    num_classes=100, rngs=nnx.Rngs(0))``. ``overrides`` replace fields of its DenseNetConfig."""
+    return DenseNet(get_config(name, **overrides), rngs=rngs if rngs is not None else nnx.Rngs(0))
