@@ -87,6 +87,9 @@ class DenseNetConfig:
         return self.block_channels()[-1][1]
 
     def replace(self, **changes) -> DenseNetConfig:
+        unknown = changes.keys() - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"DenseNetConfig has no field {sorted(unknown)[0]!r}")
         return dataclasses.replace(self, **changes)
 
 
@@ -118,17 +121,17 @@ def count_params(config: DenseNetConfig) -> int:
     return total + bn_params(c) + c * config.num_classes + config.num_classes
 
 
-_REGISTRY: dict[str, Callable[..., DenseNetConfig]] = {
-    "densenet121": lambda **kw: DenseNetConfig.imagenet(32, (6, 12, 24, 16), 64, **kw),
-    "densenet169": lambda **kw: DenseNetConfig.imagenet(32, (6, 12, 32, 32), 64, **kw),
-    "densenet201": lambda **kw: DenseNetConfig.imagenet(32, (6, 12, 48, 32), 64, **kw),
-    "densenet161": lambda **kw: DenseNetConfig.imagenet(48, (6, 12, 36, 24), 96, **kw),
-    "densenet_40_k12": lambda **kw: DenseNetConfig.cifar(40, 12, bottleneck=False, compression=1.0, **kw),
-    "densenet_100_k12": lambda **kw: DenseNetConfig.cifar(100, 12, bottleneck=False, compression=1.0, **kw),
-    "densenet_100_k24": lambda **kw: DenseNetConfig.cifar(100, 24, bottleneck=False, compression=1.0, **kw),
-    "densenet_bc_100_k12": lambda **kw: DenseNetConfig.cifar(100, 12, bottleneck=True, compression=0.5, **kw),
-    "densenet_bc_250_k24": lambda **kw: DenseNetConfig.cifar(250, 24, bottleneck=True, compression=0.5, **kw),
-    "densenet_bc_190_k40": lambda **kw: DenseNetConfig.cifar(190, 40, bottleneck=True, compression=0.5, **kw),
+_REGISTRY: dict[str, Callable[[], DenseNetConfig]] = {
+    "densenet121": lambda: DenseNetConfig.imagenet(32, (6, 12, 24, 16), 64),
+    "densenet169": lambda: DenseNetConfig.imagenet(32, (6, 12, 32, 32), 64),
+    "densenet201": lambda: DenseNetConfig.imagenet(32, (6, 12, 48, 32), 64),
+    "densenet161": lambda: DenseNetConfig.imagenet(48, (6, 12, 36, 24), 96),
+    "densenet_40_k12": lambda: DenseNetConfig.cifar(40, 12, bottleneck=False, compression=1.0),
+    "densenet_100_k12": lambda: DenseNetConfig.cifar(100, 12, bottleneck=False, compression=1.0),
+    "densenet_100_k24": lambda: DenseNetConfig.cifar(100, 24, bottleneck=False, compression=1.0),
+    "densenet_bc_100_k12": lambda: DenseNetConfig.cifar(100, 12, bottleneck=True, compression=0.5),
+    "densenet_bc_250_k24": lambda: DenseNetConfig.cifar(250, 24, bottleneck=True, compression=0.5),
+    "densenet_bc_190_k40": lambda: DenseNetConfig.cifar(190, 40, bottleneck=True, compression=0.5),
 }
 
 
@@ -143,4 +146,4 @@ def get_config(name: str, **overrides) -> DenseNetConfig:
         factory = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}") from None
-    return factory(**overrides)
+    return factory().replace(**overrides)

@@ -144,12 +144,12 @@ class Linear(nnx.Module):
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """torch's MaxPool2d(3, stride=2, padding=1): the padding is -inf, never zero."""
-    return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:
     """torch's AvgPool2d(2, stride=2): an odd trailing row or column is dropped."""
-    summed = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add,
+    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add,
                                    (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     return summed * jnp.asarray(0.25, x.dtype)

@@ -141,10 +141,7 @@ def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, **overrides) 
     classifier is freshly initialised from ``rngs`` (for fine-tuning).
     """
     arrays, config = read_safetensors(path)
-    try:
-        new_config = config.replace(**overrides)
-    except TypeError as e:
-        raise ValueError(f"load({path}): {e}") from None
+    new_config = config.replace(**overrides)
     model = DenseNet(new_config, rngs=rngs if rngs is not None else nnx.Rngs(0))
     if new_config.num_classes != config.num_classes:
         log.warning("%s: new %d-class classifier, freshly initialised (the file's has %d classes)",

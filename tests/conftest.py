@@ -1,0 +1,21 @@
+import numpy as np
+import pytest
+from flax import nnx
+
+import densenet_jax as dj
+from densenet_jax.interop import from_torchvision
+from densenet_jax.weights import assign
+from torch_twins import state_dict_numpy
+
+
+def flax_twin(torch_model, **overrides) -> dj.DenseNet:
+    """Our model holding ``torch_model``'s weights, converted through the library's own table."""
+    arrays, config = from_torchvision(state_dict_numpy(torch_model), "torch model", **overrides)
+    model = dj.DenseNet(config, rngs=nnx.Rngs(0))
+    assign(model, arrays)
+    return model
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
