@@ -1,0 +1,3 @@
+from densenet_jax.cli import main
+
+main()

@@ -1,0 +1,143 @@
+"""The ``densenet-jax`` command: ``train`` and ``evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from densenet_jax.errors import CheckpointError
+
+log = logging.getLogger("densenet_jax")
+
+
+def _train_parser(sub) -> None:
+    from densenet_jax.configs import list_models
+    from densenet_jax.train.loop import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train or fine-tune a DenseNet; rerun to resume",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, choices=list_models(), help="architecture to train from scratch")
+    _dataset_options(p)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, over all devices and hosts")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--schedule", default=d.schedule, choices=["cifar", "imagenet", "cosine", "constant"],
+                   help="cifar: lr/10 at 50%% and 75%%; imagenet: lr/10 at 1/3 and 2/3 (30 and 60 of 90 "
+                        "epochs); cosine: warm-up then cosine decay")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up (cosine only)")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay, as torch's SGD")
+    p.add_argument("--workdir", default=d.workdir, help="checkpoints, metrics.jsonl, curves.png, *.safetensors")
+    p.add_argument("--init-from", default=None, metavar="FILE",
+                   help="start from these weights (.safetensors, e.g. converted torchvision); a new "
+                        "head when the class count differs")
+    p.add_argument("--head-only", action="store_true", help="train only the classifier (with --init-from)")
+    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"],
+                   help="bf16: compute in bfloat16, keep fp32 parameters, BN statistics and loss")
+    p.add_argument("--parallel", default=d.parallel, choices=["mesh", "pmap"],
+                   help="mesh: jit over all devices, batch sharded (global BN statistics); "
+                        "pmap: a replica per device, BN synchronised across devices")
+    p.add_argument("--seed", type=int, default=d.seed, help="fixes init, data order, augmentation, dropout")
+    p.add_argument("--drop-rate", type=float, default=d.drop_rate, help="dropout after each dense layer")
+    p.add_argument("--memory-efficient", action="store_true", help="recompute concat-BN-ReLU-conv1 in backward")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
+                   help="also checkpoint every this many steps (always at each epoch's end)")
+    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
+    p.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help="stop after this many steps, checkpointed (0: no limit); rerun to continue")
+    _distributed_options(p)
+
+
+def _dataset_options(p) -> None:
+    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10", "cifar100", "folder"],
+                   help="digits ships with scikit-learn; the others read --data-dir")
+    p.add_argument("--data-dir", default=None,
+                   help="cifar-10-batches-py / cifar-100-python folder, or a folder with train/ and val/")
+    p.add_argument("--workers", type=int, default=0, help="data loading processes (0: threads only)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _distributed_options(p) -> None:
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several hosts: process 0's address, passed to jax.distributed.initialize")
+    p.add_argument("--num-processes", type=int, default=None, help="several hosts: how many")
+    p.add_argument("--process-id", type=int, default=None, help="several hosts: this one's index")
+
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="held-out loss and accuracy of a weights file",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", required=True, help="a densenet_jax .safetensors")
+    _dataset_options(p)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="densenet-jax", description="DenseNet in JAX: train and evaluate.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _evaluate_parser(sub)
+    return p
+
+
+def train(args) -> None:
+    from densenet_jax.train.loop import Run, TrainConfig
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    started = time.perf_counter()
+    run = Run(config)
+    result = run.fit()
+    rows = result["metrics"]
+    if rows and run.is_main:
+        best = max(rows, key=lambda r: r["eval_acc"])
+        print(f"{config.model} on {config.dataset}: held-out accuracy {rows[-1]['eval_acc']:.4f} "
+              f"(best {best['eval_acc']:.4f} at epoch {best['epoch']}), step {result['step']}/"
+              f"{run.total_steps}, {time.perf_counter() - started:.0f} s")
+        print(f"results in {run.workdir}/: metrics.jsonl, curves.png, best.safetensors, "
+              f"model.safetensors (at the end), checkpoints/")
+
+
+def evaluate(args) -> None:
+    import optax
+
+    from densenet_jax.data import load_dataset
+    from densenet_jax.train import parallel
+    from densenet_jax.train.loop import PRECISIONS, evaluate_state
+    from densenet_jax.weights import load
+
+    data = load_dataset(args.dataset, args.data_dir)
+    model = load(args.weights)
+    if model.config.num_classes != data.num_classes:
+        raise ValueError(f"{args.weights}: has {model.config.num_classes} classes, "
+                         f"{args.dataset} has {data.num_classes}")
+    runner = parallel.make("mesh", model, optax.identity(), compute_dtype=PRECISIONS[args.precision])
+    state = runner.place_state(runner.steps.initial)
+    result = evaluate_state(runner, state, data, args.batch_size, args.workers)
+    print(f"{args.weights} on {args.dataset} (held-out, {len(data.eval)} images): "
+          f"loss {result['eval_loss']:.4f}, accuracy {result['eval_acc']:.4f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if getattr(args, "coordinator", None):
+        import jax
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        {"train": train, "evaluate": evaluate}[args.command](args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"densenet-jax: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The data sets the trainer knows, as in-memory or on-disk sequences of examples.
+
+An example is ``{"image": HWC array, "label": int32}``; each data set brings its own augmentation
+(train) and preprocessing (eval), which end in float32, mean/std-normalised NHWC images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from densenet_jax.data import transforms as T
+
+Example = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Dataset:
+    name: str
+    train: Sequence[Example]
+    eval: Sequence[Example]
+    num_classes: int
+    image_size: int
+    augment: Callable[[Example, np.random.Generator], Example]
+    preprocess: Callable[[Example], Example]
+    class_names: list[str]
+
+
+class ArraySource(Sequence):
+    """Images (N, H, W, C) uint8 and labels (N,), indexed as examples."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels.astype(np.int32)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+DIGITS_HELD_OUT = 360  # 20% of scikit-learn's 1,797 digits, fixed by seed 0
+
+
+def digits() -> Dataset:
+    """scikit-learn's handwritten digits (8x8, 10 classes), shipped inside scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = np.round(data.images * (255 / 16)).astype(np.uint8)[..., None].repeat(3, axis=-1)
+    order = np.random.default_rng(0).permutation(len(images))
+    held_out, train = order[:DIGITS_HELD_OUT], order[DIGITS_HELD_OUT:]
+    mean, std = T.channel_stats(images[train])
+    normalize = T.Normalize(mean, std)
+    return Dataset("digits", ArraySource(images[train], data.target[train]),
+                   ArraySource(images[held_out], data.target[held_out]), 10, 8,
+                   augment=T.Compose([T.PadCrop(1), normalize]), preprocess=normalize,
+                   class_names=[str(d) for d in range(10)])
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles CIFAR's python-format batches, refusing anything but numpy arrays and builtins:
+    a downloaded pickle is untrusted, and a plain unpickler would run whatever it names."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing CIFAR batch file")
+    try:
+        with path.open("rb") as f:
+            batch = _ArraysOnly(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return data, np.asarray(batch[label_key.encode()], np.int32)
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
+        raise ValueError(f"{path}: not a CIFAR python-format batch ({e})") from None
+
+
+def cifar(data_dir: str | Path, num_classes: int) -> Dataset:
+    """CIFAR-10/100 from the python-format folder (``cifar-10-batches-py``/``cifar-100-python``),
+    with the paper's augmentation: 4-pixel zero pad, random 32x32 crop, horizontal flip."""
+    root = Path(data_dir)
+    if num_classes == 10:
+        parts = [_read_cifar_batch(root / f"data_batch_{i}", "labels") for i in range(1, 6)]
+        test = _read_cifar_batch(root / "test_batch", "labels")
+        meta, names_key = root / "batches.meta", b"label_names"
+    else:
+        parts = [_read_cifar_batch(root / "train", "fine_labels")]
+        test = _read_cifar_batch(root / "test", "fine_labels")
+        meta, names_key = root / "meta", b"fine_label_names"
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    class_names = [str(i) for i in range(num_classes)]
+    if meta.is_file():
+        with meta.open("rb") as f:
+            class_names = [n.decode() for n in _ArraysOnly(f, encoding="bytes").load()[names_key]]
+    normalize = T.Normalize(*T.channel_stats(images))
+    return Dataset(f"cifar{num_classes}", ArraySource(images, labels), ArraySource(*test),
+                   num_classes, 32, augment=T.Compose([T.PadCrop(4), T.RandomFlip(), normalize]),
+                   preprocess=normalize, class_names=class_names)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class FileSource(Sequence):
+    """(path, label) pairs whose images are decoded when read."""
+
+    def __init__(self, files: list[tuple[Path, int]]):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path, label = self.files[index]
+        return {"image": T.read_rgb(path), "label": np.int32(label)}
+
+
+def _scan(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    files = []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise ValueError(f"{split_dir / name}: class folder holds no images")
+        files += [(p, label) for p in found]
+    return files
+
+
+def image_folder(data_dir: str | Path, image_size: int = 224) -> Dataset:
+    """``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` with torchvision's ImageNet preprocessing."""
+    root = Path(data_dir)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"{root / split}: missing split folder")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root / 'train'}: no class folders")
+    val_classes = sorted(p.name for p in (root / "val").iterdir() if p.is_dir())
+    if val_classes != classes:
+        raise ValueError(f"{root / 'val'}: class folders differ from train/ "
+                         f"({sorted(set(classes) ^ set(val_classes))[:3]})")
+    normalize = T.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)
+    return Dataset("folder", FileSource(_scan(root / "train", classes)),
+                   FileSource(_scan(root / "val", classes)), len(classes), image_size,
+                   augment=T.Compose([T.RandomResizedCrop(image_size), T.RandomFlip(), normalize]),
+                   preprocess=T.Compose([T.ResizeCenterCrop(image_size * 8 // 7, image_size), normalize]),
+                   class_names=classes)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """``digits`` (bundled), ``cifar10``/``cifar100`` or ``folder`` (these read ``data_dir``)."""
+    if name == "digits":
+        return digits()
+    if name not in ("cifar10", "cifar100", "folder"):
+        raise ValueError(f"unknown dataset {name!r}: digits, cifar10, cifar100 or folder")
+    if data_dir is None:
+        raise ValueError(f"--data-dir is needed for dataset {name}")
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such folder")
+    return image_folder(data_dir) if name == "folder" else cifar(data_dir, int(name[len("cifar"):]))

@@ -1,0 +1,70 @@
+"""Grain pipelines: deterministic for a seed, resumable at any step, sharded across hosts.
+
+An epoch's order and augmentation depend only on (seed, epoch) and on an example's place in that
+order, never on how many hosts read it: host h of H takes every H-th example of the shuffled
+epoch, so H hosts' batches together hold exactly the examples of one host's global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import grain
+import numpy as np
+
+Example = dict[str, np.ndarray]
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def steps_per_epoch(num_examples: int, global_batch: int, process_count: int = 1) -> int:
+    """Full global batches per epoch (the remainder is dropped, as torch's drop_last does)."""
+    return (num_examples // process_count) // (global_batch // process_count)
+
+
+def train_batches(source: Sequence[Example], augment: Callable[[Example, np.random.Generator], Example],
+                  *, seed: int, epoch: int, global_batch: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1, workers: int = 0) -> Iterator[Example]:
+    """This host's share of each global training batch of ``epoch``, from ``start_step`` on."""
+    if global_batch % process_count:
+        raise ValueError(f"batch size {global_batch} is not divisible by {process_count} hosts")
+    epoch_seed = _epoch_seed(seed, epoch)
+    ds = grain.MapDataset.source(source).shuffle(seed=epoch_seed).random_map(augment, seed=epoch_seed)
+    ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
+    return _iterate(ds[start_step:], workers)
+
+
+def eval_batches(source: Sequence[Example], transform: Callable[[Example], Example], *,
+                 global_batch: int, process_index: int = 0, process_count: int = 1,
+                 workers: int = 0) -> Iterator[Example]:
+    """Every example once, in order; the last batch is padded to full size, with a ``weight`` of 0
+    on the padding so that it counts for nothing."""
+    per_host = global_batch // process_count
+    ds = grain.MapDataset.source(_Padded(source, global_batch)).map(
+        lambda ex: {**transform(ex["example"]), "weight": ex["weight"]})
+    return _iterate(ds[process_index::process_count].batch(per_host), workers)
+
+
+class _Padded(Sequence):
+    """``source`` repeated at its end up to a multiple of ``multiple``, with weights 1 then 0."""
+
+    def __init__(self, source, multiple):
+        self.source = source
+        self.length = -(-len(source) // multiple) * multiple
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        real = index < len(self.source)
+        return {"example": self.source[index if real else index % len(self.source)],
+                "weight": np.float32(real)}
+
+
+def _iterate(ds: grain.MapDataset, workers: int) -> Iterator[Example]:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)

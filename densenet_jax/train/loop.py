@@ -1,0 +1,192 @@
+"""The training loop: data, steps, checkpoints, metrics, and the weight files a run leaves."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from densenet_jax.data import Dataset, eval_batches, load_dataset, train_batches
+from densenet_jax.data.pipeline import steps_per_epoch
+from densenet_jax.models import DenseNet, create_model
+from densenet_jax.train import optim, parallel
+from densenet_jax.train.checkpoint import Checkpoints
+from densenet_jax.train.report import plot_curves, read_metrics, write_metrics
+from densenet_jax.weights import load, write_safetensors
+
+log = logging.getLogger("densenet_jax")
+
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "densenet_40_k12"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.1
+    schedule: optim.Schedule = "cifar"
+    warmup_epochs: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    workdir: str = "runs/digits"
+    init_from: str | None = None
+    head_only: bool = False
+    precision: str = "fp32"
+    parallel: str = "mesh"
+    seed: int = 0
+    drop_rate: float = 0.0
+    memory_efficient: bool = False
+    checkpoint_every: int = 0  # steps; 0: at the end of every epoch
+    keep: int = 3
+    workers: int = 0
+    max_steps: int = 0  # stop after this many steps of this invocation (0: to the end); rerun to go on
+    progress: bool = True
+
+
+def build_model(config: TrainConfig, num_classes: int) -> DenseNet:
+    rngs = nnx.Rngs(config.seed)
+    options = dict(drop_rate=config.drop_rate, memory_efficient=config.memory_efficient)
+    if config.init_from:
+        return load(config.init_from, num_classes=num_classes, rngs=rngs, **options)
+    return create_model(config.model, num_classes=num_classes, rngs=rngs, **options)
+
+
+class Run:
+    """One training run in its work directory; ``fit`` resumes from the latest checkpoint there."""
+
+    def __init__(self, config: TrainConfig):
+        if config.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        self.config = config
+        self.workdir = Path(config.workdir)
+        self.is_main = jax.process_index() == 0
+        self.data: Dataset = load_dataset(config.dataset, config.data_dir)  # fail before compiling
+        self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size,
+                                               jax.process_count())
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch size {config.batch_size} exceeds the {len(self.data.train)} "
+                             "training examples")
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.model = build_model(config, self.data.num_classes)
+        schedule = optim.learning_rate(config.schedule, config.lr, self.total_steps,
+                                       self.steps_per_epoch, config.warmup_epochs)
+        tx = optim.sgd(schedule, config.momentum, config.weight_decay)
+        if config.head_only:
+            self.model.features.eval()  # a frozen backbone keeps its BatchNorm statistics too
+            tx = optim.head_only(tx, nnx.state(self.model, nnx.Param))
+        self.runner = parallel.make(config.parallel, self.model, tx, seed=config.seed,
+                                    compute_dtype=PRECISIONS[config.precision])
+
+    def fit(self) -> dict:
+        c = self.config
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        checkpoints = Checkpoints(self.workdir / "checkpoints", keep=c.keep)
+        state, start = self._restore(checkpoints)
+        rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
+        stop = min(self.total_steps, start + c.max_steps) if c.max_steps else self.total_steps
+        step = start
+        try:
+            while step < stop:
+                epoch, first = divmod(step, self.steps_per_epoch)
+                last = min(self.steps_per_epoch, first + stop - step)
+                state, train_metrics = self._train_epoch(state, epoch, first, last, checkpoints)
+                step = epoch * self.steps_per_epoch + last
+                if last == self.steps_per_epoch:
+                    rows.append({"epoch": epoch + 1, "step": step, **train_metrics,
+                                 **self.evaluate(state)})
+                    self._report(state, rows)
+                if step % self.steps_per_epoch == 0 or step == stop:
+                    checkpoints.save(step, self.runner.host_state(state))
+        finally:
+            checkpoints.close()
+        if step == self.total_steps and self.is_main:
+            self._write_weights(state, self.workdir / "model.safetensors")
+            log.info("final weights: %s", self.workdir / "model.safetensors")
+        return {"step": step, "state": state, "metrics": rows}
+
+    def _restore(self, checkpoints: Checkpoints):
+        initial = self.runner.steps.initial
+        latest = checkpoints.latest_step()
+        if latest is None:
+            return self.runner.place_state(initial), 0
+        log.info("resuming from %s at step %d", checkpoints.manager.directory, latest)
+        host = checkpoints.restore(self.runner.host_state(self.runner.place_state(initial)), latest)
+        return self.runner.place_state(host), latest
+
+    def _train_epoch(self, state, epoch, first, last, checkpoints):
+        c = self.config
+        batches = train_batches(self.data.train, self.data.augment, seed=c.seed, epoch=epoch,
+                                global_batch=c.batch_size, start_step=first,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count(), workers=c.workers)
+        bar = _progress(c.progress and self.is_main, total=self.steps_per_epoch, initial=first,
+                        desc=f"epoch {epoch + 1}/{c.epochs}")
+        sums, seen, started = {"loss": 0.0, "correct": 0.0}, 0, time.perf_counter()
+        pending = []
+        for i in range(first, last):
+            batch = next(batches)
+            images, labels = self.runner.place_batch(batch["image"], batch["label"])
+            state, metrics = self.runner.train(state, images, labels)
+            pending.append(metrics)
+            step = epoch * self.steps_per_epoch + i + 1
+            if c.checkpoint_every and step % c.checkpoint_every == 0 and i + 1 < self.steps_per_epoch:
+                checkpoints.save(step, self.runner.host_state(state))
+            if len(pending) == 10 or i + 1 == last:  # fetching syncs: do it every few steps
+                for m in map(self.runner.fetch, pending):
+                    sums["loss"] += m["loss"]
+                    sums["correct"] += m["correct"]
+                seen += len(pending)
+                pending = []
+                rate = seen * c.batch_size / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}",
+                                acc=f"{sums['correct'] / (seen * c.batch_size):.4f}",
+                                img_s=f"{rate:.0f}")
+            bar.update(1)
+        bar.close()
+        seconds = time.perf_counter() - started
+        return state, {"train_loss": sums["loss"] / max(seen, 1),
+                       "train_acc": sums["correct"] / max(seen * c.batch_size, 1),
+                       "images_per_sec": seen * c.batch_size / seconds, "seconds": seconds}
+
+    def evaluate(self, state) -> dict:
+        """Loss and accuracy on the held-out split."""
+        return evaluate_state(self.runner, state, self.data, self.config.batch_size, self.config.workers)
+
+    def _report(self, state, rows):
+        if not self.is_main:
+            return
+        write_metrics(self.workdir / "metrics.jsonl", rows)
+        plot_curves(self.workdir / "curves.png", rows)
+        if rows[-1]["eval_acc"] >= max(r["eval_acc"] for r in rows):
+            self._write_weights(state, self.workdir / "best.safetensors")
+
+    def _write_weights(self, state, path: Path):
+        model = self.runner.steps.model(self.runner.host_state(state))
+        from densenet_jax.weights import state_arrays
+        write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
+                          model.config.replace(memory_efficient=False, drop_rate=0.0), path)
+
+
+def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int = 0) -> dict:
+    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for batch in eval_batches(data.eval, data.preprocess, global_batch=batch_size,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              workers=workers):
+        placed = runner.place_batch(batch["image"], batch["label"], batch["weight"])
+        for k, v in runner.fetch(runner.eval(state, *placed)).items():
+            sums[k] += v
+    return {"eval_loss": sums["loss"] / sums["count"], "eval_acc": sums["correct"] / sums["count"]}
+
+
+def _progress(enabled: bool, **kwargs):
+    from tqdm import tqdm
+    return tqdm(disable=not enabled, dynamic_ncols=True, leave=True, **kwargs)

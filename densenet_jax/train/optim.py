@@ -1,0 +1,40 @@
+"""The paper's optimizer (SGD, Nesterov momentum 0.9, weight decay 1e-4) and its schedules."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import optax
+
+Schedule = Literal["cifar", "imagenet", "cosine", "constant"]
+
+
+def learning_rate(kind: Schedule, base_lr: float, total_steps: int, steps_per_epoch: int,
+                  warmup_epochs: float = 0.0) -> optax.Schedule:
+    """``cifar``: lr/10 at 50% and 75% of training; ``imagenet``: lr/10 at epochs 30 and 60 (of 90,
+    scaled to the run's length); ``cosine``: linear warm-up then cosine decay to 0."""
+    if kind == "cifar":
+        return optax.piecewise_constant_schedule(
+            base_lr, {int(total_steps * 0.5): 0.1, int(total_steps * 0.75): 0.1})
+    if kind == "imagenet":
+        return optax.piecewise_constant_schedule(
+            base_lr, {int(total_steps * 30 / 90): 0.1, int(total_steps * 60 / 90): 0.1})
+    if kind == "cosine":
+        warmup = int(warmup_epochs * steps_per_epoch)
+        return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup, max(total_steps, warmup + 1))
+    if kind == "constant":
+        return optax.constant_schedule(base_lr)
+    raise ValueError(f"unknown schedule {kind!r}: cifar, imagenet, cosine or constant")
+
+
+def sgd(schedule: optax.Schedule, momentum: float = 0.9, weight_decay: float = 1e-4,
+        nesterov: bool = True) -> optax.GradientTransformation:
+    """torch.optim.SGD's update: decay added to the gradient, then (Nesterov) momentum."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
+
+
+def head_only(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
+    """``tx`` for the classifier; every other parameter frozen (linear probing)."""
+    labels = {k: ("head" if k == "classifier" else "frozen") for k in params}
+    return optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)

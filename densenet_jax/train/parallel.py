@@ -1,0 +1,96 @@
+"""Where the steps run: ``mesh`` (jit over a device mesh, the batch sharded across it) or
+``pmap`` (one replica per device, BatchNorm synchronised through an axis name), over every
+device of every process.
+
+Under ``mesh`` the batch statistics are global by construction (XLA computes the mean over the
+sharded batch); under ``pmap`` the BatchNorm layers average theirs across the ``batch`` axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from densenet_jax.models import DenseNet
+from densenet_jax.train.step import Steps, TrainState
+
+PMAP_AXIS = "batch"
+
+
+class Mesh:
+    """jit over a 1-D mesh of all devices; parameters replicated, the batch split along "data"."""
+
+    def __init__(self, model: DenseNet, tx: optax.GradientTransformation, **step_options):
+        self.steps = Steps(model, tx, **step_options)
+        mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        self.replicated = NamedSharding(mesh, P())
+        self.sharded = NamedSharding(mesh, P("data"))
+        self.rest = jax.device_put(self.steps.rest, self.replicated)
+        self._train = jax.jit(self.steps.train, donate_argnums=0,
+                              out_shardings=(self.replicated, self.replicated))
+        self._eval = jax.jit(self.steps.eval, out_shardings=self.replicated)
+
+    def place_state(self, state: TrainState) -> TrainState:
+        return jax.device_put(state, self.replicated)
+
+    def host_state(self, state: TrainState) -> TrainState:
+        """The state as numpy arrays on this host (every host holds all of it)."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
+
+    def place_batch(self, *arrays: np.ndarray) -> list[jax.Array]:
+        """This process's slice of the global batch, as one global array per input."""
+        return [jax.make_array_from_process_local_data(self.sharded, a) for a in arrays]
+
+    def train(self, state, images, labels):
+        return self._train(state, self.rest, images, labels)
+
+    def eval(self, state, images, labels, weights):
+        return self._eval(state, self.rest, images, labels, weights)
+
+    @staticmethod
+    def fetch(metrics) -> dict[str, float]:
+        return {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+
+
+class Pmap:
+    """pmap over this process's devices (pmap spans every process's devices under jax.distributed)."""
+
+    def __init__(self, model: DenseNet, tx: optax.GradientTransformation, **step_options):
+        self.steps = Steps(model, tx, axis_name=PMAP_AXIS, **step_options)
+        self.devices = jax.local_devices()
+        self.rest = self.steps.rest
+        self._train = jax.pmap(self.steps.train, axis_name=PMAP_AXIS, in_axes=(0, None, 0, 0),
+                               donate_argnums=0)
+        self._eval = jax.pmap(self.steps.eval, axis_name=PMAP_AXIS, in_axes=(0, None, 0, 0, 0))
+
+    def place_state(self, state: TrainState) -> TrainState:
+        return jax.device_put_replicated(state, self.devices)
+
+    def host_state(self, state: TrainState) -> TrainState:
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
+
+    def place_batch(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        n = len(self.devices)
+        if len(arrays[0]) % n:
+            raise ValueError(f"per-process batch {len(arrays[0])} is not divisible by {n} devices")
+        return [a.reshape(n, len(a) // n, *a.shape[1:]) for a in arrays]
+
+    def train(self, state, images, labels):
+        return self._train(state, self.rest, images, labels)
+
+    def eval(self, state, images, labels, weights):
+        return self._eval(state, self.rest, images, labels, weights)
+
+    @staticmethod
+    def fetch(metrics) -> dict[str, float]:
+        return {k: float(np.asarray(v.addressable_data(0)).reshape(-1)[0]) for k, v in metrics.items()}
+
+
+def make(kind: str, model: DenseNet, tx: optax.GradientTransformation, **step_options):
+    if kind == "mesh":
+        return Mesh(model, tx, **step_options)
+    if kind == "pmap":
+        return Pmap(model, tx, **step_options)
+    raise ValueError(f"unknown parallel mode {kind!r}: mesh or pmap")

@@ -1,0 +1,80 @@
+"""Pure train and eval steps over the NNX model's split state (no graph walking per step)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from densenet_jax.models import DenseNet
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+
+
+class Steps:
+    """The model's train and eval steps as pure functions of (TrainState, rest, batch).
+
+    ``rest`` is what the model holds besides parameters and statistics (dropout's RNG state); it
+    never changes, because dropout is reseeded from (seed, step) in every step, which keeps a resumed
+    run identical to an uninterrupted one. With ``axis_name`` the steps run under pmap/shard_map:
+    BatchNorm statistics and gradients are averaged across that axis.
+    """
+
+    def __init__(self, model: DenseNet, tx: optax.GradientTransformation, *,
+                 compute_dtype=jnp.float32, seed: int = 0, axis_name: str | None = None):
+        self.tx = tx
+        self.compute_dtype = compute_dtype
+        self.axis_name = axis_name
+        self.dropout_key = jax.random.key(seed) if model.config.drop_rate > 0 else None
+        model.set_attributes(axis_name=axis_name, raise_if_not_found=False)
+        model.eval()
+        self.eval_def = nnx.graphdef(model)
+        model.train()
+        self.train_def, params, batch_stats, self.rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        self.initial = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+
+    def train(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array):
+        def loss_fn(params):
+            model = nnx.merge(self.train_def, params, state.batch_stats, rest, copy=True)
+            if self.dropout_key is not None:
+                key = jax.random.fold_in(self.dropout_key, state.step)
+                if self.axis_name is not None:
+                    key = jax.random.fold_in(key, jax.lax.axis_index(self.axis_name))
+                nnx.reseed(model, dropout=key)
+            logits = model(images.astype(self.compute_dtype)).astype(jnp.float32)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        if self.axis_name is not None:
+            grads, loss = jax.lax.pmean((grads, loss), self.axis_name)
+            correct = jax.lax.psum(correct, self.axis_name)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
+        return new_state, {"loss": loss, "correct": correct}
+
+    def eval(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array,
+             weights: jax.Array):
+        """Sums over the batch of loss, correct predictions and weight (0 marks padding)."""
+        model = nnx.merge(self.eval_def, state.params, state.batch_stats, rest)
+        logits = model(images.astype(self.compute_dtype)).astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        sums = {"loss": jnp.sum(losses * weights),
+                "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+                "count": jnp.sum(weights)}
+        if self.axis_name is not None:
+            sums = jax.lax.psum(sums, self.axis_name)
+        return sums
+
+    def model(self, state: TrainState) -> DenseNet:
+        """The model holding ``state``'s weights, in eval mode."""
+        return nnx.merge(self.eval_def, state.params, state.batch_stats, self.rest, copy=True)
