@@ -35,8 +35,9 @@ def _train_parser(sub) -> None:
                    help="start from these weights (.safetensors, e.g. converted torchvision); a new "
                         "head when the class count differs")
     p.add_argument("--head-only", action="store_true", help="train only the classifier (with --init-from)")
-    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"],
-                   help="bf16: compute in bfloat16, keep fp32 parameters, BN statistics and loss")
+    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp64"],
+                   help="bf16: compute in bfloat16, keep fp32 parameters, BN statistics and loss; "
+                        "fp64: everything in float64, for reference runs")
     p.add_argument("--parallel", default=d.parallel, choices=["mesh", "pmap"],
                    help="mesh: jit over all devices, batch sharded (global BN statistics); "
                         "pmap: a replica per device, BN synchronised across devices")
@@ -73,7 +74,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--weights", required=True, help="a densenet_jax .safetensors")
     _dataset_options(p)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp64"])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -122,15 +123,30 @@ def evaluate(args) -> None:
           f"loss {result['eval_loss']:.4f}, accuracy {result['eval_acc']:.4f}")
 
 
+def _enable_compilation_cache() -> None:
+    """Keep compiled programs on disk so that a second run, or a resumed one, skips compilation.
+    DENSENET_JAX_CACHE sets the folder; an empty value turns the cache off."""
+    import os
+
+    import jax
+    folder = os.environ.get("DENSENET_JAX_CACHE", os.path.expanduser("~/.cache/densenet-jax/xla"))
+    if folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    _enable_compilation_cache()
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    import jax
+    if getattr(args, "precision", None) == "fp64":
+        jax.config.update("jax_enable_x64", True)
     if getattr(args, "coordinator", None):
-        import jax
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
         {"train": train, "evaluate": evaluate}[args.command](args)

@@ -57,6 +57,13 @@ def assign(model: nnx.Module, arrays: dict[str, np.ndarray], source: str = "arra
     nnx.update(model, state)
 
 
+def cast(model: nnx.Module, dtype) -> None:
+    """Store every floating-point parameter and statistic of ``model`` as ``dtype`` (e.g. float64
+    for reference checks; the model computes in the dtype of its input)."""
+    state = nnx.state(model, _WEIGHTS)
+    nnx.update(model, jax.tree.map(lambda a: a.astype(dtype), state))
+
+
 def _more(keys: list[str]) -> str:
     return f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
 

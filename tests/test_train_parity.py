@@ -12,6 +12,7 @@ from flax import nnx
 
 from conftest import flax_twin
 from densenet_jax.interop import weight_table
+from densenet_jax.weights import cast
 from torch_twins import cifar_bc_model, nchw, torchvision_model
 
 TOLERANCE = 1e-9  # per-leaf relative L2
@@ -20,12 +21,6 @@ LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-4
 
 def relative_l2(ours, reference):
     return np.linalg.norm(ours - reference) / max(np.linalg.norm(reference), 1e-300)
-
-
-def cast_floats(model, dtype):
-    state = nnx.state(model)
-    nnx.update(model, jax.tree.map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state))
 
 
 def torch_steps(model, x, y, steps):
@@ -76,7 +71,7 @@ def test_two_sgd_steps_match_torch_in_float64(case, rng):
     y = rng.integers(0, classes, 4)
     with jax.enable_x64(True):
         model = flax_twin(torch_model)
-        cast_floats(model, jnp.float64)
+        cast(model, jnp.float64)
         ours = jax_steps(model, x, y, steps=2)
         final = flat(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
     reference, reference_final = torch_steps(torch_model, x, y, steps=2)

@@ -18,11 +18,13 @@ from densenet_jax.models import DenseNet, create_model
 from densenet_jax.train import optim, parallel
 from densenet_jax.train.checkpoint import Checkpoints
 from densenet_jax.train.report import plot_curves, read_metrics, write_metrics
-from densenet_jax.weights import load, write_safetensors
+from densenet_jax.weights import cast, load, state_arrays, write_safetensors
 
 log = logging.getLogger("densenet_jax")
 
-PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+# bf16: bfloat16 compute, fp32 parameters, statistics and loss. fp64 (with jax_enable_x64): for
+# reference runs where fp32 rounding would hide whether two set-ups compute the same thing.
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp64": jnp.float64}
 
 
 @dataclasses.dataclass
@@ -77,6 +79,10 @@ class Run:
                              "training examples")
         self.total_steps = config.epochs * self.steps_per_epoch
         self.model = build_model(config, self.data.num_classes)
+        if config.precision == "fp64":
+            if not jax.config.jax_enable_x64:
+                raise ValueError("--precision fp64 needs jax_enable_x64 (JAX_ENABLE_X64=1)")
+            cast(self.model, jnp.float64)
         schedule = optim.learning_rate(config.schedule, config.lr, self.total_steps,
                                        self.steps_per_epoch, config.warmup_epochs)
         tx = optim.sgd(schedule, config.momentum, config.weight_decay)
@@ -105,13 +111,17 @@ class Run:
                                  **self.evaluate(state)})
                     self._report(state, rows)
                 if step % self.steps_per_epoch == 0 or step == stop:
-                    checkpoints.save(step, self.runner.host_state(state))
+                    self._checkpoint(checkpoints, step, state)
         finally:
             checkpoints.close()
         if step == self.total_steps and self.is_main:
             self._write_weights(state, self.workdir / "model.safetensors")
             log.info("final weights: %s", self.workdir / "model.safetensors")
         return {"step": step, "state": state, "metrics": rows}
+
+    def _checkpoint(self, checkpoints: Checkpoints, step: int, state) -> None:
+        if step != checkpoints.latest_step():
+            checkpoints.save(step, self.runner.host_state(state))
 
     def _restore(self, checkpoints: Checkpoints):
         initial = self.runner.steps.initial
@@ -138,8 +148,8 @@ class Run:
             state, metrics = self.runner.train(state, images, labels)
             pending.append(metrics)
             step = epoch * self.steps_per_epoch + i + 1
-            if c.checkpoint_every and step % c.checkpoint_every == 0 and i + 1 < self.steps_per_epoch:
-                checkpoints.save(step, self.runner.host_state(state))
+            if c.checkpoint_every and step % c.checkpoint_every == 0:
+                self._checkpoint(checkpoints, step, state)
             if len(pending) == 10 or i + 1 == last:  # fetching syncs: do it every few steps
                 for m in map(self.runner.fetch, pending):
                     sums["loss"] += m["loss"]
@@ -171,7 +181,6 @@ class Run:
 
     def _write_weights(self, state, path: Path):
         model = self.runner.steps.model(self.runner.host_state(state))
-        from densenet_jax.weights import state_arrays
         write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
                           model.config.replace(memory_efficient=False, drop_rate=0.0), path)
 

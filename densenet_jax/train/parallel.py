@@ -66,7 +66,10 @@ class Pmap:
         self._eval = jax.pmap(self.steps.eval, axis_name=PMAP_AXIS, in_axes=(0, None, 0, 0, 0))
 
     def place_state(self, state: TrainState) -> TrainState:
-        return jax.device_put_replicated(state, self.devices)
+        """One copy per local device, stacked along a leading axis as pmap takes it."""
+        stacked = NamedSharding(jax.sharding.Mesh(np.array(self.devices), ("replica",)), P("replica"))
+        n = len(self.devices)
+        return jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state), stacked)
 
     def host_state(self, state: TrainState) -> TrainState:
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)

@@ -31,6 +31,7 @@ class Steps:
                  compute_dtype=jnp.float32, seed: int = 0, axis_name: str | None = None):
         self.tx = tx
         self.compute_dtype = compute_dtype
+        self.loss_dtype = jnp.promote_types(compute_dtype, jnp.float32)  # bf16 compute, fp32 loss
         self.axis_name = axis_name
         self.dropout_key = jax.random.key(seed) if model.config.drop_rate > 0 else None
         model.set_attributes(axis_name=axis_name, raise_if_not_found=False)
@@ -48,7 +49,7 @@ class Steps:
                 if self.axis_name is not None:
                     key = jax.random.fold_in(key, jax.lax.axis_index(self.axis_name))
                 nnx.reseed(model, dropout=key)
-            logits = model(images.astype(self.compute_dtype)).astype(jnp.float32)
+            logits = model(images.astype(self.compute_dtype)).astype(self.loss_dtype)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, (logits, nnx.state(model, nnx.BatchStat))
 
@@ -66,7 +67,7 @@ class Steps:
              weights: jax.Array):
         """Sums over the batch of loss, correct predictions and weight (0 marks padding)."""
         model = nnx.merge(self.eval_def, state.params, state.batch_stats, rest)
-        logits = model(images.astype(self.compute_dtype)).astype(jnp.float32)
+        logits = model(images.astype(self.compute_dtype)).astype(self.loss_dtype)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         sums = {"loss": jnp.sum(losses * weights),
                 "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),

@@ -1,0 +1,50 @@
+"""Running ``densenet-jax train`` in a fresh process, as a user would (tests share this helper)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from densenet_jax.weights import read_safetensors
+
+# densenet_40_k12 on digits, batch 448: exactly 3 steps per epoch (1,437 // 448), and 448 splits
+# evenly over 8 devices and over 2 processes of 4.
+QUICK = ["--model", "densenet_40_k12", "--dataset", "digits", "--batch-size", "448",
+         "--no-progress", "--seed", "3"]
+
+
+# One compilation cache for the session's runs, as a user's repeated runs would share theirs.
+CACHE = tempfile.mkdtemp(prefix="densenet-jax-test-cache-")
+
+
+def train(workdir: Path, *args, devices: int = 1, process: tuple[int, int] | None = None,
+          port: int = 0, wait: bool = True):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu", "DENSENET_JAX_CACHE": CACHE}
+    command = [sys.executable, "-m", "densenet_jax", "train", *QUICK, "--workdir", str(workdir), *args]
+    if process is not None:
+        command += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(process[1]),
+                    "--process-id", str(process[0])]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    return finish(proc)
+
+
+def finish(proc, timeout: float = 600):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out + err
+
+
+def weights(workdir: Path, name: str = "model.safetensors") -> dict[str, np.ndarray]:
+    return read_safetensors(workdir / name)[0]
+
+
+def relative_l2(a, b):
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
