@@ -87,10 +87,10 @@ class Run:
                                        self.steps_per_epoch, config.warmup_epochs)
         tx = optim.sgd(schedule, config.momentum, config.weight_decay)
         if config.head_only:
-            self.model.features.eval()  # a frozen backbone keeps its BatchNorm statistics too
-            tx = optim.head_only(tx, nnx.state(self.model, nnx.Param))
+            tx = optim.head_only(tx)
         self.runner = parallel.make(config.parallel, self.model, tx, seed=config.seed,
-                                    compute_dtype=PRECISIONS[config.precision])
+                                    compute_dtype=PRECISIONS[config.precision],
+                                    freeze_features=config.head_only)
 
     def fit(self) -> dict:
         c = self.config

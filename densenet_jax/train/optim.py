@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import jax
 import optax
 
 Schedule = Literal["cifar", "imagenet", "cosine", "constant"]
@@ -34,7 +35,9 @@ def sgd(schedule: optax.Schedule, momentum: float = 0.9, weight_decay: float = 1
                        optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
 
 
-def head_only(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
+def head_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """``tx`` for the classifier; every other parameter frozen (linear probing)."""
-    labels = {k: ("head" if k == "classifier" else "frozen") for k in params}
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "head" if getattr(path[0], "key", None) == "classifier" else "frozen", params)
     return optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)

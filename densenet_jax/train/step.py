@@ -24,11 +24,14 @@ class Steps:
     ``rest`` is what the model holds besides parameters and statistics (dropout's RNG state); it
     never changes, because dropout is reseeded from (seed, step) in every step, which keeps a resumed
     run identical to an uninterrupted one. With ``axis_name`` the steps run under pmap/shard_map:
-    BatchNorm statistics and gradients are averaged across that axis.
+    BatchNorm statistics and gradients are averaged across that axis. ``freeze_features`` runs the
+    backbone in eval mode while training (its BatchNorm statistics stay as loaded), for head-only
+    fine-tuning.
     """
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation, *,
-                 compute_dtype=jnp.float32, seed: int = 0, axis_name: str | None = None):
+                 compute_dtype=jnp.float32, seed: int = 0, axis_name: str | None = None,
+                 freeze_features: bool = False):
         self.tx = tx
         self.compute_dtype = compute_dtype
         self.loss_dtype = jnp.promote_types(compute_dtype, jnp.float32)  # bf16 compute, fp32 loss
@@ -38,6 +41,8 @@ class Steps:
         model.eval()
         self.eval_def = nnx.graphdef(model)
         model.train()
+        if freeze_features:
+            model.features.eval()
         self.train_def, params, batch_stats, self.rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         self.initial = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
 

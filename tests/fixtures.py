@@ -1,0 +1,54 @@
+"""Small data sets in the on-disk formats users have: CIFAR's python batches, image folders."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_cifar10(root: Path, per_batch: int = 20, seed: int = 0) -> Path:
+    """``cifar-10-batches-py`` with 5 training batches and a test batch of random images."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def batch(name, n):
+        data = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                b"labels": rng.integers(0, 10, n).tolist(), b"batch_label": name.encode()}
+        with open(root / name, "wb") as f:
+            pickle.dump(data, f)
+
+    for i in range(1, 6):
+        batch(f"data_batch_{i}", per_batch)
+    batch("test_batch", per_batch)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f)
+    return root
+
+
+def write_cifar100(root: Path, n: int = 40, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "test"):
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"fine_labels": rng.integers(0, 100, n).tolist()}, f)
+    return root
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 4,
+                       seed: int = 0) -> Path:
+    """``train/<class>/*.jpg`` and ``val/<class>/*.png`` of random sizes and colours."""
+    rng = np.random.default_rng(seed)
+    for split, suffix in (("train", ".jpg"), ("val", ".png")):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                h, w = rng.integers(40, 90, 2)
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                pixels[..., c % 3] = 255  # a class signal
+                Image.fromarray(pixels).save(folder / f"{i}{suffix}")
+    return root
