@@ -53,8 +53,13 @@ class Conv2d(nnx.Module):
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0) -> jax.Array:
+    kernel = kernel.astype(x.dtype)
+    if kernel.shape[:2] == (1, 1) and stride == 1 and padding == 0:
+        # A 1x1 convolution is a matrix product over channels; XLA's CPU backend runs it as a dot
+        # about 2.3x faster than as a convolution (densenet121's 56x56, 256->128 case: 4.3 vs 10 ms).
+        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
     return jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), window_strides=(stride, stride),
+        x, kernel, window_strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -150,6 +155,6 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:
     """torch's AvgPool2d(2, stride=2): an odd trailing row or column is dropped."""
-    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add,
-                                   (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-    return summed * jnp.asarray(0.25, x.dtype)
+    n, h, w, c = x.shape
+    x = x[:, :h - h % 2, :w - w % 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))

@@ -24,7 +24,8 @@ class Mesh:
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation, **step_options):
         self.steps = Steps(model, tx, **step_options)
-        mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        # Auto axes: XLA propagates the shardings (the batch split, weights replicated) by itself.
+        mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))
         self.rest = jax.device_put(self.steps.rest, self.replicated)
