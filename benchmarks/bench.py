@@ -154,6 +154,35 @@ def dispatch_overhead() -> dict:
             "nnx_jit_overhead_ms": ms(nnx_jit - statistics.median(raw))}
 
 
+def residuals() -> dict:
+    """Bytes saved for the backward pass (inputs and parameters aside), batch 32 at 224x224, plain
+    vs memory_efficient; and, for densenet121, the compiled CPU program's temporary buffers."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import densenet_jax as dj
+    from densenet_jax.memory import saved_residual_bytes
+    from densenet_jax.train import optim, parallel
+
+    x = jax.ShapeDtypeStruct((32, 224, 224, 3), jnp.float32)
+    out = {}
+    for name in ("densenet121", "densenet169", "densenet201"):
+        plain, efficient = (saved_residual_bytes(dj.create_model(name, memory_efficient=m), x)
+                            for m in (False, True))
+        out[name] = {"plain_gib": round(plain / 2**30, 3), "memory_efficient_gib": round(efficient / 2**30, 3),
+                     "ratio": round(efficient / plain, 3)}
+    temp = {}
+    for m in (False, True):
+        runner = parallel.make("mesh", dj.create_model("densenet121", memory_efficient=m),
+                               optim.sgd(optim.learning_rate("constant", 0.01, 1, 1)))
+        state = runner.place_state(runner.steps.initial)
+        batch = runner.place_batch(np.zeros((32, 224, 224, 3), np.float32), np.zeros((32,), np.int32))
+        analysis = runner._train.lower(state, runner.rest, *batch).compile().memory_analysis()
+        temp["memory_efficient" if m else "plain"] = round(analysis.temp_size_in_bytes / 2**30, 3)
+    out["densenet121_cpu_compiled_temp_gib"] = temp
+    return out
+
+
 def table(results: dict[Task, dict]) -> str:
     lines = ["| task | contender | images/s (median) | vs torch eager | first call s |",
              "|---|---|---|---|---|"]
@@ -202,6 +231,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             extra["compile"] = compile_times(Path(tmp))
         extra["dispatch"] = dispatch_overhead()
+        extra["saved_residuals_b32_224"] = residuals()
         extra["peak_memory_densenet121_train_160_b8"] = {
             name: in_fresh_process(PEAK_MEMORY.format(name=name, model="densenet121", batch=8, size=160))
             for name in ("densenet_jax", REFERENCE)}

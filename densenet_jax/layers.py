@@ -84,16 +84,19 @@ class BatchNorm(nnx.Module):
         self.use_running_average = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        mean, var = self.statistics(x)
-        return normalize(x, mean, var, self.scale[...], self.bias[...], self.epsilon)
+        y, stats = self.apply(x)
+        if stats is not None:
+            self.update_running(*stats, sample_count(x.shape, self.axis_name))
+        return y
 
-    def statistics(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The mean and variance to normalise ``x`` with; in training, updates the running ones."""
+    def apply(self, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Normalise ``x`` without touching the running statistics; in training, also return the
+        batch statistics used, for :meth:`update_running`. Pure, so it can be recomputed."""
         if self.use_running_average:
-            return self.mean[...], self.var[...]
-        mean, var = batch_statistics(x, self.axis_name)
-        self.update_running(mean, var, sample_count(x.shape, self.axis_name))
-        return mean, var
+            stats, returned = (self.mean[...], self.var[...]), None
+        else:
+            stats = returned = batch_statistics(x, self.axis_name)
+        return normalize(x, *stats, self.scale[...], self.bias[...], self.epsilon), returned
 
     def update_running(self, mean: jax.Array, var: jax.Array, count: int) -> None:
         """torch's update: the running variance takes the unbiased batch variance."""

@@ -10,17 +10,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from densenet_jax.configs import DenseNetConfig, get_config
-from densenet_jax.layers import (BatchNorm, Conv2d, Linear, avg_pool_2x2, batch_statistics,
-                                 conv2d, max_pool_3x3_s2, normalize, sample_count)
+from densenet_jax.layers import BatchNorm, Conv2d, Linear, avg_pool_2x2, max_pool_3x3_s2, sample_count
 
 
 class DenseLayer(nnx.Module):
     """BN-ReLU-Conv1x1 (the bottleneck, to bn_size*k channels) then BN-ReLU-Conv3x3 to k channels.
 
     Without a bottleneck (bn_size None) the layer is BN-ReLU-Conv3x3, held as norm1/conv1.
-    The layer reads the concatenation of all earlier feature maps in its block.
+    The layer reads the concatenation of all earlier feature maps in its block. With
+    ``memory_efficient`` it keeps only the bottleneck's output for the backward pass (see below).
     """
 
     def __init__(self, in_channels: int, growth_rate: int, bn_size: int | None, drop_rate: float,
@@ -37,39 +38,34 @@ class DenseLayer(nnx.Module):
         self.memory_efficient = memory_efficient
 
     def __call__(self, features: list[jax.Array]) -> jax.Array:
+        new_features = self._new_features
         if self.memory_efficient:
-            out = self._first_conv_recomputed(features)
-        else:
-            out = self.conv1(jax.nn.relu(self.norm1(jnp.concatenate(features, axis=-1))))
-        if self.conv2 is not None:
-            out = self.conv2(jax.nn.relu(self.norm2(out)))
+            new_features = jax.checkpoint(new_features, policy=_KEEP_BOTTLENECK)
+        out, stats = new_features(features)
+        # Updated here, once, outside the checkpoint: recomputation in the backward pass must not
+        # move the running statistics a second time.
+        for norm, batch_stats in zip((self.norm1, self.norm2), stats):
+            if batch_stats is not None:
+                norm.update_running(*batch_stats, sample_count(features[0].shape, norm.axis_name))
         if self.dropout is not None:
             out = self.dropout(out)
         return out
 
-    def _first_conv_recomputed(self, features: list[jax.Array]) -> jax.Array:
-        """concat -> norm1 -> relu -> conv1 under jax.checkpoint: only the inputs are kept.
+    def _new_features(self, features: list[jax.Array]):
+        """The layer's k new channels and its batch statistics; pure, so it can be recomputed."""
+        y, stats1 = self.norm1.apply(jnp.concatenate(features, axis=-1))
+        out = self.conv1(jax.nn.relu(y))
+        if self.conv2 is None:
+            return out, (stats1,)
+        y, stats2 = self.norm2.apply(checkpoint_name(out, _BOTTLENECK))
+        return self.conv2(jax.nn.relu(y)), (stats1, stats2)
 
-        The concatenation grows with depth, which makes the plain layer's saved activations
-        quadratic in the block's length. The batch statistics come out of the checkpointed function
-        so that the running statistics are updated here, once, and not again when the backward pass
-        recomputes it.
-        """
-        norm, conv = self.norm1, self.conv1
-        training = not norm.use_running_average
 
-        def concat_norm_relu_conv(features, scale, bias, mean, var, kernel):
-            x = jnp.concatenate(features, axis=-1)
-            if training:
-                mean, var = batch_statistics(x, norm.axis_name)
-            y = jax.nn.relu(normalize(x, mean, var, scale, bias, norm.epsilon))
-            return conv2d(y, kernel, conv.stride, conv.padding), (mean, var)
-
-        out, (mean, var) = jax.checkpoint(concat_norm_relu_conv)(
-            features, norm.scale[...], norm.bias[...], norm.mean[...], norm.var[...], conv.kernel[...])
-        if training:
-            norm.update_running(mean, var, sample_count(features[0].shape, norm.axis_name))
-        return out
+# memory_efficient keeps, of each dense layer's work, only the bottleneck convolution's output: the
+# concatenation, both BN-ReLUs and the 1x1 convolution are recomputed in the backward pass. The
+# concatenation is what grows with depth; the BN-ReLUs are cheap elementwise work.
+_BOTTLENECK = "densenet_bottleneck"
+_KEEP_BOTTLENECK = jax.checkpoint_policies.save_only_these_names(_BOTTLENECK)
 
 
 class DenseBlock(nnx.Module):

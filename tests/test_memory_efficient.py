@@ -60,9 +60,22 @@ def test_same_outputs_in_eval(rng):
     np.testing.assert_allclose(np.asarray(efficient(x)), np.asarray(plain(x)), rtol=1e-5, atol=1e-6)
 
 
+def residual_bytes(memory_efficient, layers_per_block, **overrides):
+    model = dj.create_model("densenet_bc_100_k12", growth_rate=8, memory_efficient=memory_efficient,
+                            block_config=(layers_per_block,) * 3, **overrides)
+    return saved_residual_bytes(model, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+
+
 def test_saved_residuals_shrink():
-    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-    plain, efficient = (dj.create_model("densenet_bc_100_k12", block_config=(8, 8, 8),
-                                        memory_efficient=m) for m in (False, True))
-    ratio = saved_residual_bytes(efficient, x) / saved_residual_bytes(plain, x)
-    assert ratio < 0.75, ratio
+    ratio = residual_bytes(True, 8) / residual_bytes(False, 8)
+    assert ratio < 0.3, ratio
+
+
+def test_saved_residuals_grow_linearly_with_depth():
+    """Plain: the saved concatenations make the bytes quadratic in depth; memory-efficient: linear."""
+    def curvature(memory_efficient):
+        b4, b8, b12 = (residual_bytes(memory_efficient, n) for n in (4, 8, 12))
+        return (b12 - 2 * b8 + b4) / (b8 - b4)
+
+    assert curvature(False) > 0.2
+    assert abs(curvature(True)) < 0.02

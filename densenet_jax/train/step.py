@@ -46,7 +46,7 @@ class Steps:
         # Plain arrays, not Variables: each jitted call flattens the state, and Variables make that
         # a Python call per leaf.
         self.train_def, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-        params, batch_stats, self.rest = nnx.pure((params, batch_stats, rest))
+        params, batch_stats, self.rest = nnx.as_pure((params, batch_stats, rest))
         self.initial = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
 
     def train(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array):
@@ -59,7 +59,7 @@ class Steps:
                 nnx.reseed(model, dropout=key)
             logits = model(images.astype(self.compute_dtype)).astype(self.loss_dtype)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, (logits, nnx.pure(nnx.state(model, nnx.BatchStat)))
+            return loss, (logits, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)

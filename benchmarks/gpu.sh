@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The GPU run, from the checkout (the GPU machine has jax, flax, optax, torch, torchvision):
+#   bash benchmarks/gpu.sh            about 5-8 minutes on an H100/H200
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+exec python3 benchmarks/gpu.py "$@"
