@@ -97,13 +97,15 @@ done = time.perf_counter()
 print(json.dumps({{"build_s": built - start, "first_step_s": done - built, "total_s": done - start}}))
 """
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
 PEAK_MEMORY = """
-import json, resource
+import json
 from contenders import CONTENDERS, Task
 fn = CONTENDERS[{name!r}](Task({model!r}, "train", {batch}, {size}))
 for _ in range(3):
     fn()
-print(json.dumps({{"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({{"peak_rss_mib": int(hwm.split()[1]) / 1024}}))
 """
 
 
@@ -212,6 +214,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="2 rounds, no torch.compile, no subprocesses")
     parser.add_argument("--tasks", nargs="*", type=int, help="indices into the task list")
     parser.add_argument("--contenders", nargs="*", default=None)
+    parser.add_argument("--skip-throughput", action="store_true", help="only the fresh-process figures")
     parser.add_argument("--out", type=Path, default=HERE / "results" / f"{machine_name()}.md")
     args = parser.parse_args()
     import tempfile
@@ -219,7 +222,7 @@ def main():
     rounds = 2 if args.quick else args.rounds
     names = args.contenders or [n for n in CONTENDERS if not (args.quick and n == "torch.compile")
                                 and (n != "keras-jax" or keras_available())]
-    tasks = [TASKS[i] for i in args.tasks] if args.tasks else TASKS
+    tasks = [] if args.skip_throughput else [TASKS[i] for i in args.tasks] if args.tasks else TASKS
     results = {}
     for task in tasks:
         print(f"== {task.label}", flush=True)
