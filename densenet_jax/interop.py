@@ -28,8 +28,9 @@ _IGNORED_SUFFIX = ".num_batches_tracked"  # a BN step counter: no Flax twin, unu
 
 @dataclass(frozen=True)
 class Entry:
-    """One weight: our key, torchvision's key, and how to turn torch's layout into ours."""
+    """One weight: our key and shape, torchvision's key, and how to turn torch's layout into ours."""
     flax_key: str
+    shape: tuple[int, ...]
     torch_key: str
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
@@ -61,7 +62,7 @@ def weight_table(config: DenseNetConfig) -> list[Entry]:
             to_flax, to_torch = (_conv_to_flax, _conv_to_torch) if len(shape) == 4 else (_linear, _linear)
         else:
             to_flax = to_torch = _identity
-        table.append(Entry(key, f"{module}.{_TORCH_LEAF[leaf]}", to_flax, to_torch))
+        table.append(Entry(key, shape, f"{module}.{_TORCH_LEAF[leaf]}", to_flax, to_torch))
     return table
 
 
@@ -146,14 +147,13 @@ def from_torchvision(state_dict: dict[str, np.ndarray], source: str,
     if extra:
         raise CheckpointError(f"{source}: unexpected key {extra[0]} for the inferred "
                               f"{registered_name(config) or 'DenseNet'} ({len(extra)} in all)")
-    shapes = _abstract_shapes(config)
     arrays = {}
     for entry in table:
         if entry.torch_key not in state_dict:
             raise CheckpointError(f"{source}: missing key {entry.torch_key}")
         value = entry.to_flax(state_dict[entry.torch_key])
-        if value.shape != shapes[entry.flax_key]:
-            expected_torch = entry.to_torch(np.empty(shapes[entry.flax_key], np.uint8)).shape
+        if value.shape != entry.shape:
+            expected_torch = entry.to_torch(np.empty(entry.shape, np.uint8)).shape
             raise CheckpointError(f"{source}: {entry.torch_key} has shape "
                                   f"{tuple(state_dict[entry.torch_key].shape)}, expected {expected_torch}")
         arrays[entry.flax_key] = np.ascontiguousarray(value)
