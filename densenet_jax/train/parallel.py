@@ -19,7 +19,30 @@ from densenet_jax.train.step import Steps, TrainState
 PMAP_AXIS = "batch"
 
 
-class Mesh:
+class Runner:
+    """What both forms share: run the steps on placed state and batches, read results back."""
+
+    steps: Steps
+    rest: object
+
+    def train(self, state, images, labels):
+        return self._train(state, self.rest, images, labels)
+
+    def eval(self, state, images, labels, weights):
+        return self._eval(state, self.rest, images, labels, weights)
+
+    @staticmethod
+    def host_state(state: TrainState) -> TrainState:
+        """The state as numpy arrays on this host (every host and device holds all of it)."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
+
+    @staticmethod
+    def fetch(metrics) -> dict[str, float]:
+        """Scalar metrics as floats (under pmap, the first device's copy: all are equal)."""
+        return {k: float(np.asarray(v.addressable_data(0)).reshape(-1)[0]) for k, v in metrics.items()}
+
+
+class Mesh(Runner):
     """jit over a 1-D mesh of all devices; parameters replicated, the batch split along "data"."""
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation, **step_options):
@@ -36,26 +59,12 @@ class Mesh:
     def place_state(self, state: TrainState) -> TrainState:
         return jax.device_put(state, self.replicated)
 
-    def host_state(self, state: TrainState) -> TrainState:
-        """The state as numpy arrays on this host (every host holds all of it)."""
-        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
-
     def place_batch(self, *arrays: np.ndarray) -> list[jax.Array]:
         """This process's slice of the global batch, as one global array per input."""
         return [jax.make_array_from_process_local_data(self.sharded, a) for a in arrays]
 
-    def train(self, state, images, labels):
-        return self._train(state, self.rest, images, labels)
 
-    def eval(self, state, images, labels, weights):
-        return self._eval(state, self.rest, images, labels, weights)
-
-    @staticmethod
-    def fetch(metrics) -> dict[str, float]:
-        return {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
-
-
-class Pmap:
+class Pmap(Runner):
     """pmap over this process's devices (pmap spans every process's devices under jax.distributed)."""
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation, **step_options):
@@ -72,27 +81,14 @@ class Pmap:
         n = len(self.devices)
         return jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state), stacked)
 
-    def host_state(self, state: TrainState) -> TrainState:
-        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state)
-
     def place_batch(self, *arrays: np.ndarray) -> list[np.ndarray]:
         n = len(self.devices)
         if len(arrays[0]) % n:
             raise ValueError(f"per-process batch {len(arrays[0])} is not divisible by {n} devices")
         return [a.reshape(n, len(a) // n, *a.shape[1:]) for a in arrays]
 
-    def train(self, state, images, labels):
-        return self._train(state, self.rest, images, labels)
 
-    def eval(self, state, images, labels, weights):
-        return self._eval(state, self.rest, images, labels, weights)
-
-    @staticmethod
-    def fetch(metrics) -> dict[str, float]:
-        return {k: float(np.asarray(v.addressable_data(0)).reshape(-1)[0]) for k, v in metrics.items()}
-
-
-def make(kind: str, model: DenseNet, tx: optax.GradientTransformation, **step_options):
+def make(kind: str, model: DenseNet, tx: optax.GradientTransformation, **step_options) -> Runner:
     if kind == "mesh":
         return Mesh(model, tx, **step_options)
     if kind == "pmap":
