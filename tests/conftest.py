@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -6,6 +8,10 @@ import densenet_jax as dj
 from densenet_jax.interop import from_torchvision
 from densenet_jax.weights import assign
 from torch_twins import state_dict_numpy
+
+# Tests that call the CLI in this process must not write compiled programs into the user's cache
+# (the training subprocesses get a session cache of their own, see train_cli.py).
+os.environ["DENSENET_JAX_CACHE"] = ""
 
 
 def flax_twin(torch_model, **overrides) -> dj.DenseNet:
