@@ -158,8 +158,38 @@ class DenseNet(nnx.Module):
         self.classifier = Linear(config.num_features, config.num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        check_input(x, self.config)
         x = jax.nn.relu(self.features(x))
         return self.classifier(jnp.mean(x, axis=(1, 2)))
+
+
+def smallest_input(config: DenseNetConfig) -> int:
+    """The smallest height/width that leaves every transition's pooling at least one pixel."""
+    def final_size(size):
+        if config.stem == "imagenet":
+            size = (size - 1) // 2 + 1  # 7x7/2 conv, pad 3
+            size = (size - 1) // 2 + 1  # 3x3/2 max-pool, pad 1
+        for _ in range(len(config.block_config) - 1):
+            size //= 2
+        return size
+
+    size = 1
+    while final_size(size) < 1:
+        size += 1
+    return size
+
+
+def check_input(x: jax.Array, config: DenseNetConfig) -> None:
+    """Refuse, while tracing, what the model cannot take: wrong rank, channels, dtype or size."""
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"DenseNet takes NHWC images with 3 channels, got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"DenseNet takes floating-point images, got {x.dtype} "
+                        "(scale and normalise uint8 images first)")
+    minimum = smallest_input(config)
+    if min(x.shape[1:3]) < minimum:
+        raise ValueError(f"images of {x.shape[1]}x{x.shape[2]} are too small for this DenseNet: "
+                         f"at least {minimum}x{minimum}")
 
 
 def _named(name: str, doc: str) -> type[DenseNet]:

@@ -100,3 +100,18 @@ def test_computes_in_the_input_dtype(rng):
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(model(x.astype(jnp.float32))),
                                rtol=0.1, atol=0.1)
+
+
+def test_bad_inputs_are_refused_while_tracing():
+    model = dj.create_model("densenet121")
+    model.eval()
+    with pytest.raises(ValueError, match=r"3 channels, got shape \(1, 64, 64, 1\)"):
+        model(jnp.ones((1, 64, 64, 1)))
+    with pytest.raises(ValueError, match="3 channels"):
+        model(jnp.ones((64, 64, 3)))
+    with pytest.raises(TypeError, match="uint8"):
+        model(jnp.ones((1, 64, 64, 3), jnp.uint8))
+    with pytest.raises(ValueError, match="at least 29x29"):  # torchvision's minimum
+        model(jnp.ones((1, 28, 40, 3)))
+    assert model(jnp.ones((1, 29, 29, 3))).shape == (1, 1000)
+    assert dj.models.smallest_input(dj.get_config("densenet_bc_100_k12")) == 4
