@@ -26,6 +26,7 @@ def single_device(tmp_path_factory):
 def assert_same_training(workdir, reference):
     ours, ref = weights(workdir), weights(reference)
     assert ours.keys() == ref.keys()
+    assert all(ours[k].shape == ref[k].shape for k in ref)  # no stray device axis
     worst = max(relative_l2(ours[k], ref[k]) for k in ref)
     loss = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]
     ref_loss = json.loads((reference / "metrics.jsonl").read_text().splitlines()[-1])["train_loss"]

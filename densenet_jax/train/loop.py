@@ -129,7 +129,8 @@ class Run:
         if latest is None:
             return self.runner.place_state(initial), 0
         log.info("resuming from %s at step %d", checkpoints.manager.directory, latest)
-        host = checkpoints.restore(self.runner.host_state(self.runner.place_state(initial)), latest)
+        # The unplaced initial state is the template: a pmap-placed one has a device axis.
+        host = checkpoints.restore(jax.tree.map(np.asarray, initial), latest)
         return self.runner.place_state(host), latest
 
     def _train_epoch(self, state, epoch, first, last, checkpoints):

@@ -81,6 +81,11 @@ class Pmap(Runner):
         n = len(self.devices)
         return jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state), stacked)
 
+    @staticmethod
+    def host_state(state: TrainState) -> TrainState:
+        """The first device's replica, without the device axis, as numpy arrays."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), state)
+
     def place_batch(self, *arrays: np.ndarray) -> list[np.ndarray]:
         n = len(self.devices)
         if len(arrays[0]) % n:
