@@ -1,13 +1,13 @@
 """DenseNet in JAX and Flax NNX, number for number with torchvision."""
 
-from densenet_jax.errors import CheckpointError
+from densenet_jax.errors import CheckpointError, DataError, DivergedError, Interrupted
 from densenet_jax.configs import DenseNetConfig, count_params, get_config, list_models
 from densenet_jax.models import (DenseBlock, DenseLayer, DenseNet, DenseNet121, DenseNet161,
                                  DenseNet169, DenseNet201, Transition, create_model)
 from densenet_jax.weights import load, save
 
 __all__ = [
-    "CheckpointError", "load", "save",
+    "CheckpointError", "DataError", "DivergedError", "Interrupted", "load", "save",
     "DenseNetConfig", "count_params", "get_config", "list_models",
     "DenseBlock", "DenseLayer", "DenseNet", "DenseNet121", "DenseNet161", "DenseNet169",
     "DenseNet201", "Transition", "create_model",

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from densenet_jax.errors import CheckpointError
+from densenet_jax.errors import CheckpointError, DivergedError, Interrupted
 
 log = logging.getLogger("densenet_jax")
 
@@ -58,6 +58,8 @@ def _dataset_options(p) -> None:
     p.add_argument("--data-dir", default=None,
                    help="cifar-10-batches-py / cifar-100-python folder, or a folder with train/ and val/")
     p.add_argument("--workers", type=int, default=0, help="data loading processes (0: threads only)")
+    p.add_argument("--strict", action="store_true",
+                   help="folder: stop at an unreadable image instead of skipping it with a warning")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -111,7 +113,7 @@ def evaluate(args) -> None:
     from densenet_jax.train.loop import PRECISIONS, evaluate_state
     from densenet_jax.weights import load
 
-    data = load_dataset(args.dataset, args.data_dir)
+    data = load_dataset(args.dataset, args.data_dir, args.strict)
     model = load(args.weights)
     if model.config.num_classes != data.num_classes:
         raise ValueError(f"{args.weights}: has {model.config.num_classes} classes, "
@@ -121,6 +123,9 @@ def evaluate(args) -> None:
     result = evaluate_state(runner, state, data, args.batch_size, args.workers)
     print(f"{args.weights} on {args.dataset} (held-out, {len(data.eval)} images): "
           f"loss {result['eval_loss']:.4f}, accuracy {result['eval_acc']:.4f}")
+
+
+COMMANDS = {"train": train, "evaluate": evaluate}
 
 
 def _enable_compilation_cache() -> None:
@@ -149,8 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "coordinator", None):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
-        {"train": train, "evaluate": evaluate}[args.command](args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        COMMANDS[args.command](args)
+    except Interrupted as e:
+        print(f"densenet-jax: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)  # what a shell reports for a command a signal stopped
+    except KeyboardInterrupt:
+        print("densenet-jax: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (CheckpointError, DivergedError, ValueError, FileNotFoundError) as e:
         print(f"densenet-jax: error: {e}", file=sys.stderr)
         sys.exit(1)
 

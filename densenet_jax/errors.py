@@ -1,6 +1,30 @@
-"""The one exception type for bad checkpoints, so callers can catch exactly that."""
+"""The exceptions a caller may want to tell apart; each message is one line naming what is at fault."""
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or does not fit the model; the message names the
-    file and the key or shape at fault, on one line."""
+    """A checkpoint file is missing, unreadable, damaged, or does not fit the model; the message
+    names the file and the key or shape at fault."""
+
+
+class DataError(ValueError):
+    """A data set is missing, empty or unreadable; the message names the folder or file."""
+
+
+class DivergedError(RuntimeError):
+    """The training loss or gradients became NaN or Inf; nothing from that step on was checkpointed."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_good: int | None = None):
+        self.step, self.last_good = step, last_good
+        kept = f"the last good checkpoint is step {last_good}" if last_good else "no checkpoint was written"
+        super().__init__(f"training loss {loss}, gradient norm {grad_norm} at step {step}; stopped, "
+                         f"{kept} (lower --lr, or check the data)")
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training at a step boundary, after its checkpoint was written."""
+
+    def __init__(self, signum: int, step: int):
+        import signal
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}, checkpoint saved; "
+                         "run the same command again to resume")

@@ -22,6 +22,15 @@ def flax_twin(torch_model, **overrides) -> dj.DenseNet:
     return model
 
 
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """The work directory of train_cli.RUN run to its end in one go."""
+    from train_cli import RUN, train
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    train(workdir, *RUN)
+    return workdir
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

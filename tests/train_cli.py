@@ -18,27 +18,35 @@ QUICK = ["--model", "densenet_40_k12", "--dataset", "digits", "--batch-size", "4
          "--no-progress", "--seed", "3"]
 
 
+HERE = Path(__file__).resolve().parent
+
+# Two epochs of 3 steps, dropout on (so the RNG must resume too), a checkpoint every 2 steps: the
+# run that the resume and fault tests stop, restart, and compare with an uninterrupted one.
+RUN = ["--epochs", "2", "--drop-rate", "0.2", "--checkpoint-every", "2"]
+
 # One compilation cache for the session's runs, as a user's repeated runs would share theirs.
 CACHE = tempfile.mkdtemp(prefix="densenet-jax-test-cache-")
 
 
 def train(workdir: Path, *args, devices: int = 1, process: tuple[int, int] | None = None,
-          port: int = 0, wait: bool = True):
+          port: int = 0, wait: bool = True, fault: tuple[str, int] | None = None, expect: int = 0):
+    """Train in a fresh process; ``fault``: (point, n) for faults.py; ``expect``: its exit status."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu", "DENSENET_JAX_CACHE": CACHE}
-    command = [sys.executable, "-m", "densenet_jax", "train", *QUICK, "--workdir", str(workdir), *args]
+    launcher = ["-m", "densenet_jax"] if fault is None else [str(HERE / "faults.py"), fault[0], str(fault[1])]
+    command = [sys.executable, *launcher, "train", *QUICK, "--workdir", str(workdir), *args]
     if process is not None:
         command += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(process[1]),
                     "--process-id", str(process[0])]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return proc
-    return finish(proc)
+    return finish(proc, expect=expect)
 
 
-def finish(proc, timeout: float = 600):
+def finish(proc, timeout: float = 600, expect: int = 0):
     out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == expect, err[-3000:]
     return out + err
 
 
@@ -48,3 +56,11 @@ def weights(workdir: Path, name: str = "model.safetensors") -> dict[str, np.ndar
 
 def relative_l2(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def assert_same_weights(workdir: Path, reference: Path) -> None:
+    """The final weights of two runs are equal, bit for bit."""
+    a, b = weights(reference), weights(workdir)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(b[key], a[key], err_msg=key)

@@ -1,33 +1,91 @@
-"""Orbax checkpoints of the whole training state: asynchronous, atomic, the last K kept."""
+"""Orbax checkpoints of the whole training state: asynchronous, atomic, checksummed, the last K kept.
+
+A step folder appears only once completely written (Orbax writes a temporary folder and renames
+it), so a process killed mid-save leaves the previous checkpoints as they were. A checkpoint damaged
+later on disk is caught by a CRC-32 of every array stored beside it; resuming then moves it aside
+and falls back to the one before.
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
+import zlib
 from pathlib import Path
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from densenet_jax.errors import CheckpointError
 from densenet_jax.train.step import TrainState
+
+log = logging.getLogger("densenet_jax")
+
+
+def checksums(host_state: TrainState) -> dict[str, int]:
+    """CRC-32 of each array's bytes, by its path in the state."""
+    leaves = jax.tree_util.tree_leaves_with_path(host_state)
+    return {jax.tree_util.keystr(path): zlib.crc32(np.ascontiguousarray(leaf).view(np.uint8))
+            for path, leaf in leaves}
 
 
 class Checkpoints:
-    """``workdir/checkpoints/<step>/``; a step folder appears only once completely written."""
+    """``directory/<step>/`` holding the state and its checksums."""
 
     def __init__(self, directory: str | Path, keep: int = 3):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                               create=True)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+                                               create=True, cleanup_tmp_directories=True)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, host_state: TrainState) -> None:
         """Start writing ``host_state`` (numpy arrays) in the background."""
-        self.manager.save(step, args=ocp.args.StandardSave(host_state), force=True)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(host_state),
+                                  checksums=ocp.args.JsonSave(checksums(host_state)))
+        self.manager.save(step, args=args, force=True)
 
-    def restore(self, template: TrainState, step: int | None = None) -> TrainState:
-        """The state saved at ``step`` (default: the latest), shaped like ``template``."""
-        step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.StandardRestore(template))
+    def restore(self, template: TrainState, step: int) -> TrainState:
+        """The state saved at ``step``, shaped like ``template``; CheckpointError if it is damaged."""
+        where = self.directory / str(step)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(template), checksums=ocp.args.JsonRestore()))
+        except Exception as e:  # Orbax and TensorStore raise many types for unreadable files
+            raise CheckpointError(f"{where}: unreadable ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        state, expected = restored["state"], restored["checksums"]
+        for key, crc in checksums(state).items():
+            if expected.get(key) != crc:
+                raise CheckpointError(f"{where}: {key} does not match its checksum")
+        return state
+
+    def restore_latest_good(self, template: TrainState) -> tuple[TrainState, int] | None:
+        """The newest checkpoint that reads back intact, and its step; damaged newer ones are moved
+        to ``damaged-<step>`` with a warning. None when there is no checkpoint at all."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return self.restore(template, step), step
+            except CheckpointError as e:
+                log.warning("warning: %s; moving it to damaged-%d and trying the previous checkpoint", e, step)
+                self._move_aside(step)
+        if steps:
+            raise CheckpointError(f"{self.directory}: every checkpoint is damaged ({len(steps)} tried); "
+                                  "remove the folder to start over")
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        target = self.directory / f"damaged-{step}"
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            (self.directory / str(step)).rename(target)
+        except FileNotFoundError:  # another process sharing the folder moved it first
+            pass
+        self.manager.reload()
 
     def close(self) -> None:
         """Wait for writes in flight, then release the manager."""

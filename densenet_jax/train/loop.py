@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from flax import nnx
 
 from densenet_jax.data import Dataset, eval_batches, load_dataset, train_batches
 from densenet_jax.data.pipeline import steps_per_epoch
+from densenet_jax.errors import DivergedError, Interrupted
 from densenet_jax.models import DenseNet, create_model
 from densenet_jax.train import optim, parallel
 from densenet_jax.train.checkpoint import Checkpoints
@@ -50,6 +53,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch
     keep: int = 3
     workers: int = 0
+    strict: bool = False  # folder data: an unreadable image stops the run instead of being skipped
     max_steps: int = 0  # stop after this many steps of this invocation (0: to the end); rerun to go on
     progress: bool = True
 
@@ -71,7 +75,7 @@ class Run:
         self.config = config
         self.workdir = Path(config.workdir)
         self.is_main = jax.process_index() == 0
-        self.data: Dataset = load_dataset(config.dataset, config.data_dir)  # fail before compiling
+        self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict)  # fail before compiling
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size,
                                                jax.process_count())
         if self.steps_per_epoch == 0:
@@ -93,31 +97,42 @@ class Run:
                                     freeze_features=config.head_only)
 
     def fit(self) -> dict:
+        """Train from the latest intact checkpoint to the end (or ``max_steps`` further).
+
+        Raises DivergedError on a NaN/Inf loss and Interrupted after SIGINT/SIGTERM; in both cases
+        the checkpoints on disk are complete and hold only finite states.
+        """
         c = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
         checkpoints = Checkpoints(self.workdir / "checkpoints", keep=c.keep)
-        state, start = self._restore(checkpoints)
-        rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
-        stop = min(self.total_steps, start + c.max_steps) if c.max_steps else self.total_steps
-        step = start
         try:
-            while step < stop:
-                epoch, first = divmod(step, self.steps_per_epoch)
-                last = min(self.steps_per_epoch, first + stop - step)
-                state, train_metrics = self._train_epoch(state, epoch, first, last, checkpoints)
-                step = epoch * self.steps_per_epoch + last
-                if last == self.steps_per_epoch:
-                    rows.append({"epoch": epoch + 1, "step": step, **train_metrics,
-                                 **self.evaluate(state)})
-                    self._report(state, rows)
-                if step % self.steps_per_epoch == 0 or step == stop:
-                    self._checkpoint(checkpoints, step, state)
+            with StopSignals() as signals:
+                state, step = self._train(checkpoints, signals)
         finally:
             checkpoints.close()
         if step == self.total_steps and self.is_main:
             self._write_weights(state, self.workdir / "model.safetensors")
             log.info("final weights: %s", self.workdir / "model.safetensors")
-        return {"step": step, "state": state, "metrics": rows}
+        return {"step": step, "state": state, "metrics": self.rows}
+
+    def _train(self, checkpoints: Checkpoints, signals: StopSignals):
+        c = self.config
+        state, start = self._restore(checkpoints)
+        self.rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
+        stop = min(self.total_steps, start + c.max_steps) if c.max_steps else self.total_steps
+        step = start
+        while step < stop:
+            epoch, first = divmod(step, self.steps_per_epoch)
+            last = min(self.steps_per_epoch, first + stop - step)
+            state, step, train_metrics = self._train_epoch(state, epoch, first, last, checkpoints, signals)
+            if step % self.steps_per_epoch == 0:
+                self.rows.append({"epoch": epoch + 1, "step": step, **train_metrics, **self.evaluate(state)})
+                self._report(state, self.rows)
+            if step % self.steps_per_epoch == 0 or step == stop:
+                self._checkpoint(checkpoints, step, state)
+            if signals.received:
+                raise Interrupted(signals.received, step)
+        return state, step
 
     def _checkpoint(self, checkpoints: Checkpoints, step: int, state) -> None:
         if step != checkpoints.latest_step():
@@ -125,15 +140,16 @@ class Run:
 
     def _restore(self, checkpoints: Checkpoints):
         initial = self.runner.steps.initial
-        latest = checkpoints.latest_step()
-        if latest is None:
-            return self.runner.place_state(initial), 0
-        log.info("resuming from %s at step %d", checkpoints.manager.directory, latest)
         # The unplaced initial state is the template: a pmap-placed one has a device axis.
-        host = checkpoints.restore(jax.tree.map(np.asarray, initial), latest)
-        return self.runner.place_state(host), latest
+        restored = checkpoints.restore_latest_good(jax.tree.map(np.asarray, initial))
+        if restored is None:
+            return self.runner.place_state(initial), 0
+        host, step = restored
+        log.info("resuming from %s at step %d", checkpoints.directory, step)
+        return self.runner.place_state(host), step
 
-    def _train_epoch(self, state, epoch, first, last, checkpoints):
+    def _train_epoch(self, state, epoch, first, last, checkpoints, signals):
+        """Steps ``first``..``last`` of ``epoch``; returns early (checkpointed) when a stop signal came."""
         c = self.config
         batches = train_batches(self.data.train, self.data.augment, seed=c.seed, epoch=epoch,
                                 global_batch=c.batch_size, start_step=first,
@@ -143,16 +159,21 @@ class Run:
                         desc=f"epoch {epoch + 1}/{c.epochs}")
         sums, seen, started = {"loss": 0.0, "correct": 0.0}, 0, time.perf_counter()
         pending = []
+        step = epoch * self.steps_per_epoch + first
         for i in range(first, last):
             batch = next(batches)
             images, labels = self.runner.place_batch(batch["image"], batch["label"])
             state, metrics = self.runner.train(state, images, labels)
-            pending.append(metrics)
-            step = epoch * self.steps_per_epoch + i + 1
-            if c.checkpoint_every and step % c.checkpoint_every == 0:
-                self._checkpoint(checkpoints, step, state)
-            if len(pending) == 10 or i + 1 == last:  # fetching syncs: do it every few steps
-                for m in map(self.runner.fetch, pending):
+            step += 1
+            pending.append((step, metrics))
+            save = (c.checkpoint_every and step % c.checkpoint_every == 0) or signals.received
+            # Fetching syncs, so only every few steps; always before a checkpoint, so that no
+            # checkpoint ever holds a state that a NaN loss has touched.
+            if save or len(pending) == 10 or i + 1 == last:
+                for at, m in pending:
+                    m = self.runner.fetch(m)
+                    if not np.isfinite([m["loss"], m["grad_norm"]]).all():
+                        raise DivergedError(at, m["loss"], m["grad_norm"], checkpoints.latest_step())
                     sums["loss"] += m["loss"]
                     sums["correct"] += m["correct"]
                 seen += len(pending)
@@ -162,11 +183,15 @@ class Run:
                                 acc=f"{sums['correct'] / (seen * c.batch_size):.4f}",
                                 img_s=f"{rate:.0f}")
             bar.update(1)
+            if save:
+                self._checkpoint(checkpoints, step, state)
+            if signals.received:
+                break
         bar.close()
         seconds = time.perf_counter() - started
-        return state, {"train_loss": sums["loss"] / max(seen, 1),
-                       "train_acc": sums["correct"] / max(seen * c.batch_size, 1),
-                       "images_per_sec": seen * c.batch_size / seconds, "seconds": seconds}
+        return state, step, {"train_loss": sums["loss"] / max(seen, 1),
+                             "train_acc": sums["correct"] / max(seen * c.batch_size, 1),
+                             "images_per_sec": seen * c.batch_size / seconds, "seconds": seconds}
 
     def evaluate(self, state) -> dict:
         """Loss and accuracy on the held-out split."""
@@ -195,6 +220,32 @@ def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int =
         for k, v in runner.fetch(runner.eval(state, *placed)).items():
             sums[k] += v
     return {"eval_loss": sums["loss"] / sums["count"], "eval_acc": sums["correct"] / sums["count"]}
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM ask the loop to checkpoint and stop after the current step
+    (a second one stops at once). Handlers can only be set from the main thread; elsewhere the
+    signals keep their usual effect."""
+
+    STOPPING = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> StopSignals:
+        self.received: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.STOPPING}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("%s: stopping after this step, with a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def _progress(enabled: bool, **kwargs):

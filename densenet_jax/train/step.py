@@ -69,7 +69,9 @@ class Steps:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
-        return new_state, {"loss": loss, "correct": correct}
+        # The gradient norm too: a NaN input can leave the loss finite (a ReLU after the NaN batch
+        # statistics may give 0) while the gradients of the BatchNorm weights are NaN.
+        return new_state, {"loss": loss, "correct": correct, "grad_norm": optax.tree.norm(grads)}
 
     def eval(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array,
              weights: jax.Array):

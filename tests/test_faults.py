@@ -1,0 +1,81 @@
+"""Training survives faults: killed, interrupted, damaged on disk, diverged (faults.py injects them)."""
+
+import re
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from densenet_jax.train.checkpoint import Checkpoints
+from train_cli import RUN, assert_same_weights, train
+
+
+def complete_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def resumed_from(out: str) -> int:
+    found = re.search(r"resuming from .* at step (\d+)", out)
+    return int(found.group(1)) if found else 0
+
+
+def damage(step_dir: Path) -> None:
+    """Overwrite the middle of the checkpoint's largest file with random bytes."""
+    largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = np.random.default_rng(0).bytes(len(data[middle:middle + 4096]))
+    largest.write_bytes(bytes(data))
+
+
+def test_killed_interrupted_and_damaged_runs_end_as_the_uninterrupted_one(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    # SIGKILL while the 4th step computes (checkpoints 2 and 3 were started before it).
+    train(run, *RUN, fault=("step", 4), expect=-signal.SIGKILL)
+    before = complete_steps(run)
+    assert before and before[-1] <= 3
+
+    # SIGKILL just after a checkpoint save began, then inside one before its commit: each rerun
+    # resumes from the newest complete checkpoint, and the half-written one never counts.
+    for point in ("save", "commit"):
+        before = complete_steps(run)
+        train(run, *RUN, fault=(point, 1), expect=-signal.SIGKILL)
+        assert complete_steps(run) == before, point
+        if point == "commit":
+            assert any("tmp" in p.name for p in (run / "checkpoints").iterdir())  # killed mid-save
+
+    # SIGINT, then SIGTERM: each checkpoints the step it was in and exits as a stopped command.
+    for point, status in (("sigint", 130), ("sigterm", 143)):
+        before = complete_steps(run)[-1]
+        err = train(run, *RUN, fault=(point, 1), expect=status)
+        assert resumed_from(err) == before
+        stopped = int(re.search(rf"stopped by {point.upper()} at step (\d+), checkpoint saved", err).group(1))
+        assert stopped == before + 1 and complete_steps(run)[-1] == stopped
+        assert "Traceback" not in err
+
+    # The newest checkpoint damaged on disk: found, moved aside, the previous one used.
+    *_, previous, newest = complete_steps(run)
+    damage(run / "checkpoints" / str(newest))
+    out = train(run, *RUN)
+    assert f"checkpoints/{newest}:" in out and "moving it to damaged" in out
+    assert resumed_from(out) == previous
+    assert (run / "checkpoints" / f"damaged-{newest}").is_dir()
+    assert_same_weights(run, uninterrupted)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    err = train(run, "--epochs", "2", "--checkpoint-every", "1", fault=("nan", 3), expect=1)
+    line = [l for l in err.splitlines() if "error" in l]
+    assert len(line) == 1 and "gradient norm nan at step 3" in line[0], err
+    assert "last good checkpoint is step 2" in line[0]
+    assert complete_steps(run) == [1, 2]
+    checkpoints = Checkpoints(run / "checkpoints")
+    try:
+        state = checkpoints.manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    finally:
+        checkpoints.close()
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state["state"]))
+    assert not (run / "model.safetensors").exists()
