@@ -32,7 +32,7 @@ def main() -> None:
         raise CheckpointError(f"{args.output}: folder {args.output.parent} does not exist")
     arrays, config = read_safetensors(args.input)
     state_dict = {}
-    for key, value in to_torchvision(arrays, config).items():
+    for key, value in to_torchvision(arrays, config, str(args.input)).items():
         state_dict[key] = torch.from_numpy(value)
         if key.endswith(".running_var"):  # torch's BN has a step counter; ours has none
             state_dict[key[:-len("running_var")] + "num_batches_tracked"] = torch.tensor(0)

@@ -8,6 +8,10 @@ from typing import Callable, Literal
 Stem = Literal["imagenet", "cifar"]
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclasses.dataclass(frozen=True)
 class DenseNetConfig:
     """Everything that fixes a DenseNet's architecture and training-time behaviour.
@@ -35,15 +39,20 @@ class DenseNetConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
+        for name in ("growth_rate", "num_init_features", "num_classes", "bn_size"):
+            value = getattr(self, name)
+            if not (value is None and name == "bn_size") and not _positive_int(value):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
         if not 0.0 < self.compression <= 1.0:
             raise ValueError(f"compression must be in (0, 1], got {self.compression}")
-        if self.growth_rate < 1 or not self.block_config or min(self.block_config) < 1:
-            raise ValueError(f"growth_rate and every block size must be positive, got "
-                             f"{self.growth_rate}, {self.block_config}")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be positive, got {self.num_classes}")
+        if not self.block_config or min(self.block_config) < 1:
+            raise ValueError(f"every block needs at least one layer, got {self.block_config}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        if any(self.transition_channels(out) < 1 for _, out in self.block_channels()[:-1]):
+            raise ValueError(f"compression {self.compression} leaves a transition with no channels")
 
     @classmethod
     def imagenet(cls, growth_rate: int, block_config: tuple[int, ...], num_init_features: int,
@@ -79,7 +88,8 @@ class DenseNetConfig:
         return plan
 
     def transition_channels(self, in_channels: int) -> int:
-        return int(in_channels * self.compression)
+        """floor(in_channels * compression), rounded first so that 80 * (29 / 80) gives 29."""
+        return int(round(in_channels * self.compression, 6))
 
     @property
     def num_features(self) -> int:

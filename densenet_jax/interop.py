@@ -7,6 +7,7 @@ exactly one torchvision key and layout, and every shape is checked.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -17,7 +18,7 @@ from flax import nnx
 from densenet_jax.configs import DenseNetConfig, get_config, list_models
 from densenet_jax.errors import CheckpointError
 from densenet_jax.models import DenseNet
-from densenet_jax.weights import state_arrays
+from densenet_jax.weights import check_arrays, state_arrays
 
 # Our leaf name -> torchvision's, by the rank of the array (a rank-2 kernel is the Linear layer).
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
@@ -66,6 +67,7 @@ def weight_table(config: DenseNetConfig) -> list[Entry]:
     return table
 
 
+@functools.lru_cache(maxsize=32)  # tracing a model's construction takes a while; configs are frozen
 def _abstract_shapes(config: DenseNetConfig) -> dict[str, tuple[int, ...]]:
     model = nnx.eval_shape(lambda: DenseNet(config, rngs=nnx.Rngs(0)))
     return {k: tuple(v.shape) for k, v in state_arrays(model).items()}
@@ -117,13 +119,25 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: str, **overrides) -
         check(conv1[0] % growth_rate == 0,
               f"{first}.conv1.weight has {conv1[0]} outputs, not a multiple of the growth rate {growth_rate}")
         bn_size = conv1[0] // growth_rate
-    compression = 0.5
-    if len(blocks) > 1:
-        out_c, in_c = shape("features.transition1.conv.weight")[:2]
-        compression = out_c / in_c
-    config = DenseNetConfig(growth_rate, tuple(blocks), conv0[0], bn_size, compression, stem,
-                            num_classes=shape("classifier.weight")[0])
-    return config.replace(**overrides)
+    compression = _compression(shapes, len(blocks), check)
+    try:
+        return DenseNetConfig(growth_rate, tuple(blocks), conv0[0], bn_size, compression, stem,
+                              num_classes=shape("classifier.weight")[0]).replace(**overrides)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _compression(shapes, num_blocks: int, check) -> float:
+    """The one compression theta that gives every transition's channels: floor(in * theta) == out
+    for each, so theta is at least the largest out/in; 0.5 when there is no transition."""
+    pairs = [shapes[f"features.transition{i}.conv.weight"][:2] for i in range(1, num_blocks)
+             if f"features.transition{i}.conv.weight" in shapes]
+    if not pairs:
+        return 0.5
+    compression = max(out / in_ for out, in_ in pairs)
+    check(compression <= 1 and all(int(round(in_ * compression, 6)) == out for out, in_ in pairs),
+          f"the transitions keep channel fractions no single compression gives ({pairs})")
+    return compression
 
 
 def registered_name(config: DenseNetConfig) -> str | None:
@@ -151,16 +165,19 @@ def from_torchvision(state_dict: dict[str, np.ndarray], source: str,
     for entry in table:
         if entry.torch_key not in state_dict:
             raise CheckpointError(f"{source}: missing key {entry.torch_key}")
-        value = entry.to_flax(state_dict[entry.torch_key])
-        if value.shape != entry.shape:
-            expected_torch = entry.to_torch(np.empty(entry.shape, np.uint8)).shape
-            raise CheckpointError(f"{source}: {entry.torch_key} has shape "
-                                  f"{tuple(state_dict[entry.torch_key].shape)}, expected {expected_torch}")
-        arrays[entry.flax_key] = np.ascontiguousarray(value)
+        value = state_dict[entry.torch_key]
+        expected = entry.to_torch(np.empty(entry.shape, np.uint8)).shape
+        if tuple(value.shape) != expected:
+            raise CheckpointError(f"{source}: {entry.torch_key} has shape {tuple(value.shape)}, "
+                                  f"expected {expected}")
+        arrays[entry.flax_key] = np.ascontiguousarray(entry.to_flax(value))
     return arrays, config
 
 
-def to_torchvision(arrays: dict[str, np.ndarray], config: DenseNetConfig) -> dict[str, np.ndarray]:
-    """torchvision's state dict (numpy values, torch layouts) from our arrays."""
-    return {e.torch_key: np.ascontiguousarray(e.to_torch(np.asarray(arrays[e.flax_key])))
-            for e in weight_table(config)}
+def to_torchvision(arrays: dict[str, np.ndarray], config: DenseNetConfig,
+                   source: str = "arrays") -> dict[str, np.ndarray]:
+    """torchvision's state dict (numpy values, torch layouts) from our arrays, which must be
+    exactly the weights ``config`` describes (``source`` names them in errors)."""
+    table = weight_table(config)
+    check_arrays(arrays, {e.flax_key: e.shape for e in table}, source)
+    return {e.torch_key: np.ascontiguousarray(e.to_torch(np.asarray(arrays[e.flax_key]))) for e in table}

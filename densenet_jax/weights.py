@@ -33,27 +33,30 @@ def state_arrays(model: nnx.Module) -> dict[str, jax.Array]:
             for path, var in nnx.to_flat_state(nnx.state(model, _WEIGHTS))}
 
 
+def check_arrays(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """CheckpointError unless ``arrays`` has exactly the keys of ``shapes``, each with that shape."""
+    missing = sorted(shapes.keys() - arrays.keys())
+    extra = sorted(arrays.keys() - shapes.keys())
+    if missing:
+        raise CheckpointError(f"{source}: missing key {missing[0]}" + _more(missing))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected key {extra[0]}" + _more(extra))
+    for key, shape in shapes.items():
+        if tuple(arrays[key].shape) != tuple(shape):
+            raise CheckpointError(f"{source}: {key} has shape {tuple(arrays[key].shape)}, "
+                                  f"the model expects {tuple(shape)}")
+
+
 def assign(model: nnx.Module, arrays: dict[str, np.ndarray], source: str = "arrays") -> None:
     """Set every parameter and statistic of ``model`` from ``arrays``: same keys, same shapes.
 
     Values are cast to the dtype the model holds. ``source`` names the origin in error messages.
     """
     state = nnx.state(model, _WEIGHTS)
-    flat = nnx.to_flat_state(state)
-    expected = {".".join(map(str, path)) for path, _ in flat}
-    missing = sorted(expected - arrays.keys())
-    extra = sorted(arrays.keys() - expected)
-    if missing:
-        raise CheckpointError(f"{source}: missing key {missing[0]}" + _more(missing))
-    if extra:
-        raise CheckpointError(f"{source}: unexpected key {extra[0]}" + _more(extra))
-    for path, var in flat:
-        key = ".".join(map(str, path))
-        value = arrays[key]
-        if tuple(value.shape) != tuple(var.shape):
-            raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, "
-                                  f"the model expects {tuple(var.shape)}")
-        var[...] = jax.numpy.asarray(value, dtype=var.dtype)
+    flat = [(".".join(map(str, path)), var) for path, var in nnx.to_flat_state(state)]
+    check_arrays(arrays, {key: var.shape for key, var in flat}, source)
+    for key, var in flat:
+        var[...] = jax.numpy.asarray(arrays[key], dtype=var.dtype)
     nnx.update(model, state)
 
 
@@ -126,6 +129,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], De
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path}: not a densenet_jax weights file (no config in its metadata; "
                               "convert torch checkpoints with convert/torch_to_flax.py)")
+    for key, value in arrays.items():
+        if value.dtype.kind != "f":
+            raise CheckpointError(f"{path}: {key} is {value.dtype}, not floating-point")
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{path}: {key} holds NaN or Inf values")
     return arrays, config_from_json(metadata["config"], str(path))
 
 

@@ -52,3 +52,12 @@ def write_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int
                 pixels[..., c % 3] = 255  # a class signal
                 Image.fromarray(pixels).save(folder / f"{i}{suffix}")
     return root
+
+
+def tiny_weights_file(path: Path) -> Path:
+    """A densenet_jax weights file of a small DenseNet-BC (k=12, blocks of 2 layers, 10 classes)."""
+    from flax import nnx
+
+    import densenet_jax as dj
+    dj.save(dj.create_model("densenet_bc_100_k12", block_config=(2, 2, 2), rngs=nnx.Rngs(0)), path)
+    return path

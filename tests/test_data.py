@@ -1,5 +1,6 @@
 """The input pipelines: formats, splits, preprocessing, determinism and host sharding."""
 
+import logging
 import pickle
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 import torchvision.transforms as TT
 from PIL import Image
 
+from densenet_jax import DataError, cli
 from densenet_jax.data import eval_batches, load_dataset, train_batches
 from densenet_jax.data import transforms as T
 from fixtures import write_cifar10, write_cifar100, write_image_folder
@@ -116,7 +118,7 @@ def test_folder_training_crops(tmp_path):
 def test_folder_errors_are_clear(tmp_path, setup, message):
     root = write_image_folder(tmp_path / "imgs")
     setup(root)
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with pytest.raises(DataError, match=message):
         load_dataset("folder", root)
 
 
@@ -125,3 +127,43 @@ def test_unknown_or_missing_data():
         load_dataset("mnist")
     with pytest.raises(ValueError, match="--data-dir"):
         load_dataset("cifar10")
+
+
+def break_images(root):
+    """A truncated JPEG, a text file named .png, an empty .jpg: what a scraped folder holds."""
+    first = root / "train" / "cat" / "0.jpg"
+    first.write_bytes(first.read_bytes()[:200])
+    (root / "train" / "dog" / "notes.png").write_text("not an image")
+    (root / "val" / "fox" / "empty.jpg").write_bytes(b"")
+
+
+def test_unreadable_images_are_skipped_and_named(tmp_path, caplog):
+    root = write_image_folder(tmp_path / "imgs")
+    break_images(root)
+    with caplog.at_level(logging.WARNING, logger="densenet_jax"):
+        data = load_dataset("folder", root)
+    assert len(data.train) == 3 * 4 - 1 and len(data.eval) == 3 * 4  # 4 per class, one broken
+    text = caplog.text
+    assert "skipping 2 unreadable image(s) of 13" in text and "cat/0.jpg" in text and "dog/notes.png" in text
+    assert "skipping 1 unreadable image(s) of 13" in text and "fox/empty.jpg" in text
+    assert all(data.train[i]["image"].size for i in range(len(data.train)))  # every kept one decodes
+
+
+def test_strict_stops_at_the_first_unreadable_image(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "imgs")
+    break_images(root)
+    with pytest.raises(DataError, match=r"train/cat/0.jpg: unreadable image .*\(and 1 more\)"):
+        load_dataset("folder", root, strict=True)
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: one line, before any compilation
+        cli.main(["train", "--dataset", "folder", "--data-dir", str(root), "--strict",
+                  "--workdir", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(lines) == 1 and "cat/0.jpg: unreadable image" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_class_of_only_unreadable_images_is_an_error(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=1)
+    (root / "val" / "dog" / "0.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(DataError, match="val/dog: no readable images"):
+        load_dataset("folder", root)

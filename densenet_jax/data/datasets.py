@@ -7,13 +7,18 @@ An example is ``{"image": HWC array, "label": int32}``; each data set brings its
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from densenet_jax.data import transforms as T
+from densenet_jax.errors import DataError
+
+log = logging.getLogger("densenet_jax")
 
 Example = dict[str, np.ndarray]
 
@@ -77,14 +82,14 @@ class _ArraysOnly(pickle.Unpickler):
 
 def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing CIFAR batch file")
+        raise DataError(f"{path}: missing CIFAR batch file")
     try:
         with path.open("rb") as f:
             batch = _ArraysOnly(f, encoding="bytes").load()
         data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return data, np.asarray(batch[label_key.encode()], np.int32)
     except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
-        raise ValueError(f"{path}: not a CIFAR python-format batch ({e})") from None
+        raise DataError(f"{path}: not a CIFAR python-format batch ({e})") from None
 
 
 def cifar(data_dir: str | Path, num_classes: int) -> Dataset:
@@ -125,48 +130,73 @@ class FileSource(Sequence):
 
     def __getitem__(self, index):
         path, label = self.files[index]
-        return {"image": T.read_rgb(path), "label": np.int32(label)}
+        try:
+            image = T.read_rgb(path)
+        except OSError as e:  # changed on disk since the scan
+            raise DataError(f"{path}: unreadable image ({e})") from None
+        return {"image": image, "label": np.int32(label)}
 
 
-def _scan(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+def _scan(split_dir: Path, classes: list[str], strict: bool) -> list[tuple[Path, int]]:
+    """Every decodable image under ``split_dir/<class>/``. Undecodable ones are skipped with one
+    warning that names them, or with ``strict`` stop everything with the first one's name."""
     files = []
     for label, name in enumerate(classes):
         found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
-            raise ValueError(f"{split_dir / name}: class folder holds no images")
+            raise DataError(f"{split_dir / name}: class folder holds no images")
         files += [(p, label) for p in found]
+    with ThreadPoolExecutor(8) as pool:  # decoding releases the GIL
+        problems = list(pool.map(T.unreadable, [p for p, _ in files]))
+    bad = [(path, why) for (path, _), why in zip(files, problems) if why]
+    if bad and strict:
+        raise DataError(f"{bad[0][0]}: unreadable image ({bad[0][1]})"
+                        + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    if bad:
+        names = ", ".join(f"{p.relative_to(split_dir)} ({why})" for p, why in bad[:5])
+        log.warning("warning: %s: skipping %d unreadable image(s) of %d: %s%s", split_dir, len(bad),
+                    len(files), names, ", ..." if len(bad) > 5 else "")
+        files = [f for f, why in zip(files, problems) if not why]
+        for label, name in enumerate(classes):
+            if not any(l == label for _, l in files):
+                raise DataError(f"{split_dir / name}: no readable images in the class folder")
     return files
 
 
-def image_folder(data_dir: str | Path, image_size: int = 224) -> Dataset:
-    """``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` with torchvision's ImageNet preprocessing."""
+def image_folder(data_dir: str | Path, image_size: int = 224, strict: bool = False) -> Dataset:
+    """``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` with torchvision's ImageNet preprocessing.
+
+    Every image is decoded once here, so that a corrupt file is found before training starts."""
     root = Path(data_dir)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise FileNotFoundError(f"{root / split}: missing split folder")
+            raise DataError(f"{root / split}: missing split folder")
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{root / 'train'}: no class folders")
+        raise DataError(f"{root / 'train'}: no class folders")
     val_classes = sorted(p.name for p in (root / "val").iterdir() if p.is_dir())
     if val_classes != classes:
-        raise ValueError(f"{root / 'val'}: class folders differ from train/ "
-                         f"({sorted(set(classes) ^ set(val_classes))[:3]})")
+        raise DataError(f"{root / 'val'}: class folders differ from train/ "
+                        f"({sorted(set(classes) ^ set(val_classes))[:3]})")
     normalize = T.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)
-    return Dataset("folder", FileSource(_scan(root / "train", classes)),
-                   FileSource(_scan(root / "val", classes)), len(classes), image_size,
+    return Dataset("folder", FileSource(_scan(root / "train", classes, strict)),
+                   FileSource(_scan(root / "val", classes, strict)), len(classes), image_size,
                    augment=T.Compose([T.RandomResizedCrop(image_size), T.RandomFlip(), normalize]),
                    preprocess=T.Compose([T.ResizeCenterCrop(image_size * 8 // 7, image_size), normalize]),
                    class_names=classes)
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """``digits`` (bundled), ``cifar10``/``cifar100`` or ``folder`` (these read ``data_dir``)."""
+def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = False) -> Dataset:
+    """``digits`` (bundled), ``cifar10``/``cifar100`` or ``folder`` (these read ``data_dir``;
+    ``strict``: an unreadable image in a folder is an error rather than skipped)."""
     if name == "digits":
         return digits()
     if name not in ("cifar10", "cifar100", "folder"):
-        raise ValueError(f"unknown dataset {name!r}: digits, cifar10, cifar100 or folder")
+        raise DataError(f"unknown dataset {name!r}: digits, cifar10, cifar100 or folder")
     if data_dir is None:
-        raise ValueError(f"--data-dir is needed for dataset {name}")
+        raise DataError(f"--data-dir is needed for dataset {name}")
     if not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"{data_dir}: no such folder")
-    return image_folder(data_dir) if name == "folder" else cifar(data_dir, int(name[len("cifar"):]))
+        raise DataError(f"{data_dir}: no such folder")
+    if name == "folder":
+        return image_folder(data_dir, strict=strict)
+    return cifar(data_dir, int(name[len("cifar"):]))

@@ -26,6 +26,18 @@ def read_rgb(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
+def unreadable(path: Path) -> str | None:
+    """Why the image at ``path`` cannot be decoded, or None if it can. JPEGs are decoded at reduced
+    size (quick, yet every byte is still read, so truncation shows)."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 class Compose:
     def __init__(self, transforms):
         self.transforms = transforms
