@@ -5,10 +5,12 @@ from densenet_jax.configs import DenseNetConfig, count_params, get_config, list_
 from densenet_jax.models import (DenseBlock, DenseLayer, DenseNet, DenseNet121, DenseNet161,
                                  DenseNet169, DenseNet201, Transition, create_model)
 from densenet_jax.weights import load, save
+from densenet_jax.backbone import DenseNetFeatures, FeatureInfo, feature_info
 
 __all__ = [
     "CheckpointError", "DataError", "DivergedError", "Interrupted", "load", "save",
     "DenseNetConfig", "count_params", "get_config", "list_models",
     "DenseBlock", "DenseLayer", "DenseNet", "DenseNet121", "DenseNet161", "DenseNet169",
     "DenseNet201", "Transition", "create_model",
+    "DenseNetFeatures", "FeatureInfo", "feature_info",
 ]

@@ -138,12 +138,21 @@ class Features(nnx.Module):
                 for i in range(1, self.num_blocks + 1)]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.stem(x)
-        for block, transition in self.stages():
+        return self.feature_maps(x, (self.num_blocks - 1,))[0]
+
+    def feature_maps(self, x: jax.Array, out_indices: tuple[int, ...]) -> list[jax.Array]:
+        """The outputs of the dense blocks numbered ``out_indices`` (from 0); the last block's
+        after norm5, as torchvision's ``features`` ends. Stops after the last one asked for."""
+        x, maps = self.stem(x), []
+        for i, (block, transition) in enumerate(self.stages()[:max(out_indices) + 1]):
             x = block(x)
-            if transition is not None:
+            if transition is None:
+                x = self.norm5(x)
+            if i in out_indices:
+                maps.append(x)
+            if transition is not None and i < max(out_indices):
                 x = transition(x)
-        return self.norm5(x)
+        return maps
 
 
 class DenseNet(nnx.Module):
@@ -161,6 +170,23 @@ class DenseNet(nnx.Module):
         check_input(x, self.config)
         x = jax.nn.relu(self.features(x))
         return self.classifier(jnp.mean(x, axis=(1, 2)))
+
+    def feature_maps(self, x: jax.Array, out_indices: tuple[int, ...] | None = None) -> list[jax.Array]:
+        """Backbone features: the output of each dense block in ``out_indices`` (default: all),
+        NHWC; see :func:`densenet_jax.feature_info` for their channels and strides."""
+        check_input(x, self.config)
+        return self.features.feature_maps(x, check_out_indices(out_indices, self.config))
+
+
+def check_out_indices(out_indices, config: DenseNetConfig) -> tuple[int, ...]:
+    """``out_indices`` as a sorted tuple of valid dense-block numbers (default: every block)."""
+    blocks = len(config.block_config)
+    if out_indices is None:
+        return tuple(range(blocks))
+    chosen = tuple(sorted(set(int(i) % blocks if -blocks <= int(i) < 0 else int(i) for i in out_indices)))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= blocks:
+        raise ValueError(f"out_indices {tuple(out_indices)}: this DenseNet has dense blocks 0..{blocks - 1}")
+    return chosen
 
 
 def smallest_input(config: DenseNetConfig) -> int:
@@ -210,7 +236,16 @@ DenseNet201 = _named("densenet201", "torchvision's densenet201: k=32, blocks (6,
 DenseNet161 = _named("densenet161", "torchvision's densenet161: k=48, blocks (6, 12, 36, 24), 28.7M params.")
 
 
-def create_model(name: str, *, rngs: nnx.Rngs | None = None, **overrides) -> DenseNet:
+def create_model(name: str, *, rngs: nnx.Rngs | None = None, features_only: bool = False,
+                 out_indices: tuple[int, ...] | None = None, **overrides):
     """Build a registered model (see :func:`list_models`), e.g. ``create_model("densenet_bc_100_k12",
-    num_classes=100, rngs=nnx.Rngs(0))``. ``overrides`` replace fields of its DenseNetConfig."""
-    return DenseNet(get_config(name, **overrides), rngs=rngs if rngs is not None else nnx.Rngs(0))
+    num_classes=100, rngs=nnx.Rngs(0))``. ``overrides`` replace fields of its DenseNetConfig.
+
+    ``features_only=True`` gives the backbone instead (:class:`densenet_jax.DenseNetFeatures`),
+    returning the dense blocks' feature maps ``out_indices`` (default: all).
+    """
+    model = DenseNet(get_config(name, **overrides), rngs=rngs if rngs is not None else nnx.Rngs(0))
+    if features_only:
+        from densenet_jax.backbone import DenseNetFeatures
+        return DenseNetFeatures(model, out_indices)
+    return model

@@ -149,12 +149,18 @@ def save(model: DenseNet, path: str | os.PathLike) -> None:
     write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()}, model.config, path)
 
 
-def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, **overrides) -> DenseNet:
+def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, features_only: bool = False,
+         out_indices: tuple[int, ...] | None = None, **overrides):
     """Rebuild the model saved at ``path``; ``overrides`` replace config fields.
 
     With ``num_classes`` different from the file's, every weight but the classifier is loaded and the
-    classifier is freshly initialised from ``rngs`` (for fine-tuning).
+    classifier is freshly initialised from ``rngs`` (for fine-tuning). ``features_only=True`` gives
+    its backbone (:class:`densenet_jax.DenseNetFeatures`) returning the feature maps ``out_indices``.
+    Raises CheckpointError, naming the file and the fault, for anything unusable.
     """
+    if features_only:
+        from densenet_jax.backbone import DenseNetFeatures
+        return DenseNetFeatures(load(path, rngs=rngs, **overrides), out_indices)
     arrays, config = read_safetensors(path)
     new_config = config.replace(**overrides)
     model = DenseNet(new_config, rngs=rngs if rngs is not None else nnx.Rngs(0))
