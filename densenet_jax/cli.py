@@ -1,4 +1,4 @@
-"""The ``densenet-jax`` command: ``train`` and ``evaluate``."""
+"""The ``densenet-jax`` command: ``train``, ``evaluate`` and ``predict``."""
 
 from __future__ import annotations
 
@@ -79,11 +79,28 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp64"])
 
 
+def _predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="top-5 classes of image files, with torchvision's eval preprocessing",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
+    p.add_argument("--weights", required=True, help="a densenet_jax .safetensors (e.g. converted torchvision)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="class names, one per line (default: ImageNet's for 1000 classes, else numbers)")
+    p.add_argument("--top", type=int, default=5, help="classes to show per image")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop")
+    p.add_argument("--crop", type=int, default=224, help="centre crop size")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="densenet-jax", description="DenseNet in JAX: train and evaluate.")
+    p = argparse.ArgumentParser(prog="densenet-jax", description="DenseNet in JAX: train, evaluate, predict.")
     sub = p.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _evaluate_parser(sub)
+    _predict_parser(sub)
     return p
 
 
@@ -125,7 +142,27 @@ def evaluate(args) -> None:
           f"loss {result['eval_loss']:.4f}, accuracy {result['eval_acc']:.4f}")
 
 
-COMMANDS = {"train": train, "evaluate": evaluate}
+def predict(args) -> None:
+    import json
+
+    from densenet_jax.predict import image_files, predict as classify
+    from densenet_jax.weights import load
+
+    model = load(args.weights)
+    show_progress = args.progress and not args.json and len(image_files(args.images)) > 1
+    results = classify(model, args.images, top_k=args.top, batch_size=args.batch_size,
+                       labels=args.labels, resize=args.resize, crop=args.crop, strict=args.strict,
+                       progress=show_progress)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    for result in results:
+        print(result["file"])
+        for entry in result["top"]:
+            print(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['class']})")
+
+
+COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict}
 
 
 def _enable_compilation_cache() -> None:
@@ -143,9 +180,10 @@ def _enable_compilation_cache() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     _enable_compilation_cache()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
+    if not log.handlers:  # main() may run more than once in a process (tests, notebooks)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
     import jax

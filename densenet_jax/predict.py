@@ -1,0 +1,106 @@
+"""Classify image files: torchvision's eval preprocessing, batched, top-k classes with names.
+
+    results = predict(model, ["cat.jpg", "photos/"], top_k=5)
+    results[0] == {"file": "cat.jpg", "top": [{"class": 281, "name": "tabby", "probability": 0.61}, ...]}
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from densenet_jax.data import transforms as T
+from densenet_jax.data.datasets import IMAGE_SUFFIXES
+from densenet_jax.errors import DataError
+from densenet_jax.models import DenseNet
+
+log = logging.getLogger("densenet_jax")
+
+
+def class_names(num_classes: int, labels: str | Path | None = None) -> list[str]:
+    """Names for the model's classes: one per line of ``labels``; ImageNet's 1000 (shipped with the
+    package) for a 1000-class model; otherwise the class numbers."""
+    if labels is not None:
+        names = [l.strip() for l in Path(labels).read_text().splitlines() if l.strip()]
+        if len(names) != num_classes:
+            raise DataError(f"{labels}: {len(names)} names for a model of {num_classes} classes")
+        return names
+    if num_classes == 1000:
+        text = resources.files("densenet_jax.data").joinpath("imagenet_classes.txt").read_text()
+        return text.splitlines()
+    return [str(i) for i in range(num_classes)]
+
+
+def image_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The given files, and the image files under the given folders (sorted, recursively)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    if not files:
+        raise DataError(f"no images in {', '.join(map(str, paths))}")
+    return files
+
+
+def eval_transform(resize: int = 256, crop: int = 224) -> T.Compose:
+    """torchvision's ImageNet eval preprocessing: Resize(256) (bilinear, antialiased),
+    CenterCrop(224), ToTensor, Normalize(ImageNet mean/std); NHWC float32 out."""
+    return T.Compose([T.ResizeCenterCrop(resize, crop), T.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)])
+
+
+def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,
+            labels: str | Path | None = None, resize: int = 256, crop: int = 224,
+            strict: bool = False, progress: bool = False) -> list[dict]:
+    """Top-``top_k`` classes of every image in ``paths`` (files or folders), in file order.
+
+    Unreadable images are skipped with a warning naming them (``strict``: DataError instead).
+    """
+    from tqdm import tqdm
+
+    files = image_files(paths)
+    batch_size = min(batch_size, len(files))
+    names = class_names(model.config.num_classes, labels)
+    top_k = min(top_k, len(names))
+    model.eval()
+    forward = nnx.cached_partial(nnx.jit(lambda m, x: jax.nn.softmax(m(x), axis=-1)), model)
+    transform = eval_transform(resize, crop)
+    results = []
+    with tqdm(total=len(files), disable=not progress, unit="image") as bar:
+        for start in range(0, len(files), batch_size):
+            batch, kept = [], []
+            for path in files[start:start + batch_size]:
+                try:
+                    batch.append(transform({"image": T.read_rgb(path)})["image"])
+                    kept.append(path)
+                except OSError as e:
+                    if strict:
+                        raise DataError(f"{path}: unreadable image ({e})") from None
+                    log.warning("warning: %s: unreadable image, skipped (%s)", path, e)
+            if batch:
+                results += _top(np.asarray(forward(_padded(np.stack(batch), batch_size))), kept, names, top_k)
+            bar.update(len(files[start:start + batch_size]))
+    return results
+
+
+def _padded(images: np.ndarray, size: int) -> np.ndarray:
+    """The batch padded to ``size`` images, so that every batch runs the same compiled program."""
+    return np.concatenate([images, np.zeros((size - len(images), *images.shape[1:]), images.dtype)])
+
+
+def _top(probabilities: np.ndarray, files: list[Path], names: list[str], k: int) -> list[dict]:
+    results = []
+    for path, p in zip(files, probabilities):
+        order = np.argsort(-p, kind="stable")[:k]
+        results.append({"file": str(path), "top": [
+            {"class": int(c), "name": names[c], "probability": float(p[c])} for c in order]})
+    return results
