@@ -60,6 +60,8 @@ def _dataset_options(p) -> None:
     p.add_argument("--workers", type=int, default=0, help="data loading processes (0: threads only)")
     p.add_argument("--strict", action="store_true",
                    help="folder: stop at an unreadable image instead of skipping it with a warning")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="folder: training crop; eval resizes to 8/7 of it and centre-crops")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -130,7 +132,7 @@ def evaluate(args) -> None:
     from densenet_jax.train.loop import PRECISIONS, evaluate_state
     from densenet_jax.weights import load
 
-    data = load_dataset(args.dataset, args.data_dir, args.strict)
+    data = load_dataset(args.dataset, args.data_dir, args.strict, args.image_size)
     model = load(args.weights)
     if model.config.num_classes != data.num_classes:
         raise ValueError(f"{args.weights}: has {model.config.num_classes} classes, "

@@ -1,3 +1,4 @@
+import logging
 import os
 
 import numpy as np
@@ -20,6 +21,14 @@ def flax_twin(torch_model, **overrides) -> dj.DenseNet:
     model = dj.DenseNet(config, rngs=nnx.Rngs(0))
     assign(model, arrays)
     return model
+
+
+@pytest.fixture(autouse=True)
+def library_logs_reach_caplog():
+    """cli.main stops the library's logger propagating (it prints its own lines); undo that so
+    that caplog sees the warnings of tests that run after a CLI test."""
+    yield
+    logging.getLogger("densenet_jax").propagate = True
 
 
 @pytest.fixture(scope="session")

@@ -186,9 +186,12 @@ def image_folder(data_dir: str | Path, image_size: int = 224, strict: bool = Fal
                    class_names=classes)
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = False) -> Dataset:
-    """``digits`` (bundled), ``cifar10``/``cifar100`` or ``folder`` (these read ``data_dir``;
-    ``strict``: an unreadable image in a folder is an error rather than skipped)."""
+def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = False,
+                 image_size: int = 224) -> Dataset:
+    """``digits`` (bundled), ``cifar10``/``cifar100`` or ``folder`` (these read ``data_dir``).
+
+    For a folder: ``image_size`` is the training crop (eval resizes to 8/7 of it, then crops), and
+    with ``strict`` an unreadable image is an error rather than skipped."""
     if name == "digits":
         return digits()
     if name not in ("cifar10", "cifar100", "folder"):
@@ -198,5 +201,5 @@ def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = F
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: no such folder")
     if name == "folder":
-        return image_folder(data_dir, strict=strict)
+        return image_folder(data_dir, image_size, strict)
     return cifar(data_dir, int(name[len("cifar"):]))

@@ -54,6 +54,7 @@ class TrainConfig:
     keep: int = 3
     workers: int = 0
     strict: bool = False  # folder data: an unreadable image stops the run instead of being skipped
+    image_size: int = 224  # folder data: the crop size
     max_steps: int = 0  # stop after this many steps of this invocation (0: to the end); rerun to go on
     progress: bool = True
 
@@ -75,7 +76,8 @@ class Run:
         self.config = config
         self.workdir = Path(config.workdir)
         self.is_main = jax.process_index() == 0
-        self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict)  # fail before compiling
+        # Read the data first: a bad folder fails in a second, not after compiling.
+        self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict, config.image_size)
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size,
                                                jax.process_count())
         if self.steps_per_epoch == 0:
