@@ -31,12 +31,15 @@ class FeatureInfo(list):
     """The chosen stages, in order, with timm's accessors."""
 
     def channels(self) -> list[int]:
+        """Channels of each chosen feature map."""
         return [s.num_chs for s in self]
 
     def reduction(self) -> list[int]:
+        """Stride of each chosen feature map against the input."""
         return [s.reduction for s in self]
 
     def module_name(self) -> list[str]:
+        """The torchvision module whose output each chosen feature map is."""
         return [s.module for s in self]
 
 

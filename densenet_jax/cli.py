@@ -98,6 +98,7 @@ def _predict_parser(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The ``densenet-jax`` argument parser, with its three subcommands."""
     p = argparse.ArgumentParser(prog="densenet-jax", description="DenseNet in JAX: train, evaluate, predict.")
     sub = p.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -107,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train(args) -> None:
+    """``densenet-jax train``: train or resume in ``--workdir``, then print a summary."""
     from densenet_jax.train.loop import Run, TrainConfig
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
@@ -125,6 +127,7 @@ def train(args) -> None:
 
 
 def evaluate(args) -> None:
+    """``densenet-jax evaluate``: held-out loss and accuracy of a weights file."""
     import optax
 
     from densenet_jax.data import load_dataset
@@ -145,6 +148,7 @@ def evaluate(args) -> None:
 
 
 def predict(args) -> None:
+    """``densenet-jax predict``: top-k classes of image files, as text or JSON."""
     import json
 
     from densenet_jax.predict import image_files, predict as classify
@@ -180,6 +184,7 @@ def _enable_compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point; user errors end in one line on stderr and a non-zero exit status."""
     args = parser().parse_args(argv)
     _enable_compilation_cache()
     if not log.handlers:  # main() may run more than once in a process (tests, notebooks)

@@ -97,6 +97,7 @@ class DenseNetConfig:
         return self.block_channels()[-1][1]
 
     def replace(self, **changes) -> DenseNetConfig:
+        """A copy with ``changes``; an unknown field name is an error, not ignored."""
         unknown = changes.keys() - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ValueError(f"DenseNetConfig has no field {sorted(unknown)[0]!r}")

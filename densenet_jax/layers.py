@@ -53,6 +53,7 @@ class Conv2d(nnx.Module):
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0) -> jax.Array:
+    """NHWC x HWIO convolution with torch's symmetric zero padding."""
     kernel = kernel.astype(x.dtype)
     if kernel.shape[:2] == (1, 1) and stride == 1 and padding == 0:
         # A 1x1 convolution is a matrix product over channels, and XLA's CPU backend runs it faster

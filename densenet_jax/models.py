@@ -80,6 +80,7 @@ class DenseBlock(nnx.Module):
             setattr(self, f"denselayer{i + 1}", layer)
 
     def layers(self) -> list[DenseLayer]:
+        """The dense layers, in order."""
         return [getattr(self, f"denselayer{i + 1}") for i in range(self.num_layers)]
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -127,6 +128,7 @@ class Features(nnx.Module):
         self.num_blocks = len(plan)
 
     def stem(self, x: jax.Array) -> jax.Array:
+        """conv0 (and for the ImageNet stem norm0, ReLU and the 3x3/2 max-pool)."""
         x = self.conv0(x)
         if self.norm0 is not None:
             x = max_pool_3x3_s2(jax.nn.relu(self.norm0(x)))

@@ -72,10 +72,12 @@ def _more(keys: list[str]) -> str:
 
 
 def config_to_json(config: DenseNetConfig) -> str:
+    """The config as the JSON stored in a weights file's metadata."""
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
 
 
 def config_from_json(text: str, source: str) -> DenseNetConfig:
+    """The config stored as ``text``; CheckpointError naming ``source`` if it is not a valid one."""
     try:
         return DenseNetConfig(**json.loads(text))
     except (TypeError, ValueError) as e:

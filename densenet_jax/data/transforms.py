@@ -22,6 +22,7 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_rgb(path: Path) -> Image.Image:
+    """The image at ``path`` as RGB (decoded now, the file closed)."""
     with Image.open(path) as im:
         return im.convert("RGB")
 
@@ -39,6 +40,7 @@ def unreadable(path: Path) -> str | None:
 
 
 class Compose:
+    """Transforms applied in order to an example (each takes the example and an RNG)."""
     def __init__(self, transforms):
         self.transforms = transforms
 

@@ -40,6 +40,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
+        """The newest checkpoint's step (saves in flight included), or None."""
         return self.manager.latest_step()
 
     def save(self, step: int, host_state: TrainState) -> None:

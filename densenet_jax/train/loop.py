@@ -60,6 +60,7 @@ class TrainConfig:
 
 
 def build_model(config: TrainConfig, num_classes: int) -> DenseNet:
+    """The model to train: from ``init_from`` (a new head if the class count differs) or fresh."""
     rngs = nnx.Rngs(config.seed)
     options = dict(drop_rate=config.drop_rate, memory_efficient=config.memory_efficient)
     if config.init_from:
@@ -214,6 +215,7 @@ class Run:
 
 
 def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int = 0) -> dict:
+    """Mean loss and accuracy of ``state`` on ``data``'s held-out split, over every process."""
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for batch in eval_batches(data.eval, data.preprocess, global_batch=batch_size,
                               process_index=jax.process_index(), process_count=jax.process_count(),

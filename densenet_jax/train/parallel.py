@@ -26,9 +26,11 @@ class Runner:
     rest: object
 
     def train(self, state, images, labels):
+        """One training step on placed state and batch: (new state, metrics)."""
         return self._train(state, self.rest, images, labels)
 
     def eval(self, state, images, labels, weights):
+        """Sums of loss, correct predictions and weights over a placed batch."""
         return self._eval(state, self.rest, images, labels, weights)
 
     @staticmethod
@@ -57,6 +59,7 @@ class Mesh(Runner):
         self._eval = jax.jit(self.steps.eval, out_shardings=self.replicated)
 
     def place_state(self, state: TrainState) -> TrainState:
+        """``state`` replicated over the mesh."""
         return jax.device_put(state, self.replicated)
 
     def place_batch(self, *arrays: np.ndarray) -> list[jax.Array]:
@@ -87,6 +90,7 @@ class Pmap(Runner):
         return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), state)
 
     def place_batch(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """This process's batch split into one slice per local device."""
         n = len(self.devices)
         if len(arrays[0]) % n:
             raise ValueError(f"per-process batch {len(arrays[0])} is not divisible by {n} devices")
@@ -94,6 +98,7 @@ class Pmap(Runner):
 
 
 def make(kind: str, model: DenseNet, tx: optax.GradientTransformation, **step_options) -> Runner:
+    """The runner for ``kind``: ``mesh`` or ``pmap``."""
     if kind == "mesh":
         return Mesh(model, tx, **step_options)
     if kind == "pmap":

@@ -11,6 +11,7 @@ FIELDS = ("epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl (none if it does not exist)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

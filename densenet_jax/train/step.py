@@ -50,6 +50,7 @@ class Steps:
         self.initial = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
 
     def train(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array):
+        """One SGD step: (new state, {loss, correct, grad_norm}) for the batch."""
         def loss_fn(params):
             model = nnx.merge(self.train_def, params, state.batch_stats, rest, copy=True)
             if self.dropout_key is not None:
