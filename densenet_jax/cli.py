@@ -10,6 +10,8 @@ import time
 from densenet_jax.errors import CheckpointError, DivergedError, Interrupted
 
 log = logging.getLogger("densenet_jax")
+_HANDLER = logging.StreamHandler()
+_HANDLER.setFormatter(logging.Formatter("%(message)s"))
 
 
 def _train_parser(sub) -> None:
@@ -187,10 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point; user errors end in one line on stderr and a non-zero exit status."""
     args = parser().parse_args(argv)
     _enable_compilation_cache()
-    if not log.handlers:  # main() may run more than once in a process (tests, notebooks)
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
+    # main() may run more than once in a process (tests, notebooks): one handler, on today's stderr.
+    _HANDLER.stream = sys.stderr
+    if _HANDLER not in log.handlers:
+        log.addHandler(_HANDLER)
     log.setLevel(logging.INFO)
     log.propagate = False
     import jax
