@@ -104,8 +104,11 @@ class BatchNorm(nnx.Module):
         mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
         unbiased = var * (count / max(count - 1, 1))
         m = self.momentum
-        self.mean[...] = ((1 - m) * self.mean[...] + m * mean).astype(self.mean.dtype)
-        self.var[...] = ((1 - m) * self.var[...] + m * unbiased).astype(self.var.dtype)
+        # set_value, not [...] =: the latter compares shardings, and asking a tracer for its sharding
+        # builds an error message by walking the whole trace: 5.7 of the 8.5 s that tracing a
+        # densenet121 train step took (jax 0.10.2, flax 0.12.8).
+        self.mean.set_value(((1 - m) * self.mean[...] + m * mean).astype(self.mean.dtype))
+        self.var.set_value(((1 - m) * self.var[...] + m * unbiased).astype(self.var.dtype))
 
 
 def sample_count(shape: tuple[int, ...], axis_name: str | None = None) -> int:
