@@ -47,9 +47,9 @@ def _sgd():
 
 # --- densenet_jax -----------------------------------------------------------------------------
 
-def jax_split(task: Task, **model_options) -> Callable[[], None]:
+def jax_split(task: Task, store=None, **model_options) -> Callable[[], None]:
     """The project's own path: inference as jit of the split model; training through the trainer's
-    runner (what ``densenet-jax train`` runs)."""
+    runner (what ``densenet-jax train`` runs; ``store``: its folder for traced steps)."""
     model = dj.create_model(task.model, **model_options)
     x, y = _data(task)
     if task.mode == "inference":
@@ -58,7 +58,7 @@ def jax_split(task: Task, **model_options) -> Callable[[], None]:
         forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
         x = jnp.asarray(x)
         return lambda: forward(state, x).block_until_ready()
-    runner = parallel.make("mesh", model, _sgd())
+    runner = parallel.make("mesh", model, _sgd(), store and (store, task.label))
     holder = {"state": runner.place_state(runner.steps.initial)}
     images, labels = runner.place_batch(x, y)
 

@@ -95,9 +95,21 @@ class Run:
         tx = optim.sgd(schedule, config.momentum, config.weight_decay)
         if config.head_only:
             tx = optim.head_only(tx)
-        self.runner = parallel.make(config.parallel, self.model, tx, seed=config.seed,
+        self.runner = parallel.make(config.parallel, self.model, tx, self._step_store(), seed=config.seed,
                                     compute_dtype=PRECISIONS[config.precision],
                                     freeze_features=config.head_only)
+
+    def _step_store(self) -> tuple[Path, str] | None:
+        """Where the traced train step is kept for reruns (beside XLA's compilation cache, when that
+        is on), and everything the step depends on besides its code and argument shapes."""
+        cache = jax.config.jax_compilation_cache_dir
+        if not cache:
+            return None
+        run_control = {"workdir", "max_steps", "checkpoint_every", "keep", "workers", "progress",
+                       "strict", "data_dir", "init_from"}
+        shaping = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in run_control}
+        key = repr((sorted(shaping.items()), self.model.config, self.steps_per_epoch))
+        return Path(cache) / "densenet-jax-steps", key
 
     def fit(self) -> dict:
         """Train from the latest intact checkpoint to the end (or ``max_steps`` further).

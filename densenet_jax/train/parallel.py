@@ -8,12 +8,16 @@ sharded batch); under ``pmap`` the BatchNorm layers average theirs across the ``
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import jax
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from densenet_jax.models import DenseNet
+from densenet_jax.train.aot import StoredJit
 from densenet_jax.train.step import Steps, TrainState
 
 PMAP_AXIS = "batch"
@@ -45,17 +49,26 @@ class Runner:
 
 
 class Mesh(Runner):
-    """jit over a 1-D mesh of all devices; parameters replicated, the batch split along "data"."""
+    """jit over a 1-D mesh of all devices; parameters replicated, the batch split along "data".
 
-    def __init__(self, model: DenseNet, tx: optax.GradientTransformation, **step_options):
+    With ``store=(folder, config_key)`` (one process only) the traced train step is kept in
+    ``folder`` and a rerun skips tracing it (see :mod:`densenet_jax.train.aot`).
+    """
+
+    def __init__(self, model: DenseNet, tx: optax.GradientTransformation,
+                 store: tuple[Path, str] | None = None, **step_options):
         self.steps = Steps(model, tx, **step_options)
         # Auto axes: XLA propagates the shardings (the batch split, weights replicated) by itself.
         mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))
         self.rest = jax.device_put(self.steps.rest, self.replicated)
-        self._train = jax.jit(self.steps.train, donate_argnums=0,
-                              out_shardings=(self.replicated, self.replicated))
+        if store is not None and jax.process_count() == 1 and importlib.util.find_spec("flatbuffers"):
+            self._train = StoredJit(self.steps.train, *store, out_structure=self.steps.train_result_structure,
+                                    out_sharding=self.replicated)
+        else:
+            self._train = jax.jit(self.steps.train, donate_argnums=0,
+                                  out_shardings=(self.replicated, self.replicated))
         self._eval = jax.jit(self.steps.eval, out_shardings=self.replicated)
 
     def place_state(self, state: TrainState) -> TrainState:
@@ -97,10 +110,11 @@ class Pmap(Runner):
         return [a.reshape(n, len(a) // n, *a.shape[1:]) for a in arrays]
 
 
-def make(kind: str, model: DenseNet, tx: optax.GradientTransformation, **step_options) -> Runner:
-    """The runner for ``kind``: ``mesh`` or ``pmap``."""
+def make(kind: str, model: DenseNet, tx: optax.GradientTransformation,
+         store: tuple[Path, str] | None = None, **step_options) -> Runner:
+    """The runner for ``kind``: ``mesh`` (which can keep its traced step in ``store``) or ``pmap``."""
     if kind == "mesh":
-        return Mesh(model, tx, **step_options)
+        return Mesh(model, tx, store, **step_options)
     if kind == "pmap":
         return Pmap(model, tx, **step_options)
     raise ValueError(f"unknown parallel mode {kind!r}: mesh or pmap")

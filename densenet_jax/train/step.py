@@ -74,6 +74,10 @@ class Steps:
         # statistics may give 0) while the gradients of the BatchNorm weights are NaN.
         return new_state, {"loss": loss, "correct": correct, "grad_norm": optax.tree.norm(grads)}
 
+    def train_result_structure(self, state: TrainState, *_) -> jax.tree_util.PyTreeDef:
+        """The pytree structure of what :meth:`train` returns, known without tracing it."""
+        return jax.tree.structure((state, dict.fromkeys(("loss", "correct", "grad_norm"), 0)))
+
     def eval(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array,
              weights: jax.Array):
         """Sums over the batch of loss, correct predictions and weight (0 marks padding)."""
