@@ -89,7 +89,8 @@ def _predict_parser(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
     p.add_argument("--weights", required=True, help="a densenet_jax .safetensors (e.g. converted torchvision)")
     p.add_argument("--labels", default=None, metavar="FILE",
-                   help="class names, one per line (default: ImageNet's for 1000 classes, else numbers)")
+                   help="class names, one per line (default: those the weights were trained with, "
+                        "ImageNet's for 1000 classes, else numbers)")
     p.add_argument("--top", type=int, default=5, help="classes to show per image")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop")
@@ -154,12 +155,13 @@ def predict(args) -> None:
     import json
 
     from densenet_jax.predict import image_files, predict as classify
-    from densenet_jax.weights import load
+    from densenet_jax.weights import load, stored_class_names
 
     model = load(args.weights)
+    labels = args.labels or stored_class_names(args.weights)
     show_progress = args.progress and not args.json and len(image_files(args.images)) > 1
     results = classify(model, args.images, top_k=args.top, batch_size=args.batch_size,
-                       labels=args.labels, resize=args.resize, crop=args.crop, strict=args.strict,
+                       labels=labels, resize=args.resize, crop=args.crop, strict=args.strict,
                        progress=show_progress)
     if args.json:
         print(json.dumps(results, indent=1))

@@ -23,13 +23,15 @@ from densenet_jax.models import DenseNet
 log = logging.getLogger("densenet_jax")
 
 
-def class_names(num_classes: int, labels: str | Path | None = None) -> list[str]:
-    """Names for the model's classes: one per line of ``labels``; ImageNet's 1000 (shipped with the
-    package) for a 1000-class model; otherwise the class numbers."""
+def class_names(num_classes: int, labels: str | Path | list[str] | None = None) -> list[str]:
+    """Names for the model's classes: ``labels`` (a list, or a file with one per line); ImageNet's
+    1000 (shipped with the package) for a 1000-class model; otherwise the class numbers."""
     if labels is not None:
-        names = [l.strip() for l in Path(labels).read_text().splitlines() if l.strip()]
+        names = labels if isinstance(labels, list) else [
+            l.strip() for l in Path(labels).read_text().splitlines() if l.strip()]
         if len(names) != num_classes:
-            raise DataError(f"{labels}: {len(names)} names for a model of {num_classes} classes")
+            raise DataError(f"{labels if not isinstance(labels, list) else 'class names'}: "
+                            f"{len(names)} names for a model of {num_classes} classes")
         return names
     if num_classes == 1000:
         text = resources.files("densenet_jax.data").joinpath("imagenet_classes.txt").read_text()
@@ -59,7 +61,7 @@ def eval_transform(resize: int = 256, crop: int = 224) -> T.Compose:
 
 
 def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,
-            labels: str | Path | None = None, resize: int = 256, crop: int = 224,
+            labels: str | Path | list[str] | None = None, resize: int = 256, crop: int = 224,
             strict: bool = False, progress: bool = False) -> list[dict]:
     """Top-``top_k`` classes of every image in ``paths`` (files or folders), in file order.
 

@@ -85,8 +85,9 @@ def config_from_json(text: str, source: str) -> DenseNetConfig:
 
 
 def write_safetensors(arrays: dict[str, np.ndarray], config: DenseNetConfig, path: str | os.PathLike,
-                      *, force: bool = True) -> None:
-    """Write ``arrays`` and ``config`` to ``path`` atomically: a temporary file, then a rename."""
+                      *, force: bool = True, class_names: list[str] | None = None) -> None:
+    """Write ``arrays`` and ``config`` (and the names of the classes, when known) to ``path``
+    atomically: a temporary file, then a rename."""
     from safetensors.numpy import save
 
     path = Path(path)
@@ -94,8 +95,10 @@ def write_safetensors(arrays: dict[str, np.ndarray], config: DenseNetConfig, pat
         raise CheckpointError(f"{path}: already exists (pass --force to overwrite)")
     if not path.parent.is_dir():
         raise CheckpointError(f"{path}: folder {path.parent} does not exist")
-    payload = save({k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()},
-                   metadata={"format": FORMAT, "config": config_to_json(config)})
+    metadata = {"format": FORMAT, "config": config_to_json(config)}
+    if class_names is not None:
+        metadata["class_names"] = json.dumps(list(class_names))
+    payload = save({k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}, metadata=metadata)
     atomic_write_bytes(path, payload)
 
 
@@ -137,6 +140,18 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], De
         if not np.isfinite(value).all():
             raise CheckpointError(f"{path}: {key} holds NaN or Inf values")
     return arrays, config_from_json(metadata["config"], str(path))
+
+
+def stored_class_names(path: str | os.PathLike) -> list[str] | None:
+    """The class names a weights file was trained with (``densenet-jax train`` stores them), or None."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header = head + f.read(int.from_bytes(head, "little"))
+    try:
+        names = _safetensors_metadata(header).get("class_names")
+        return json.loads(names) if names else None
+    except ValueError:
+        return None
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """The scripts in examples/ run as a user would run them."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from densenet_jax import cli
 from densenet_jax.interop import from_torchvision
 from densenet_jax.predict import class_names
 from densenet_jax.weights import write_safetensors
@@ -57,12 +59,17 @@ def small_weights(tmp_path_factory):
     return converted(cifar_bc_model(40, 12).eval(), tmp / "bc40.safetensors"), write_image_folder(tmp / "imgs")
 
 
-def test_fine_tune_example_trains_a_new_head(tmp_path, small_weights):
+def test_fine_tune_example_trains_a_new_head(tmp_path, capsys, small_weights):
     weights, folder = small_weights
     out = run_example("fine_tune.py", weights, folder, "--epochs", "1", "--batch-size", "6",
                       "--image-size", "32", "--workdir", tmp_path / "run")
     assert "3 classes (cat, dog, fox): held-out accuracy" in out
-    assert (tmp_path / "run" / "best.safetensors").is_file()
+    # The weights remember their class names: predict shows them without --labels.
+    image = next((folder / "val" / "dog").iterdir())
+    cli.main(["predict", "--weights", str(tmp_path / "run" / "best.safetensors"), str(image),
+              "--resize", "36", "--crop", "32", "--json"])
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert sorted(e["name"] for e in top) == ["cat", "dog", "fox"]
 
 
 def test_features_example_fits_a_probe(small_weights):

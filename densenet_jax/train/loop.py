@@ -223,7 +223,8 @@ class Run:
     def _write_weights(self, state, path: Path):
         model = self.runner.steps.model(self.runner.host_state(state))
         write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
-                          model.config.replace(memory_efficient=False, drop_rate=0.0), path)
+                          model.config.replace(memory_efficient=False, drop_rate=0.0), path,
+                          class_names=self.data.class_names)
 
 
 def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int = 0) -> dict:
