@@ -58,11 +58,35 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0) -
     if kernel.shape[:2] == (1, 1) and stride == 1 and padding == 0:
         # A 1x1 convolution is a matrix product over channels, and XLA's CPU backend runs it faster
         # as a dot: densenet121 inference went from 30.8 to 37 images/s in benchmarks/bench.py.
-        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+        return pointwise_conv(x, kernel[0, 0])
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def pointwise_conv(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """A 1x1 convolution as a product over channels: NHWC x (C, D) -> NHWD."""
+    return jnp.einsum("nhwc,cd->nhwd", x, weight)
+
+
+def _pointwise_forward(x, weight):
+    return pointwise_conv(x, weight), (x, weight)
+
+
+def _pointwise_backward(residuals, grad):
+    # Both gradients from one transposed copy of the output gradient, (D, N*H*W): XLA's CPU dot
+    # wants its right operand contracted on the minor axis, and left to itself transposes the
+    # output gradient for the weight gradient anyway (a densenet121 train step: 550 vs 600 ms).
+    x, weight = residuals
+    grad_t = grad.reshape(-1, grad.shape[-1]).T
+    d_weight = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), grad_t, (((0,), (1,)), ((), ())))
+    d_x = jax.lax.dot_general(grad_t, weight, (((0,), (1,)), ((), ())))
+    return d_x.reshape(x.shape), d_weight
+
+
+pointwise_conv.defvjp(_pointwise_forward, _pointwise_backward)
 
 
 class BatchNorm(nnx.Module):
