@@ -219,6 +219,8 @@ def main():
     parser.add_argument("--tasks", nargs="*", type=int, help="indices into the task list")
     parser.add_argument("--contenders", nargs="*", default=None)
     parser.add_argument("--skip-throughput", action="store_true", help="only the fresh-process figures")
+    parser.add_argument("--skip-extras", action="store_true",
+                        help="only throughput: no compile, dispatch, residual or peak-memory figures")
     parser.add_argument("--out", type=Path, default=HERE / "results" / f"{machine_name()}.md")
     args = parser.parse_args()
     import tempfile
@@ -234,7 +236,7 @@ def main():
         for name, r in results[task].items():
             print(f"   {name}: {r.get('images_per_s', r.get('error'))}", flush=True)
     extra = {}
-    if not args.quick:
+    if not (args.quick or args.skip_extras):
         with tempfile.TemporaryDirectory() as tmp:
             extra["compile"] = compile_times(Path(tmp))
         extra["dispatch"] = dispatch_overhead()
