@@ -154,15 +154,14 @@ def predict(args) -> None:
     """``densenet-jax predict``: top-k classes of image files, as text or JSON."""
     import json
 
-    from densenet_jax.predict import image_files, predict as classify
+    from densenet_jax.predict import predict as classify
     from densenet_jax.weights import load, stored_class_names
 
     model = load(args.weights)
     labels = args.labels or stored_class_names(args.weights)
-    show_progress = args.progress and not args.json and len(image_files(args.images)) > 1
     results = classify(model, args.images, top_k=args.top, batch_size=args.batch_size,
                        labels=labels, resize=args.resize, crop=args.crop, strict=args.strict,
-                       progress=show_progress)
+                       progress=args.progress and not args.json)
     if args.json:
         print(json.dumps(results, indent=1))
         return

@@ -8,6 +8,12 @@ from typing import Callable, Literal
 Stem = Literal["imagenet", "cifar"]
 
 
+def kept_channels(in_channels: int, compression: float) -> int:
+    """A transition's output channels: floor(in_channels * compression), rounded first so that
+    80 * (29 / 80) gives 29."""
+    return int(round(in_channels * compression, 6))
+
+
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -88,8 +94,8 @@ class DenseNetConfig:
         return plan
 
     def transition_channels(self, in_channels: int) -> int:
-        """floor(in_channels * compression), rounded first so that 80 * (29 / 80) gives 29."""
-        return int(round(in_channels * self.compression, 6))
+        """The channels a transition after a block of ``in_channels`` keeps."""
+        return kept_channels(in_channels, self.compression)
 
     @property
     def num_features(self) -> int:

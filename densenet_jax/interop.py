@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
-from densenet_jax.configs import DenseNetConfig, get_config, list_models
+from densenet_jax.configs import DenseNetConfig, get_config, kept_channels, list_models
 from densenet_jax.errors import CheckpointError
 from densenet_jax.models import DenseNet
 from densenet_jax.weights import check_arrays, state_arrays
@@ -135,7 +135,7 @@ def _compression(shapes, num_blocks: int, check) -> float:
     if not pairs:
         return 0.5
     compression = max(out / in_ for out, in_ in pairs)
-    check(compression <= 1 and all(int(round(in_ * compression, 6)) == out for out, in_ in pairs),
+    check(compression <= 1 and all(kept_channels(in_, compression) == out for out, in_ in pairs),
           f"the transitions keep channel fractions no single compression gives ({pairs})")
     return compression
 

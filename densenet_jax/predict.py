@@ -63,7 +63,8 @@ def eval_transform(resize: int = 256, crop: int = 224) -> T.Compose:
 def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,
             labels: str | Path | list[str] | None = None, resize: int = 256, crop: int = 224,
             strict: bool = False, progress: bool = False) -> list[dict]:
-    """Top-``top_k`` classes of every image in ``paths`` (files or folders), in file order.
+    """Top-``top_k`` classes of every image in ``paths`` (files or folders), in file order; a
+    progress bar (with ``progress``) when there is more than one image.
 
     Unreadable images are skipped with a warning naming them (``strict``: DataError instead).
     """
@@ -77,7 +78,7 @@ def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, bat
     forward = nnx.cached_partial(nnx.jit(lambda m, x: jax.nn.softmax(m(x), axis=-1)), model)
     transform = eval_transform(resize, crop)
     results = []
-    with tqdm(total=len(files), disable=not progress, unit="image") as bar:
+    with tqdm(total=len(files), disable=not progress or len(files) < 2, unit="image") as bar:
         for start in range(0, len(files), batch_size):
             batch, kept = [], []
             for path in files[start:start + batch_size]:

@@ -63,6 +63,8 @@ class Mesh(Runner):
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))
         self.rest = jax.device_put(self.steps.rest, self.replicated)
+        # flatbuffers (jax.export's serialisation) is a dependency, but a checkout run with
+        # PYTHONPATH=. on a machine that lacks it still trains, tracing every time.
         if store is not None and jax.process_count() == 1 and importlib.util.find_spec("flatbuffers"):
             self._train = StoredJit(self.steps.train, *store, out_structure=self.steps.train_result_structure,
                                     out_sharding=self.replicated)
