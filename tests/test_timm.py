@@ -16,9 +16,8 @@ import torch
 from flax import nnx
 
 import densenet_jax as dj
-from conftest import flax_twin
-from densenet_jax.interop import registered_name, to_torchvision, weight_table
-from densenet_jax.weights import cast, state_arrays
+from densenet_jax.interop import from_torchvision, registered_name, to_torchvision, weight_table
+from densenet_jax.weights import assign, cast, state_arrays
 from test_train_parity import flat, jax_steps, relative_l2, torch_steps
 from torch_twins import nchw, randomize, state_dict_numpy
 
@@ -33,12 +32,29 @@ def timm_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
 
 def timm_backbone(name: str, model: torch.nn.Module) -> torch.nn.Module:
     """timm's features_only model for ``name`` holding ``model``'s weights (its modules are named
-    ``features_conv0`` ..., the flattened ``features.conv0``)."""
-    backbone = timm.create_model(name, pretrained=False, features_only=True)
+    ``features_conv0`` ..., the flattened ``features.conv0``). Built on the meta device, as timm
+    itself can, to skip a random init that the weights replace; BlurPool's filter is no weight and
+    is filled in afterwards."""
+    backbone = timm.create_model(name, pretrained=False, features_only=True, device="meta").to_empty(device="cpu")
     weights = {k.replace("features.", "features_", 1): v for k, v in model.state_dict().items()
                if k.startswith("features.")}
     backbone.load_state_dict(weights)
+    for module in backbone.modules():
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
     return backbone.eval()
+
+
+def twin(reference: torch.nn.Module) -> dj.DenseNet:
+    """Our model holding ``reference``'s weights (as conftest.flax_twin, without first drawing
+    random weights: 72M of them for densenet264d)."""
+    arrays, config = from_torchvision(state_dict_numpy(reference), "timm model")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: dj.DenseNet(config, rngs=nnx.Rngs(0))))
+    flat = nnx.to_flat_state(state)
+    for path, variable in flat:
+        variable.set_value(jnp.asarray(arrays.pop(".".join(map(str, path)))))
+    assert not arrays
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def relative_max(ours, reference) -> float:
@@ -55,7 +71,7 @@ def nhwc(t: torch.Tensor) -> np.ndarray:
 def twins(request):
     """(name, timm's model, our model converted from its state dict)."""
     reference = timm_model(request.param, seed=3)
-    ours = flax_twin(reference)
+    ours = twin(reference)
     ours.eval()
     return request.param, reference, ours
 
@@ -75,9 +91,9 @@ def test_state_dict_round_trip_is_exact(twins):
     assert back.keys() == original.keys()
     for key, value in original.items():
         assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
-    # timm loads it strictly (BlurPool's filter is not part of timm's state dict).
-    timm.create_model(name, pretrained=False).load_state_dict(
-        {k: torch.from_numpy(v) for k, v in back.items()}, strict=False)
+    # timm loads it strictly (torch's BatchNorm fills in its step counters; BlurPool's filter is
+    # no part of the state dict). The values are the model's own.
+    reference.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in back.items()})
 
 
 def test_logits_at_224(twins, rng):
@@ -103,8 +119,10 @@ def test_features_only_and_logits_at_an_odd_size(twins, rng):
 
     x = rng.standard_normal((1, *ODD, 3), dtype=np.float32)
     with torch.no_grad():
-        expected_maps = [nhwc(m) for m in timm_features(nchw(x))]
-        expected_logits = reference(nchw(x)).numpy()
+        timm_maps = timm_features(nchw(x))
+        # timm's own head on timm's last map: timm's logits, without a second pass of the trunk.
+        expected_logits = reference.forward_head(timm_maps[-1]).numpy()
+    expected_maps = [nhwc(m) for m in timm_maps]
 
     @nnx.jit
     def forward(backbone, model, x):
@@ -132,7 +150,7 @@ def test_one_train_step_of_densenetblur121d_in_float64(rng):
     x = rng.standard_normal((4, 64, 64, 3))
     y = rng.integers(0, 1000, 4)
     with jax.enable_x64(True):
-        model = flax_twin(reference)
+        model = twin(reference)
         cast(model, jnp.float64)
         (loss, grads), = jax_steps(model, x, y, steps=1)
         final = flat(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
@@ -147,3 +165,33 @@ def test_one_train_step_of_densenetblur121d_in_float64(rng):
         worst["state"] = max(worst["state"], relative_l2(final[e.flax_key], e.to_flax(ref_final[e.torch_key])))
     print(f"densenetblur121d train step, float64: worst relative error {worst}")
     assert max(worst.values()) <= 1e-9, worst
+
+
+@pytest.mark.parametrize("stem_type, aa_stem_only", [
+    ("deep_tiered", True), ("deep_tiered_narrow", False), ("", False), ("deep", None)])
+def test_every_stem_type_and_blur_placement_against_timm(rng, stem_type, aa_stem_only):
+    """Small timm DenseNets with each stem type, blur pooling in the stem only, in the transitions
+    too (aa_stem_only=False), or none (None): the stem is read off the keys, the anti-aliasing is
+    passed (no weight shows it), and logits and every features_only stage match timm's."""
+    from timm.layers import BlurPool2d
+    from timm.models.densenet import DenseNet as TimmDenseNet
+
+    torch.manual_seed(0)
+    aa = dict(aa_layer=BlurPool2d, aa_stem_only=aa_stem_only) if aa_stem_only is not None else {}
+    reference = randomize(TimmDenseNet(growth_rate=8, block_config=(2, 2, 2), num_classes=5,
+                                       stem_type=stem_type, **aa), 0).eval()
+    overrides = dict(aa_layer="blur", aa_stem_only=aa_stem_only) if aa_stem_only is not None else {}
+    arrays, config = from_torchvision(state_dict_numpy(reference), "timm model", **overrides)
+    assert config.stem == (stem_type or "imagenet") and config.num_init_features == 16
+    model = dj.DenseNet(config, rngs=nnx.Rngs(0))
+    assign(model, arrays)
+    model.eval()
+    x = rng.standard_normal((2, 37, 29, 3), dtype=np.float32)
+    with torch.no_grad():
+        logits, intermediates = reference.forward_intermediates(nchw(x))
+        expected_logits = reference.forward_head(logits).numpy()
+    maps, ours = nnx.jit(lambda m, x: (m.feature_maps(x), m(x)))(model, x)
+    assert relative_max(ours, expected_logits) <= 1e-5
+    assert [s["module"] for s in reference.feature_info] == dj.feature_info(config).module_name()
+    for a, b in zip(maps, intermediates, strict=True):
+        assert relative_max(a, nhwc(b)) <= 1e-5
