@@ -168,8 +168,8 @@ def _with_registered_aa(config: DenseNetConfig) -> DenseNetConfig:
 
 
 def _architecture(config: DenseNetConfig) -> DenseNetConfig:
-    """``config`` with what a registered name leaves open set to the registry's defaults: classes,
-    input channels, dropout and recomputation."""
+    """``config`` with what a registered name leaves open (classes, input channels, dropout,
+    recomputation) and what no weight shows (anti-aliasing) set to the defaults."""
     return config.replace(num_classes=1000, in_chans=3, drop_rate=0.0, head_drop_rate=0.0,
                           memory_efficient=False, aa_layer=None, aa_stem_only=True)
 
