@@ -31,6 +31,7 @@ class DenseNetConfig:
     stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or "cifar" (one 3x3 conv).
     drop_rate: dropout after each dense layer's last convolution, in training only.
     memory_efficient: recompute each layer's concat-BN-ReLU-conv1 in the backward pass.
+    in_chans: channels of the input images (conv0's input), as timm's ``in_chans``.
     """
 
     growth_rate: int = 32
@@ -42,10 +43,11 @@ class DenseNetConfig:
     drop_rate: float = 0.0
     num_classes: int = 1000
     memory_efficient: bool = False
+    in_chans: int = 3
 
     def __post_init__(self):
         object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
-        for name in ("growth_rate", "num_init_features", "num_classes", "bn_size"):
+        for name in ("growth_rate", "num_init_features", "num_classes", "bn_size", "in_chans"):
             value = getattr(self, name)
             if not (value is None and name == "bn_size") and not _positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -122,7 +124,7 @@ def count_params(config: DenseNetConfig) -> int:
         return 2 * c
 
     stem_kernel = 7 if config.stem == "imagenet" else 3
-    total = 3 * config.num_init_features * stem_kernel ** 2
+    total = config.in_chans * config.num_init_features * stem_kernel ** 2
     if config.stem == "imagenet":
         total += bn_params(config.num_init_features)
     plan = config.block_channels()
@@ -152,8 +154,12 @@ _REGISTRY: dict[str, Callable[[], DenseNetConfig]] = {
 }
 
 
-def list_models() -> list[str]:
-    """Every registered model name, in registration order."""
+def list_models(pretrained: bool = False) -> list[str]:
+    """Every registered model name, in registration order; with ``pretrained``, every pretrained
+    tag (``densenet121.tv_in1k``, ...) instead."""
+    if pretrained:
+        from densenet_jax.pretrained import list_pretrained
+        return list_pretrained()
     return list(_REGISTRY)
 
 

@@ -111,10 +111,10 @@ class Features(nnx.Module):
     def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
         c0 = config.num_init_features
         if config.stem == "imagenet":
-            self.conv0 = Conv2d(3, c0, 7, stride=2, padding=3, rngs=rngs)
+            self.conv0 = Conv2d(config.in_chans, c0, 7, stride=2, padding=3, rngs=rngs)
             self.norm0 = BatchNorm(c0)
         else:
-            self.conv0 = Conv2d(3, c0, 3, padding=1, rngs=rngs)
+            self.conv0 = Conv2d(config.in_chans, c0, 3, padding=1, rngs=rngs)
             self.norm0 = None
         plan = config.block_channels()
         for i, ((block_in, block_out), num_layers) in enumerate(zip(plan, config.block_config)):
@@ -161,7 +161,11 @@ class DenseNet(nnx.Module):
     """A DenseNet classifier. ``model(x)`` maps NHWC images to logits; ``model.eval()`` for inference.
 
     Built from a :class:`DenseNetConfig`; see :func:`densenet_jax.create_model` for named ones.
+    ``pretrained_cfg``: the preprocessing its weights expect (a
+    :class:`densenet_jax.pretrained.PretrainedCfg`), None when unknown (random init).
     """
+
+    pretrained_cfg = None
 
     def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -209,8 +213,8 @@ def smallest_input(config: DenseNetConfig) -> int:
 
 def check_input(x: jax.Array, config: DenseNetConfig) -> None:
     """Refuse, while tracing, what the model cannot take: wrong rank, channels, dtype or size."""
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"DenseNet takes NHWC images with 3 channels, got shape {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[-1] != config.in_chans:
+        raise ValueError(f"DenseNet takes NHWC images with {config.in_chans} channels, got shape {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"DenseNet takes floating-point images, got {x.dtype} "
                         "(scale and normalise uint8 images first)")
@@ -238,15 +242,25 @@ DenseNet201 = _named("densenet201", "torchvision's densenet201: k=32, blocks (6,
 DenseNet161 = _named("densenet161", "torchvision's densenet161: k=48, blocks (6, 12, 36, 24), 28.7M params.")
 
 
-def create_model(name: str, *, rngs: nnx.Rngs | None = None, features_only: bool = False,
+def create_model(name: str, *, pretrained: bool = False, pretrained_cfg_overlay: dict | None = None,
+                 rngs: nnx.Rngs | None = None, features_only: bool = False,
                  out_indices: tuple[int, ...] | None = None, **overrides):
     """Build a registered model (see :func:`list_models`), e.g. ``create_model("densenet_bc_100_k12",
     num_classes=100, rngs=nnx.Rngs(0))``. ``overrides`` replace fields of its DenseNetConfig.
 
+    ``pretrained=True`` loads a pretrained tag's weights from the Hugging Face Hub, as timm names
+    them (``"densenet121.tv_in1k"``; a bare name takes timm's default tag), with the preprocessing
+    they expect as ``model.pretrained_cfg``; ``pretrained_cfg_overlay=dict(file=PATH)`` reads the
+    weights from a local file instead (see :func:`densenet_jax.hub.pretrained_model`).
     ``features_only=True`` gives the backbone instead (:class:`densenet_jax.DenseNetFeatures`),
     returning the dense blocks' feature maps ``out_indices`` (default: all).
     """
-    model = DenseNet(get_config(name, **overrides), rngs=rngs if rngs is not None else nnx.Rngs(0))
+    if pretrained:
+        from densenet_jax.hub import pretrained_model
+        return pretrained_model(name, pretrained_cfg_overlay=pretrained_cfg_overlay, rngs=rngs,
+                                features_only=features_only, out_indices=out_indices, **overrides)
+    model = DenseNet(get_config(name.partition(".")[0], **overrides),
+                     rngs=rngs if rngs is not None else nnx.Rngs(0))
     if features_only:
         from densenet_jax.backbone import DenseNetFeatures
         return DenseNetFeatures(model, out_indices)

@@ -60,11 +60,29 @@ def eval_transform(resize: int = 256, crop: int = 224) -> T.Compose:
     return T.Compose([T.ResizeCenterCrop(resize, crop), T.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)])
 
 
+def model_transform(model: DenseNet, preprocess: str = "weights", use_test_size: bool = False,
+                    resize: int = 256, crop: int = 224) -> T.Compose:
+    """The preprocessing for ``model``: with ``preprocess="weights"`` the one its weights carry
+    (``model.pretrained_cfg``: a tag's as timm evaluates it, with ``use_test_size`` its larger test
+    size; or the one a training run evaluated with), falling back to torchvision's ``resize`` /
+    ``crop`` for weights that carry none; ``"torchvision"``: torchvision's, always."""
+    if preprocess not in ("weights", "torchvision"):
+        raise ValueError(f"preprocess must be 'weights' or 'torchvision', got {preprocess!r}")
+    cfg = model.pretrained_cfg
+    if preprocess == "weights" and cfg is not None:
+        return T.eval_transform_from_cfg(**cfg.eval_config(use_test_size))
+    if model.config.in_chans != 3:
+        raise ValueError(f"torchvision's preprocessing is for RGB; this model takes "
+                         f"{model.config.in_chans} channels (use --preprocess weights)")
+    return eval_transform(resize, crop)
+
+
 def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,
             labels: str | Path | list[str] | None = None, resize: int = 256, crop: int = 224,
-            strict: bool = False, progress: bool = False) -> list[dict]:
+            strict: bool = False, progress: bool = False, transform: T.Compose | None = None) -> list[dict]:
     """Top-``top_k`` classes of every image in ``paths`` (files or folders), in file order; a
-    progress bar (with ``progress``) when there is more than one image.
+    progress bar (with ``progress``) when there is more than one image. Images are prepared by
+    ``transform`` (see :func:`model_transform`), by default torchvision's ``resize``/``crop``.
 
     Unreadable images are skipped with a warning naming them (``strict``: DataError instead).
     """
@@ -76,7 +94,7 @@ def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, bat
     top_k = min(top_k, len(names))
     model.eval()
     forward = nnx.cached_partial(nnx.jit(lambda m, x: jax.nn.softmax(m(x), axis=-1)), model)
-    transform = eval_transform(resize, crop)
+    transform = transform or eval_transform(resize, crop)
     results = []
     with tqdm(total=len(files), disable=not progress or len(files) < 2, unit="image") as bar:
         for start in range(0, len(files), batch_size):
