@@ -142,9 +142,9 @@ def download(repo_id: str, filename: str, name: str) -> Path:
         path = Path(hf_hub_download(repo_id, filename))
     except LocalEntryNotFoundError:
         from huggingface_hub import constants, hf_hub_url
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise CheckpointError(
-            f"{name}: {filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
-            f"cannot be reached; fetch {hf_hub_url(repo_id, filename)} on a machine that can and pass "
+            f"{name}: {filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; fetch {hf_hub_url(repo_id, filename)} on a machine that can and pass "
             f"the file (create_model(..., pretrained_cfg_overlay=dict(file=PATH)), or --weights PATH "
             f"with --model), or copy that machine's cache there") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:

@@ -1,4 +1,5 @@
-"""Classify image files: torchvision's eval preprocessing, batched, top-k classes with names.
+"""Classify image files: the preprocessing the weights carry (timm's for the pretrained tags; a
+training run's own), else torchvision's; batched, top-k classes with names.
 
     results = predict(model, ["cat.jpg", "photos/"], top_k=5)
     results[0] == {"file": "cat.jpg", "top": [{"class": 281, "name": "tabby", "probability": 0.61}, ...]}
@@ -82,7 +83,8 @@ def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, bat
             strict: bool = False, progress: bool = False, transform: T.Compose | None = None) -> list[dict]:
     """Top-``top_k`` classes of every image in ``paths`` (files or folders), in file order; a
     progress bar (with ``progress``) when there is more than one image. Images are prepared by
-    ``transform`` (see :func:`model_transform`), by default torchvision's ``resize``/``crop``.
+    ``transform``, by default as the weights want (:func:`model_transform`: ``model.pretrained_cfg``,
+    or torchvision's ``resize``/``crop`` for weights that carry none).
 
     Unreadable images are skipped with a warning naming them (``strict``: DataError instead).
     """
@@ -94,7 +96,7 @@ def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, bat
     top_k = min(top_k, len(names))
     model.eval()
     forward = nnx.cached_partial(nnx.jit(lambda m, x: jax.nn.softmax(m(x), axis=-1)), model)
-    transform = transform or eval_transform(resize, crop)
+    transform = transform or model_transform(model, resize=resize, crop=crop)
     results = []
     with tqdm(total=len(files), disable=not progress or len(files) < 2, unit="image") as bar:
         for start in range(0, len(files), batch_size):

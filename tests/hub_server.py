@@ -2,12 +2,15 @@
 
 huggingface_hub 2.4 resolves a file with ``HEAD /{repo}/resolve/{revision}/{file}`` (reading the
 ``X-Repo-Commit``, ``ETag`` and ``Content-Length`` headers; ``X-Error-Code`` tells a missing repo
-from a missing file), then fetches it with ``GET`` on the same path. Nothing else is requested.
+from a missing file), then fetches it with ``GET`` on the same path. Besides, once a day per
+HF_HOME, its user-agent code asks ``GET /api/agent-harnesses`` for a registry of AI agents (served
+empty here, as huggingface_hub itself falls back to).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -48,6 +51,8 @@ class Hub:
 
     def _answer(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
         self.requests.append((handler.command, handler.path))
+        if handler.path == "/api/agent-harnesses":
+            return self._json(handler, json.dumps({"standardEnvVars": [], "harnesses": {}}).encode())
         parts = handler.path.split("/")
         # ['', org, name, 'resolve', revision, file]
         if len(parts) != 6 or parts[3] != "resolve":
@@ -69,6 +74,14 @@ class Hub:
             handler.wfile.write(content[:len(content) // 2] if short else content)
             if short:
                 handler.close_connection = True
+
+    @staticmethod
+    def _json(handler, payload: bytes) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
 
     @staticmethod
     def _error(handler, status: int, code: str, commit: str | None = None) -> None:
