@@ -94,7 +94,7 @@ def _evaluate_parser(sub) -> None:
 
 
 def _predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="top-5 classes of image files, with torchvision's eval preprocessing",
+    p = sub.add_parser("predict", help="top-5 classes of image files, prepared as the weights want",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
     p.add_argument("--weights", default=None,
@@ -106,8 +106,9 @@ def _predict_parser(sub) -> None:
                         "ImageNet's for 1000 classes, else numbers)")
     p.add_argument("--top", type=int, default=5, help="classes to show per image")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop")
-    p.add_argument("--crop", type=int, default=224, help="centre crop size")
+    p.add_argument("--resize", type=int, default=256,
+                   help="torchvision preprocessing (or weights that carry none): shorter side before the crop")
+    p.add_argument("--crop", type=int, default=224, help="torchvision preprocessing: centre crop size")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -217,10 +218,8 @@ def _predict_model(args):
         raise ValueError("give --model TAG (a pretrained tag) or --weights FILE")
     if args.model is None:
         return load(args.weights, **overrides)
-    if args.model.startswith(HF_HUB_PREFIX):
-        if args.weights:
-            raise ValueError("--weights goes with a pretrained tag, not with hf-hub:<repo>")
-        return load(args.model, **overrides)
+    if args.model.startswith(HF_HUB_PREFIX) and args.weights:
+        raise ValueError("--weights goes with a pretrained tag, not with hf-hub:<repo>")
     overlay = {"file": args.weights} if args.weights else None
     return create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay, **overrides)
 

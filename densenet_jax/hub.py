@@ -18,7 +18,7 @@ from flax import nnx
 
 from densenet_jax.configs import DenseNetConfig
 from densenet_jax.errors import CheckpointError
-from densenet_jax.pretrained import PretrainedCfg, resolve
+from densenet_jax.pretrained import HF_HUB_PREFIX, PretrainedCfg, resolve
 from densenet_jax.weights import FORMAT, build, read_safetensors
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
@@ -28,13 +28,16 @@ WEIGHTS_NAME = "model.safetensors"  # the file timm's repos hold the weights in 
 def pretrained_model(name: str, *, pretrained_cfg_overlay: dict | None = None,
                      rngs: nnx.Rngs | None = None, **overrides):
     """``create_model(name, pretrained=True, ...)``: the tag's weights (``name.tag``, or a bare
-    name for timm's default tag) with its preprocessing as ``model.pretrained_cfg``.
+    name for timm's default tag; ``hf-hub:<repo>`` as :func:`load_hub`) with its preprocessing as
+    ``model.pretrained_cfg``.
 
     ``pretrained_cfg_overlay`` replaces cfg fields, as in timm: ``dict(file=PATH)`` reads the
     weights from a local safetensors file instead of the Hub. ``overrides`` as
     :func:`densenet_jax.load` takes them (``num_classes``, ``in_chans``, ``features_only``, ...).
     Raises ValueError (CheckpointError) naming the tag or file at fault.
     """
+    if name.startswith(HF_HUB_PREFIX) and not pretrained_cfg_overlay:
+        return load_hub(name[len(HF_HUB_PREFIX):], rngs=rngs, **overrides)
     cfg = resolve(name)
     if pretrained_cfg_overlay:
         cfg = PretrainedCfg.from_dict({**cfg.__dict__, **pretrained_cfg_overlay})

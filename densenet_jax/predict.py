@@ -20,6 +20,7 @@ from densenet_jax.data import transforms as T
 from densenet_jax.data.datasets import IMAGE_SUFFIXES
 from densenet_jax.errors import DataError
 from densenet_jax.models import DenseNet
+from densenet_jax.pretrained import PretrainedCfg
 
 log = logging.getLogger("densenet_jax")
 
@@ -55,10 +56,12 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def eval_transform(resize: int = 256, crop: int = 224) -> T.Compose:
+def eval_transform(resize: int = 256, crop: int = 224, in_chans: int = 3) -> T.Compose:
     """torchvision's ImageNet eval preprocessing: Resize(256) (bilinear, antialiased),
-    CenterCrop(224), ToTensor, Normalize(ImageNet mean/std); NHWC float32 out."""
-    return T.Compose([T.ResizeCenterCrop(resize, crop), T.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)])
+    CenterCrop(224), ToTensor, Normalize(ImageNet mean/std); NHWC float32 out. ``in_chans=1``: the
+    image in greyscale, with the average mean and std."""
+    cfg = PretrainedCfg(input_size=(3, crop, crop), interpolation="bilinear", crop_pct=crop / resize)
+    return T.eval_transform_from_cfg(**cfg.with_in_chans(in_chans).eval_config())
 
 
 def model_transform(model: DenseNet, preprocess: str = "weights", use_test_size: bool = False,
@@ -72,10 +75,7 @@ def model_transform(model: DenseNet, preprocess: str = "weights", use_test_size:
     cfg = model.pretrained_cfg
     if preprocess == "weights" and cfg is not None:
         return T.eval_transform_from_cfg(**cfg.eval_config(use_test_size))
-    if model.config.in_chans != 3:
-        raise ValueError(f"torchvision's preprocessing is for RGB; this model takes "
-                         f"{model.config.in_chans} channels (use --preprocess weights)")
-    return eval_transform(resize, crop)
+    return eval_transform(resize, crop, model.config.in_chans)
 
 
 def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,

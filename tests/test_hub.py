@@ -205,7 +205,9 @@ def test_bad_hub_input_is_one_line_and_leaves_nothing_cached(case, hub, hf_home,
     assert _cache_holds_no_weights(hf_home)
 
 
-def test_offline_without_a_cached_copy_says_what_to_fetch(hub, hf_home, monkeypatch, capsys):
+def test_offline_without_a_cached_copy_says_what_to_fetch(hub, hf_home, monkeypatch, capsys, tiny_timm, tmp_path):
+    """The line names the file to fetch and how to pass it; passed so (``--weights`` with the tag),
+    predict runs offline with the tag's preprocessing."""
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit) as exit_info:
@@ -216,6 +218,16 @@ def test_offline_without_a_cached_copy_says_what_to_fetch(hub, hf_home, monkeypa
             and "HF_HUB_OFFLINE is set" in err[0]
             and f"{hub.url}/timm/densenet121.tv_in1k/resolve/main/model.safetensors" in err[0]
             and "pretrained_cfg_overlay=dict(file=PATH)" in err[0])
+    local = tmp_path / "model.safetensors"
+    local.write_bytes(tiny_timm[1]["model.safetensors"])
+    cli.main(["predict", "--model", "densenet121.tv_in1k", "--weights", str(local), str(PHOTO), "--json"])
+    result = json.loads(capsys.readouterr().out)[0]
+    transform = create_transform(**resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(
+        "densenet121.tv_in1k").to_dict()))
+    with torch.no_grad():
+        p = torch.softmax(tiny_timm[0](transform(Image.open(PHOTO).convert("RGB"))[None]), -1)[0].numpy()
+    assert result["top"][0]["class"] == int(np.argmax(p)) and hub.requests == []
+    assert abs(result["top"][0]["probability"] - p.max()) <= 1e-5
 
 
 @pytest.mark.parametrize("options", [[], ["--test-size", "--in-chans", "1"], ["--preprocess", "torchvision"]],
