@@ -19,7 +19,7 @@ from flax import nnx
 from densenet_jax.configs import DenseNetConfig
 from densenet_jax.errors import CheckpointError
 from densenet_jax.pretrained import HF_HUB_PREFIX, PretrainedCfg, resolve
-from densenet_jax.weights import FORMAT, build, read_safetensors
+from densenet_jax.weights import FORMAT, _safetensors_metadata, build, read_safetensors
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 WEIGHTS_NAME = "model.safetensors"  # the file timm's repos hold the weights in (timm's HF_SAFE_WEIGHTS_NAME)
@@ -115,7 +115,7 @@ def weights_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], DenseN
                               "pushed without Git LFS, or fetched with git without git-lfs)")
     try:
         arrays = load(data)
-        metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+        metadata = _safetensors_metadata(data)
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path}: not a complete safetensors file, truncated or corrupt ({e})") from None
     if metadata.get("format") == FORMAT:
