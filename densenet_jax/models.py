@@ -185,7 +185,11 @@ class DenseNet(nnx.Module):
     timm's habits: ``model(x) == model.forward_head(model.forward_features(x))``;
     ``forward_features`` ends after norm5 and its ReLU (timm's ``features``), while
     ``model.features(x)`` is torchvision's ``features`` (norm5 before the ReLU).
+    ``pretrained_cfg``: the preprocessing its weights expect (a
+    :class:`densenet_jax.pretrained.PretrainedCfg`), None when unknown (random init).
     """
+
+    pretrained_cfg = None
 
     def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
         self.config = config
