@@ -1,4 +1,4 @@
-"""The ``densenet-jax`` command: ``train``, ``evaluate`` and ``predict``."""
+"""The ``densenet-jax`` command: ``train``, ``evaluate``, ``predict`` and ``convert``."""
 
 from __future__ import annotations
 
@@ -100,13 +100,31 @@ def _predict_parser(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="a torchvision or timm checkpoint (.pth, .pt, .safetensors) to "
+                       "densenet_jax weights, or back with --to torch",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("input", help="a torch state dict or training checkpoint, or a safetensors file "
+                   "(with --to torch: densenet_jax weights)")
+    p.add_argument("output", help="the file to write")
+    p.add_argument("--to", default="densenet_jax", choices=["densenet_jax", "torch"],
+                   help="densenet_jax: .safetensors for densenet_jax.load; torch: a torchvision .pth "
+                        "(needs torch)")
+    p.add_argument("--prefix", default=None,
+                   help="the DenseNet to take from a file that holds several, by the key prefix "
+                        "named in the message (e.g. model_ema.module.)")
+    p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+
+
 def parser() -> argparse.ArgumentParser:
-    """The ``densenet-jax`` argument parser, with its three subcommands."""
-    p = argparse.ArgumentParser(prog="densenet-jax", description="DenseNet in JAX: train, evaluate, predict.")
+    """The ``densenet-jax`` argument parser, with its subcommands."""
+    p = argparse.ArgumentParser(prog="densenet-jax",
+                                description="DenseNet in JAX: train, evaluate, predict, convert.")
     sub = p.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _evaluate_parser(sub)
     _predict_parser(sub)
+    _convert_parser(sub)
     return p
 
 
@@ -171,7 +189,19 @@ def predict(args) -> None:
             print(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['class']})")
 
 
-COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict}
+def convert(args) -> None:
+    """``densenet-jax convert``: torch checkpoint -> densenet_jax weights, or back (``--to torch``)."""
+    from densenet_jax import torch_files
+
+    if args.to == "torch":
+        if args.prefix is not None:
+            raise ValueError("--prefix picks a DenseNet in a torch checkpoint; densenet_jax weights hold one")
+        print(torch_files.to_torch(args.input, args.output, force=args.force))
+    else:
+        print(torch_files.to_densenet_jax(args.input, args.output, prefix=args.prefix, force=args.force))
+
+
+COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "convert": convert}
 
 
 def _enable_compilation_cache() -> None:

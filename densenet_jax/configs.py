@@ -30,6 +30,8 @@ class DenseNetConfig:
     compression: theta, the fraction of channels a transition keeps (the "C"; 1.0 keeps all).
     stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or "cifar" (one 3x3 conv).
     drop_rate: dropout after each dense layer's last convolution, in training only.
+    num_classes: the classifier's outputs; 0 for no classifier (timm's convention: the model returns
+        the pooled features, as a checkpoint saved without its head holds).
     memory_efficient: recompute each layer's concat-BN-ReLU-conv1 in the backward pass.
     """
 
@@ -45,10 +47,13 @@ class DenseNetConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
-        for name in ("growth_rate", "num_init_features", "num_classes", "bn_size"):
+        for name in ("growth_rate", "num_init_features", "bn_size"):
             value = getattr(self, name)
             if not (value is None and name == "bn_size") and not _positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (self.num_classes == 0 or _positive_int(self.num_classes)):
+            raise ValueError(f"num_classes must be a positive integer, or 0 for no classifier, "
+                             f"got {self.num_classes!r}")
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
         if not 0.0 < self.compression <= 1.0:

@@ -158,7 +158,8 @@ class Features(nnx.Module):
 
 
 class DenseNet(nnx.Module):
-    """A DenseNet classifier. ``model(x)`` maps NHWC images to logits; ``model.eval()`` for inference.
+    """A DenseNet classifier. ``model(x)`` maps NHWC images to logits, (N, num_classes), or to the
+    pooled features, (N, num_features), when ``num_classes`` is 0; ``model.eval()`` for inference.
 
     Built from a :class:`DenseNetConfig`; see :func:`densenet_jax.create_model` for named ones.
     """
@@ -166,12 +167,15 @@ class DenseNet(nnx.Module):
     def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.features = Features(config, rngs=rngs)
-        self.classifier = Linear(config.num_features, config.num_classes, rngs=rngs)
+        # num_classes=0: no classifier (timm's convention); the model returns the pooled features.
+        self.classifier = (Linear(config.num_features, config.num_classes, rngs=rngs)
+                           if config.num_classes else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_input(x, self.config)
         x = jax.nn.relu(self.features(x))
-        return self.classifier(jnp.mean(x, axis=(1, 2)))
+        pooled = jnp.mean(x, axis=(1, 2))
+        return pooled if self.classifier is None else self.classifier(pooled)
 
     def feature_maps(self, x: jax.Array, out_indices: tuple[int, ...] | None = None) -> list[jax.Array]:
         """Backbone features: the output of each dense block in ``out_indices`` (default: all),
