@@ -176,6 +176,9 @@ def predict(args) -> None:
     from densenet_jax.weights import load, stored_class_names
 
     model = load(args.weights)
+    if not model.config.num_classes:
+        raise CheckpointError(f"{args.weights}: no classifier (a backbone, num_classes 0): nothing to "
+                              "predict until a head is trained (densenet-jax train --init-from)")
     labels = args.labels or stored_class_names(args.weights)
     results = classify(model, args.images, top_k=args.top, batch_size=args.batch_size,
                        labels=labels, resize=args.resize, crop=args.crop, strict=args.strict,

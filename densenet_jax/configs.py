@@ -51,7 +51,7 @@ class DenseNetConfig:
             value = getattr(self, name)
             if not (value is None and name == "bn_size") and not _positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (self.num_classes == 0 or _positive_int(self.num_classes)):
+        if not (_positive_int(self.num_classes) or type(self.num_classes) is int and self.num_classes == 0):
             raise ValueError(f"num_classes must be a positive integer, or 0 for no classifier, "
                              f"got {self.num_classes!r}")
         if self.stem not in ("imagenet", "cifar"):

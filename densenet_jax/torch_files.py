@@ -218,7 +218,7 @@ def to_densenet_jax(source: str | Path, output: str | Path, *, prefix: str | Non
     if found.others:
         line += f" (also in the file: {', '.join(map(repr, found.others))}; --prefix picks one)"
     if found.ignored:
-        line += f"; {found.ignored} other tensors left out"
+        line += f"; {found.ignored} other tensor{'s' if found.ignored > 1 else ''} left out"
     return line
 
 

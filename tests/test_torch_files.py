@@ -194,6 +194,9 @@ def test_a_checkpoint_without_classifier_converts_as_a_backbone(tmp_path, capsys
     tuned = dj.load(tmp_path / "headless.safetensors", num_classes=3)
     assert tuned.classifier.kernel.shape == (config.num_features, 3)
     np.testing.assert_array_equal(conv_kernel(tuned), torch_kernel(model))
+    with pytest.raises(SystemExit):  # pooled features are no class scores
+        cli.main(["predict", "--weights", str(tmp_path / "headless.safetensors"), str(tmp_path / "x.jpg")])
+    assert "no classifier" in capsys.readouterr().err
     code, _, lines = convert(capsys, "--to", "torch", tmp_path / "headless.safetensors", tmp_path / "back.pth")
     assert code == 0, lines
     back = tiny()
