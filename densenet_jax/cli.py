@@ -100,10 +100,15 @@ def _predict_parser(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+_CONVERT_HELP = "a torchvision or timm checkpoint (.pth, .pt, .safetensors) to densenet_jax weights, or back"
+
+
 def _convert_parser(sub) -> None:
-    p = sub.add_parser("convert", help="a torchvision or timm checkpoint (.pth, .pt, .safetensors) to "
-                       "densenet_jax weights, or back with --to torch",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _convert_options(sub.add_parser("convert", help=_CONVERT_HELP,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
+
+def _convert_options(p) -> None:
     p.add_argument("input", help="a torch state dict or training checkpoint, or a safetensors file "
                    "(with --to torch: densenet_jax weights)")
     p.add_argument("output", help="the file to write")
@@ -219,9 +224,21 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, parsed. ``convert`` is parsed on its own: building train's options imports
+    the training stack (grain, Pillow: the train extra), which a pip user who only converts lacks."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        p = argparse.ArgumentParser(prog="densenet-jax convert", description=_CONVERT_HELP,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _convert_options(p)
+        return argparse.Namespace(command="convert", **vars(p.parse_args(argv[1:])))
+    return parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; user errors end in one line on stderr and a non-zero exit status."""
-    args = parser().parse_args(argv)
+    args = _parse(argv)
     _enable_compilation_cache()
     # main() may run more than once in a process (tests, notebooks): one handler, on today's stderr.
     _HANDLER.stream = sys.stderr

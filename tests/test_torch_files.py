@@ -271,6 +271,8 @@ def test_conversions_give_the_same_bytes_every_time(tmp_path, capsys):
 
 NO_TORCH = """
 import sys
+for extra in ("grain", "PIL", "sklearn", "tqdm", "matplotlib"):  # the train extra: a converter needs none
+    sys.modules[extra] = None
 from densenet_jax import cli
 cli.main(["convert", sys.argv[1], sys.argv[2]])        # safetensors with torchvision's keys
 assert "torch" not in sys.modules, "converting a safetensors file imported torch"
@@ -284,6 +286,8 @@ for argv in ([sys.argv[3], sys.argv[4]], ["--to", "torch", sys.argv[2], sys.argv
 
 
 def test_convert_needs_torch_for_pickles_only(tmp_path):
+    """As a pip user without the extras: no train extra at all, and torch only once it is made
+    unimportable (after checking that converting a safetensors file never imported it)."""
     model = tiny()
     save_file(dict(model.state_dict()), str(tmp_path / "tv.safetensors"))
     torch.save(model.state_dict(), tmp_path / "tv.pth")
