@@ -116,6 +116,14 @@ def choose_prefix(keys, source: str, prefix: str | None = None) -> str:
                           f"{', '.join(map(repr, found))}; choose one (--prefix)")
 
 
+def densenet_keys(keys, prefix: str) -> list[str]:
+    """The keys of the DenseNet under ``prefix``: those that start with it, less those of another
+    DenseNet nested inside it (an EMA copy kept as a submodule, ``ema.features...``)."""
+    keys = list(keys)
+    nested = [p for p in densenet_prefixes(keys) if p != prefix and p.startswith(prefix)]
+    return [k for k in keys if k.startswith(prefix) and not any(k.startswith(p) for p in nested)]
+
+
 def describe_keys(keys) -> str:
     """What a set of state-dict keys holds, for a message: their number, the prefix they share, one."""
     keys = sorted(keys)
@@ -138,13 +146,13 @@ def normalize_keys(state_dict: dict[str, np.ndarray], source: str,
     ``norm.1`` key names renamed, BN step counters dropped."""
     chosen = choose_prefix(state_dict.keys(), source, prefix)
     out = {}
-    for key, value in state_dict.items():
-        if not key.startswith(chosen) or key.endswith(_IGNORED_SUFFIX):
+    for key in densenet_keys(state_dict, chosen):
+        if key.endswith(_IGNORED_SUFFIX):
             continue
-        key = _LEGACY_KEY.sub(r"\1\2", key[len(chosen):])
-        if key in out:
-            raise CheckpointError(f"{source}: key {chosen}{key} appears twice (legacy and current names)")
-        out[key] = value
+        name = _LEGACY_KEY.sub(r"\1\2", key[len(chosen):])
+        if name in out:
+            raise CheckpointError(f"{source}: key {chosen}{name} appears twice (legacy and current names)")
+        out[name] = state_dict[key]
     if _BARE_STEM_KEY in out:  # model.features saved alone: put its keys where the model has them
         out = {f"features.{key}": value for key, value in out.items()}
     return out

@@ -23,8 +23,8 @@ import numpy as np
 
 from densenet_jax.configs import count_params
 from densenet_jax.errors import CheckpointError
-from densenet_jax.interop import (choose_prefix, densenet_prefixes, from_torchvision, registered_name,
-                                  to_torchvision)
+from densenet_jax.interop import (choose_prefix, densenet_keys, densenet_prefixes, from_torchvision,
+                                  registered_name, to_torchvision)
 from densenet_jax.weights import (FORMAT, atomic_write_bytes, check_output, file_format, read_safetensors,
                                   write_safetensors)
 
@@ -71,8 +71,7 @@ def read_torch_checkpoint(path: str | Path, prefix: str | None = None) -> TorchC
                               "load it as it is, or densenet-jax convert --to torch for a .pth)")
     flat = _read_safetensors(path) if kind == "safetensors" else _flatten(_unpickle(path))
     chosen = choose_prefix(flat, str(path), prefix)  # keys only: other tensors are never converted
-    state_dict = {key[len(chosen):]: _to_numpy(key, value, path)
-                  for key, value in flat.items() if key.startswith(chosen)}
+    state_dict = {key[len(chosen):]: _to_numpy(key, flat[key], path) for key in densenet_keys(flat, chosen)}
     return TorchCheckpoint(state_dict=state_dict, prefix=chosen,
                            others=tuple(p for p in densenet_prefixes(flat) if p != chosen),
                            ignored=len(flat) - len(state_dict))

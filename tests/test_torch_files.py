@@ -89,6 +89,8 @@ FORMS = {  # name: (what the file holds, given the model and an EMA twin; the pr
     "Lightning": (lambda m, e: {"state_dict": {f"model.{k}": v for k, v in m.state_dict().items()}, "epoch": 3,
                                 "global_step": 30, "pytorch-lightning_version": "2.4.0"}, "state_dict.model."),
     "EMA alone (AveragedModel)": (lambda m, e: averaged(m), "module."),
+    "EMA kept as a submodule": (lambda m, e: {**m.state_dict(), **{f"ema.{k}": v for k, v in e.state_dict().items()}},
+                                ""),
     "torchvision reference checkpoint": (training_checkpoint, "model."),
 }
 
@@ -100,7 +102,7 @@ def test_a_densenet_under_any_wrapper_converts(tmp_path, capsys, form):
     torch.save(make(model, ema), tmp_path / "in.pth")
     code, out, lines = convert(capsys, tmp_path / "in.pth", tmp_path / "out.safetensors")
     assert code == 0, lines
-    assert f"under {prefix!r}" in out, out
+    assert (f"under {prefix!r}" if prefix else "also in the file: 'ema.'") in out, out
     np.testing.assert_array_equal(conv_kernel(dj.load(tmp_path / "out.safetensors")), torch_kernel(model))
 
 
