@@ -1,4 +1,4 @@
-"""The ``densenet-jax`` command: ``train``, ``evaluate`` and ``predict``."""
+"""The ``densenet-jax`` command: ``train``, ``evaluate``, ``predict`` and ``convert``."""
 
 from __future__ import annotations
 
@@ -133,14 +133,37 @@ def _models_parser(sub) -> None:
                    help="the pretrained tags: source, preprocessing, published top-1")
 
 
+_CONVERT_HELP = "a torchvision or timm checkpoint (.pth, .pt, .safetensors) to densenet_jax weights, or back"
+
+
+def _convert_parser(sub) -> None:
+    _convert_options(sub.add_parser("convert", help=_CONVERT_HELP,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
+
+def _convert_options(p) -> None:
+    p.add_argument("input", help="a torch state dict or training checkpoint, or a safetensors file "
+                   "(with --to torch: densenet_jax weights)")
+    p.add_argument("output", help="the file to write")
+    p.add_argument("--to", default="densenet_jax", choices=["densenet_jax", "torch"],
+                   help="densenet_jax: .safetensors for densenet_jax.load; torch: a torchvision .pth "
+                        "(needs torch)")
+    p.add_argument("--prefix", default=None,
+                   help="the DenseNet to take from a file that holds several, by the key prefix "
+                        "named in the message (e.g. model_ema.module.)")
+    p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``densenet-jax`` argument parser, with its subcommands."""
-    p = argparse.ArgumentParser(prog="densenet-jax", description="DenseNet in JAX: train, evaluate, predict, models.")
+    p = argparse.ArgumentParser(prog="densenet-jax",
+                                description="DenseNet in JAX: train, evaluate, predict, models, convert.")
     sub = p.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _evaluate_parser(sub)
     _predict_parser(sub)
     _models_parser(sub)
+    _convert_parser(sub)
     return p
 
 
@@ -194,6 +217,9 @@ def predict(args) -> None:
     model = _predict_model(args)
     labels = args.labels or (stored_class_names(args.weights) if args.weights else None)
     transform = model_transform(model, args.preprocess, args.test_size, args.resize, args.crop)
+    if not model.config.num_classes:
+        raise CheckpointError(f"{args.weights or args.model}: no classifier (a backbone, num_classes 0): "
+                              "nothing to predict until a head is trained (densenet-jax train --init-from)")
     results = classify(model, args.images, top_k=args.top, batch_size=args.batch_size,
                        labels=labels, strict=args.strict, transform=transform,
                        progress=args.progress and not args.json)
@@ -243,7 +269,19 @@ def models(args) -> None:
         print(f"{tag:26s} hf-hub:{cfg.hf_hub_id}  {cfg.interpolation} {size}  top-1 {top1}")
 
 
-COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "models": models}
+def convert(args) -> None:
+    """``densenet-jax convert``: torch checkpoint -> densenet_jax weights, or back (``--to torch``)."""
+    from densenet_jax import torch_files
+
+    if args.to == "torch":
+        if args.prefix is not None:
+            raise ValueError("--prefix picks a DenseNet in a torch checkpoint; densenet_jax weights hold one")
+        print(torch_files.to_torch(args.input, args.output, force=args.force))
+    else:
+        print(torch_files.to_densenet_jax(args.input, args.output, prefix=args.prefix, force=args.force))
+
+
+COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "models": models, "convert": convert}
 
 
 def _enable_compilation_cache() -> None:
@@ -258,9 +296,21 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, parsed. ``convert`` is parsed on its own: building train's options imports
+    the training stack (grain, Pillow: the train extra), which a pip user who only converts lacks."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        p = argparse.ArgumentParser(prog="densenet-jax convert", description=_CONVERT_HELP,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _convert_options(p)
+        return argparse.Namespace(command="convert", **vars(p.parse_args(argv[1:])))
+    return parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; user errors end in one line on stderr and a non-zero exit status."""
-    args = parser().parse_args(argv)
+    args = _parse(argv)
     _enable_compilation_cache()
     # main() may run more than once in a process (tests, notebooks): one handler, on today's stderr.
     _HANDLER.stream = sys.stderr

@@ -40,7 +40,8 @@ class DenseNetConfig:
         num_init_features, num_init_features), as timm's ``stem_type``.
     drop_rate: dropout after each dense layer's last convolution, in training only: torchvision's
         ``drop_rate``, timm's ``proj_drop_rate``.
-    num_classes: the classifier's outputs.
+    num_classes: the classifier's outputs; 0 for no classifier (timm's convention: the model returns
+        the pooled features, as a checkpoint saved without its head holds).
     memory_efficient: recompute each layer's concat-BN-ReLU-conv1 in the backward pass.
     in_chans: the input images' channels (timm's name): conv0 takes this many.
     aa_layer: None, or "blur": timm's anti-aliasing (``aa_layer=BlurPool2d``): the stem's 3x3/2
@@ -67,10 +68,13 @@ class DenseNetConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
-        for name in ("growth_rate", "num_init_features", "num_classes", "bn_size", "in_chans"):
+        for name in ("growth_rate", "num_init_features", "bn_size", "in_chans"):
             value = getattr(self, name)
             if not (value is None and name == "bn_size") and not _positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (_positive_int(self.num_classes) or type(self.num_classes) is int and self.num_classes == 0):
+            raise ValueError(f"num_classes must be a positive integer, or 0 for no classifier, "
+                             f"got {self.num_classes!r}")
         if self.stem not in STEMS:
             raise ValueError(f"stem must be one of {', '.join(STEMS)}; got {self.stem!r}")
         if self.stem.startswith("deep_tiered") and self.growth_rate < 4:

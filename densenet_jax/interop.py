@@ -27,6 +27,10 @@ _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
                "mean": "running_mean", "var": "running_var"}
 _LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 _IGNORED_SUFFIX = ".num_batches_tracked"  # a BN step counter: no Flax twin, unused with momentum 0.1
+_STEM_KEY = "features.conv0.weight"  # every DenseNet has it; what sits before it is a wrapper's prefix
+_BARE_STEM_KEY = "conv0.weight"  # the same in a state dict of model.features alone
+_EMA_PART = re.compile(r"(^|[._])ema([._]|$)")
+_HEAD = "classifier."
 
 
 @dataclass(frozen=True)
@@ -75,20 +79,103 @@ def _abstract_shapes(config: DenseNetConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state_arrays(model).items()}
 
 
-def normalize_keys(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """Undo the variations people's checkpoints have: ``module.`` prefixes (DataParallel/DDP),
-    torchvision's legacy ``norm.1`` key names, and BN step counters."""
+def densenet_prefixes(keys) -> list[str]:
+    """Every prefix under which a DenseNet sits among ``keys``: P such that P +
+    ``features.conv0.weight`` is a key, P empty or ending in a dot (``module.`` from DataParallel,
+    ``_orig_mod.`` from torch.compile, ``model.`` from Lightning, ``model_ema.module.`` from an EMA
+    copy in a container, any nesting of these). A ``model.features`` saved alone (keys
+    ``conv0.weight``, ``denseblock1...``) counts too, under the prefix its keys have."""
+    keys = set(keys)
+    found = {key[:-len(_STEM_KEY)] for key in keys if key == _STEM_KEY or key.endswith("." + _STEM_KEY)}
+    for key in keys:
+        bare = key[:-len(_BARE_STEM_KEY)]
+        if ((key == _BARE_STEM_KEY or key.endswith("." + _BARE_STEM_KEY))
+                and not (bare.endswith("features.") and bare[:-len("features.")] in found)
+                and any(k.startswith(bare + "denseblock1.") for k in keys)):
+            found.add(bare)
+    return sorted(found, key=lambda p: (len(p), p))
+
+
+def choose_prefix(keys, source: str, prefix: str | None = None) -> str:
+    """The prefix of the one DenseNet among ``keys`` (see :func:`densenet_prefixes`), or ``prefix``
+    when given. With several, the one that is not an EMA copy (a prefix with an ``ema`` part, as
+    torchvision's ``model_ema``, timm's ``state_dict_ema``) when that leaves one; CheckpointError
+    naming what was found otherwise."""
+    keys = list(keys)
+    found = densenet_prefixes(keys)
+    if prefix is not None:
+        if prefix not in found:
+            raise CheckpointError(f"{source}: no DenseNet under prefix {prefix!r} "
+                                  f"(found: {', '.join(map(repr, found)) or 'none'})")
+        return prefix
+    if not found:
+        raise CheckpointError(f"{source}: not a DenseNet checkpoint (no key ends in {_STEM_KEY}; "
+                              f"{describe_keys(keys)})")
+    plain = [p for p in found if not _EMA_PART.search(p)]
+    if len(found) == 1 or len(plain) == 1:
+        return (plain if len(plain) == 1 else found)[0]
+    raise CheckpointError(f"{source}: holds {len(found)} DenseNets, under prefixes "
+                          f"{', '.join(map(repr, found))}; choose one (--prefix)")
+
+
+def densenet_keys(keys, prefix: str) -> list[str]:
+    """The keys of the DenseNet under ``prefix``: those that start with it, less those of another
+    DenseNet nested inside it (an EMA copy kept as a submodule, ``ema.features...``)."""
+    keys = list(keys)
+    nested = [p for p in densenet_prefixes(keys) if p != prefix and p.startswith(prefix)]
+    return [k for k in keys if k.startswith(prefix) and not any(k.startswith(p) for p in nested)]
+
+
+def describe_keys(keys) -> str:
+    """What a set of state-dict keys holds, for a message: their number, the prefix they share, one."""
+    keys = sorted(keys)
+    if not keys:
+        return "it holds no tensors"
+    parts = [k.split(".")[:-1] for k in keys]
+    shared = []
+    for column in zip(*parts):
+        if len(set(column)) > 1:
+            break
+        shared.append(column[0])
+    under = f", all under {'.'.join(shared) + '.'!r}" if shared else ""
+    return f"found {len(keys)} tensor{'s' if len(keys) > 1 else ''}{under}, e.g. {keys[0]}"
+
+
+def normalize_keys(state_dict: dict[str, np.ndarray], source: str,
+                   prefix: str | None = None) -> dict[str, np.ndarray]:
+    """The DenseNet's own entries of ``state_dict``, keyed as torchvision keys them: the wrapper
+    prefix removed (see :func:`choose_prefix`; entries outside it are left out), torchvision's legacy
+    ``norm.1`` key names renamed, BN step counters dropped."""
+    chosen = choose_prefix(state_dict.keys(), source, prefix)
     out = {}
-    for key, value in state_dict.items():
+    for key in densenet_keys(state_dict, chosen):
         if key.endswith(_IGNORED_SUFFIX):
             continue
-        while key.startswith("module."):
-            key = key[len("module."):]
-        key = _LEGACY_KEY.sub(r"\1\2", key)
-        if key in out:
-            raise CheckpointError(f"{source}: key {key} appears twice (after removing prefixes)")
-        out[key] = value
+        name = _LEGACY_KEY.sub(r"\1\2", key[len(chosen):])
+        if name in out:
+            raise CheckpointError(f"{source}: key {chosen}{name} appears twice (legacy and current names)")
+        out[name] = state_dict[key]
+    if _BARE_STEM_KEY in out:  # model.features saved alone: put its keys where the model has them
+        out = {f"features.{key}": value for key, value in out.items()}
     return out
+
+
+def _num_classes(shapes: dict[str, tuple[int, ...]], source: str) -> int:
+    """The classes of torchvision's head (one Linear, ``classifier.weight``/``bias``), or 0 when the
+    checkpoint has no head (a backbone saved alone, or a head replaced by Identity), timm's
+    ``num_classes=0``. Any other ``classifier.*`` key is a custom head, refused by name."""
+    head = sorted(k for k in shapes if k.startswith(_HEAD))
+    if not head:
+        return 0
+    custom = sorted((k for k in head if k not in ("classifier.weight", "classifier.bias")),
+                    key=lambda k: (not k.endswith(".weight"), k))  # name a layer's weight first
+    if custom or "classifier.weight" not in shapes:
+        key = (custom or head)[0]
+        raise CheckpointError(f"{source}: custom head {key} ({len(head)} classifier keys; torchvision's "
+                              "is one Linear, classifier.weight and classifier.bias): convert the "
+                              "backbone alone (set model.classifier = torch.nn.Identity() and save its "
+                              "state_dict)")
+    return shapes["classifier.weight"][0]
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], source: str, **overrides) -> DenseNetConfig:
@@ -130,9 +217,10 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: str, **overrides) -
         bn_size = conv1[0] // growth_rate
     stem, num_init_features = _stem(shapes, conv0, growth_rate, check)
     compression = _compression(shapes, len(blocks), check)
+    num_classes = _num_classes(shapes, source)
     try:
         config = DenseNetConfig(growth_rate, tuple(blocks), num_init_features, bn_size, compression,
-                                stem, num_classes=shape("classifier.weight")[0], in_chans=conv0[1])
+                                stem, num_classes=num_classes, in_chans=conv0[1])
         return _with_registered_aa(config).replace(**overrides)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
@@ -197,10 +285,12 @@ def registered_name(config: DenseNetConfig) -> str | None:
     return None
 
 
-def from_torchvision(state_dict: dict[str, np.ndarray], source: str,
+def from_torchvision(state_dict: dict[str, np.ndarray], source: str, prefix: str | None = None,
                      **overrides) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
-    """Our arrays and config from a torchvision-style DenseNet state dict (numpy values)."""
-    state_dict = normalize_keys(state_dict, source)
+    """Our arrays and config from a torchvision-style DenseNet state dict (numpy values), under any
+    wrapper prefix (``prefix`` picks one when there are several, see :func:`choose_prefix`). A state
+    dict without ``classifier.*`` gives a headless config (``num_classes=0``)."""
+    state_dict = normalize_keys(state_dict, source, prefix)
     config = infer_config({k: tuple(v.shape) for k, v in state_dict.items()}, source, **overrides)
     table = weight_table(config)
     expected = {e.torch_key for e in table}

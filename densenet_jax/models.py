@@ -179,7 +179,8 @@ class Features(nnx.Module):
 
 
 class DenseNet(nnx.Module):
-    """A DenseNet classifier. ``model(x)`` maps NHWC images to logits; ``model.eval()`` for inference.
+    """A DenseNet classifier. ``model(x)`` maps NHWC images to logits, (N, num_classes), or to the
+    pooled features, (N, num_features), when ``num_classes`` is 0; ``model.eval()`` for inference.
 
     Built from a :class:`DenseNetConfig`; see :func:`densenet_jax.create_model` for named ones.
     timm's habits: ``model(x) == model.forward_head(model.forward_features(x))``;
@@ -195,7 +196,9 @@ class DenseNet(nnx.Module):
         self.config = config
         self.features = Features(config, rngs=rngs)
         self.head_drop = nnx.Dropout(config.head_drop_rate, rngs=rngs) if config.head_drop_rate > 0 else None
-        self.classifier = Linear(config.num_features, config.num_classes, rngs=rngs)
+        # num_classes=0: no classifier (timm's convention); the model returns the pooled features.
+        self.classifier = (Linear(config.num_features, config.num_classes, rngs=rngs)
+                           if config.num_classes else None)
 
     @property
     def num_features(self) -> int:
@@ -214,18 +217,20 @@ class DenseNet(nnx.Module):
     def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
         """Global average pooling, head dropout (``head_drop_rate``, in training) and the
         classifier: (N, H, W, num_features) -> logits (N, num_classes), or with ``pre_logits``
-        the pooled features (N, num_features)."""
+        the pooled features (N, num_features), which is also what a model without a classifier
+        (``num_classes=0``) returns."""
         x = jnp.mean(x, axis=(1, 2))
         if self.head_drop is not None:
             x = self.head_drop(x)
-        return x if pre_logits else self.classifier(x)
+        return x if pre_logits or self.classifier is None else self.classifier(x)
 
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
         """A fresh ``num_classes``-way classifier (torch's default init, from ``rngs``), as timm's
-        ``reset_classifier``; ``config.num_classes`` follows. Raises ValueError unless
-        num_classes >= 1 (for pooled features use ``forward_head(x, pre_logits=True)``)."""
+        ``reset_classifier``; ``config.num_classes`` follows; 0 removes the classifier (the model
+        then returns the pooled features). Raises ValueError for a negative or non-integer count."""
         config = self.config.replace(num_classes=num_classes)
-        self.classifier = Linear(self.num_features, num_classes, rngs=rngs if rngs is not None else nnx.Rngs(0))
+        self.classifier = (Linear(self.num_features, num_classes, rngs=rngs if rngs is not None else nnx.Rngs(0))
+                           if num_classes else None)
         self.config = config
 
     def feature_maps(self, x: jax.Array, out_indices=None) -> list[jax.Array]:

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import jax
@@ -95,28 +95,56 @@ def write_safetensors(arrays: dict[str, np.ndarray], config: DenseNetConfig, pat
     from safetensors.numpy import save
 
     path = Path(path)
-    if not force and path.exists():
-        raise CheckpointError(f"{path}: already exists (pass --force to overwrite)")
-    if not path.parent.is_dir():
-        raise CheckpointError(f"{path}: folder {path.parent} does not exist")
+    check_output(path, force)
     metadata = {"format": FORMAT, "config": config_to_json(config)}
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names))
     if pretrained_cfg is not None:
         metadata["pretrained_cfg"] = pretrained_cfg.to_json()
     payload = save({k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}, metadata=metadata)
-    atomic_write_bytes(path, payload)
+    atomic_write_bytes(path, _sorted_header(payload))
+
+
+def check_output(path: Path, force: bool, source: Path | None = None) -> None:
+    """CheckpointError unless ``path`` can be written: its folder exists, and it does not exist yet
+    (or ``force``), and it is not the file ``source`` being read."""
+    if path.exists() and source is not None and path.resolve() == Path(source).resolve():
+        raise CheckpointError(f"{path}: is the input file; write the output elsewhere")
+    if not force and path.exists():
+        raise CheckpointError(f"{path}: already exists (pass --force to overwrite)")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: folder {path.parent} does not exist")
+
+
+def _sorted_header(payload: bytes) -> bytes:
+    """``payload`` with its safetensors header's keys in sorted order, so that the same weights give
+    the same bytes: safetensors 0.8 writes the metadata in a hash map's order, which changes from
+    one call to the next. The header stays padded with spaces to a multiple of 8 bytes (the format's
+    alignment); the tensor data and its offsets are unchanged."""
+    length = int.from_bytes(payload[:8], "little")
+    header = json.dumps(json.loads(payload[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + payload[8 + length:]
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it, so no half-written file remains."""
+    """Write to a temporary file beside ``path`` and rename it, so no half-written file remains.
+
+    The file gets the mode the umask gives a new file (0644 under the usual 022), as ``open`` would:
+    the temporary file is created with 0666 and the kernel applies the umask (``mkstemp``'s 0600
+    would survive the rename and hide the file from colleagues sharing a runs folder). It is
+    fsynced before the rename, so a power cut leaves the old file or the new one, never an empty one.
+    """
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -131,6 +159,10 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], De
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    if file_format(path) == "torch":
+        out = path.with_suffix(".safetensors").name if path.suffix != ".safetensors" else "OUT.safetensors"
+        raise CheckpointError(f"{path}: a torch checkpoint, not densenet_jax weights; convert it first: "
+                              f"densenet-jax convert {path.name} {out}")
     data = path.read_bytes()
     try:
         arrays = load(data)
@@ -139,13 +171,31 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], De
         raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path}: not a densenet_jax weights file (no config in its metadata; "
-                              "convert torch checkpoints with convert/torch_to_flax.py)")
+                              "convert torchvision or timm weights with densenet-jax convert)")
     for key, value in arrays.items():
         if value.dtype.kind != "f":
             raise CheckpointError(f"{path}: {key} is {value.dtype}, not floating-point")
         if not np.isfinite(value).all():
             raise CheckpointError(f"{path}: {key} holds NaN or Inf values")
     return arrays, config_from_json(metadata["config"], str(path))
+
+
+def file_format(path: str | os.PathLike) -> str | None:
+    """What the file at ``path`` holds, from its first bytes: ``"densenet_jax"`` (our weights),
+    ``"safetensors"`` (any other safetensors file), ``"torch"`` (``torch.save``'s zip archive, or its
+    legacy format: a pickle, protocol 2 or higher), or None. Reads the header only."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:4] == b"PK\x03\x04" or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
+            return "torch"
+        if len(head) < 8 or f.read(1) != b"{":
+            return None
+        header = head + b"{" + f.read(min(int.from_bytes(head, "little"), 100_000_000) - 1)
+    try:
+        metadata = _safetensors_metadata(header)
+    except (ValueError, AttributeError):  # not JSON, or JSON of another shape: not safetensors
+        return None
+    return FORMAT if metadata.get("format") == FORMAT else "safetensors"
 
 
 def stored_class_names(path: str | os.PathLike) -> list[str] | None:
@@ -221,8 +271,9 @@ def build(arrays: dict[str, np.ndarray], config: DenseNetConfig, source: str, *,
     new_config = config.replace(**overrides)
     model = DenseNet(new_config, rngs=rngs if rngs is not None else nnx.Rngs(0))
     if new_config.num_classes != config.num_classes:
-        log.warning("%s: new %d-class classifier, freshly initialised (the file's has %d classes)",
-                    source, new_config.num_classes, config.num_classes)
+        if new_config.num_classes:  # 0: the head is dropped, nothing new to say
+            had = f"the file's has {config.num_classes} classes" if config.num_classes else "the file has none"
+            log.warning("%s: new %d-class classifier, freshly initialised (%s)", source, new_config.num_classes, had)
         fresh_head = {k: v for k, v in state_arrays(model).items() if k.startswith(_HEAD)}
         arrays = {**{k: v for k, v in arrays.items() if not k.startswith(_HEAD)}, **fresh_head}
     if new_config.in_chans != config.in_chans:

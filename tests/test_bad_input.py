@@ -1,8 +1,8 @@
 """Every kind of bad file, fed to every reader: one line naming the file and the fault, exit status 1
 (CheckpointError from the library), and nothing written, not even a temporary file.
 
-The converters and the CLI run in this process here (their ``main`` with ``sys.argv`` set, the same
-code their scripts run); test_convert.py runs the scripts as processes.
+The converters and the CLI run in this process here (``densenet-jax convert``'s ``main``, which the
+scripts in convert/ call); test_convert.py runs the scripts as processes.
 """
 
 import re
@@ -15,11 +15,8 @@ import torch
 from safetensors.numpy import save_file
 
 import densenet_jax as dj
-import flax_to_torch
-import torch_to_flax
 from densenet_jax import cli
 from densenet_jax.weights import config_to_json, read_safetensors
-from torch_io import run_cli
 from torch_twins import cifar_bc_model
 from fixtures import tiny_weights_file
 
@@ -27,17 +24,16 @@ from fixtures import tiny_weights_file
 UNWRITABLE = Path("/sys/densenet-jax-test.out")
 
 
-def run_main(name, main, argv, capsys) -> tuple[int, list[str]]:
-    """Run a converter's ``main`` as its script does; its exit status and stderr lines."""
-    old = sys.argv
-    sys.argv = [name, *map(str, argv)]
+def run_main(direction, argv, capsys) -> tuple[int, list[str]]:
+    """Run ``densenet-jax convert`` (``direction`` "torch_to_flax" or "flax_to_torch") as its
+    command does; its exit status and stderr lines."""
+    to = ["--to", "torch"] if direction == "flax_to_torch" else []
     try:
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(name, main)
-            sys.exit(0)
-    finally:
-        sys.argv = old
-    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+        cli.main(["convert", *to, *map(str, argv)])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
 
 
 def assert_refused(code, lines, output: Path, *fragments):
@@ -100,11 +96,11 @@ TORCH_FILES = {  # name: (writer, what the message must say)
     "empty": (write(b""), "empty file"),
     "random bytes": (write(np.random.default_rng(0).bytes(4096)), "not a loadable"),
     "truncated": (truncated_pth, "not a loadable"),
-    "a list": (pth_of([torch.zeros(3)]), "holds no state dict"),
-    "no tensors": (pth_of({"epoch": 3}), "holds no state dict"),
+    "a list": (pth_of([torch.zeros(3)]), "no key ends in features.conv0.weight"),
+    "no tensors": (pth_of({"epoch": 3}), "holds no tensors"),
     "Inf": (mutated_pth(lambda s: s["classifier.weight"].fill_(float("inf"))), "classifier.weight holds NaN or Inf"),
     "renamed key": (mutated_pth(lambda s: s.__setitem__("features.conv0.kernel", s.pop("features.conv0.weight"))),
-                    "no key features.conv0.weight"),
+                    "no key ends in features.conv0.weight"),
     "other stem": (mutated_pth(lambda s: s.__setitem__("features.conv0.weight", torch.zeros(24, 3, 5, 5))),
                    "features.conv0.weight has shape (24, 3, 5, 5)"),
     "bad bottleneck": (mutated_pth(lambda s: s.__setitem__(
@@ -117,7 +113,9 @@ def test_torch_to_flax_refuses(tmp_path, capsys, case):
     writer, message = TORCH_FILES[case]
     bad = writer(tmp_path / "bad.pth")
     out = tmp_path / "out.safetensors"
-    assert_refused(*run_main("torch_to_flax", torch_to_flax.main, [bad, out], capsys), out, "bad.pth", message)
+    code, lines = run_main("torch_to_flax", [bad, out], capsys)
+    assert_refused(code, lines, out, "bad.pth", message)
+    assert lines[0].count(str(bad)) == 1, lines[0]  # the path once, never "bad.pth: bad.pth: ..."
 
 
 def mutated_weights(change):
@@ -142,7 +140,7 @@ WEIGHT_FILES = {
     "empty": (write(b""), "not a safetensors"),
     "random bytes": (write(np.random.default_rng(1).bytes(4096)), "not a safetensors"),
     "truncated": (truncated_weights, "not a safetensors"),
-    "torch pickle": (good_pth, "not a safetensors"),
+    "torch pickle": (good_pth, "a torch checkpoint, not densenet_jax weights; convert it first"),
     "no metadata": (mutated_weights(lambda a, m: m.clear()), "not a densenet_jax weights file"),
     "config not JSON": (mutated_weights(lambda a, m: m.__setitem__("config", "{growth")),
                         "metadata holds no valid DenseNet config"),
@@ -169,27 +167,28 @@ def test_every_weights_reader_refuses(tmp_path, capsys, case):
     with pytest.raises(dj.CheckpointError, match=f"bad.safetensors: .*{re.escape(message)}"):
         dj.load(bad)
     out = tmp_path / "out.pth"
-    assert_refused(*run_main("flax_to_torch", flax_to_torch.main, [bad, out], capsys), out,
-                   "bad.safetensors", message)
+    code, lines = run_main("flax_to_torch", [bad, out], capsys)
+    assert_refused(code, lines, out, "bad.safetensors", message)
+    assert lines[0].count(str(bad)) == 1, lines[0]
     for command in (["evaluate", "--weights", bad], ["train", "--init-from", bad, "--workdir", tmp_path / "w"]):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([str(a) for a in command])
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 1 and len(lines) == 1 and message in lines[0], (command, lines)
+        assert lines[0].count(str(bad)) == 1, lines[0]
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("convert, source", [("torch_to_flax", good_pth), ("flax_to_torch", tiny_weights_file)])
 def test_outputs_are_never_clobbered_or_half_written(tmp_path, capsys, convert, source):
-    main = {"torch_to_flax": torch_to_flax.main, "flax_to_torch": flax_to_torch.main}[convert]
     good = source(tmp_path / "in.file")
     out = tmp_path / "out.file"
     for target, message in ((tmp_path / "no" / "out.file", "does not exist"),
                             (UNWRITABLE, "cannot write")):
-        assert_refused(*run_main(convert, main, [good, target], capsys), target, message)
+        assert_refused(*run_main(convert, [good, target], capsys), target, message)
     out.write_bytes(b"keep me")
-    code, lines = run_main(convert, main, [good, out], capsys)
+    code, lines = run_main(convert, [good, out], capsys)
     assert code == 1 and "--force" in lines[0] and out.read_bytes() == b"keep me"
-    code, _ = run_main(convert, main, [good, out, "--force"], capsys)
+    code, _ = run_main(convert, [good, out, "--force"], capsys)
     assert code == 0 and out.stat().st_size > 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.file", "out.file"]

@@ -11,7 +11,7 @@ import torchvision
 from flax import nnx
 
 import densenet_jax as dj
-from torch_io import read_state_dict
+from densenet_jax.torch_files import read_torch_checkpoint
 from torch_twins import cifar_bc_model, nchw, torchvision_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +151,7 @@ def test_bad_files_are_refused_in_one_line(tmp_path):
     assert result.returncode == 1 and "--force" in result.stderr and out.read_bytes() == b"keep me"
     torch_out = tmp_path / "out.pth"
     assert_refused(run("flax_to_torch.py", tmp_path / "ok.pth", torch_out), torch_out, "ok.pth",
-                   "not a safetensors")
+                   "a torch checkpoint")
 
 
 class Exploit:
@@ -172,5 +172,5 @@ def test_pickles_never_execute_code(tmp_path):
     assert_refused(run("torch_to_flax.py", tmp_path / "evil.pth", out), out, "evil.pth")
     assert not marker.exists()
     with pytest.raises(dj.CheckpointError):
-        read_state_dict(tmp_path / "evil.pth")
+        read_torch_checkpoint(tmp_path / "evil.pth")
     assert not marker.exists()
