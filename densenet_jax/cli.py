@@ -164,11 +164,14 @@ def predict(args) -> None:
                        progress=args.progress and not args.json)
     if args.json:
         print(json.dumps(results, indent=1))
-        return
-    for result in results:
-        print(result["file"])
-        for entry in result["top"]:
-            print(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['class']})")
+    else:
+        for result in filter(lambda r: "top" in r, results):  # skipped ones were named on stderr
+            print(result["file"])
+            for entry in result["top"]:
+                print(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['class']})")
+    if not any("top" in r for r in results):
+        from densenet_jax.errors import DataError
+        raise DataError(f"none of the {len(results)} image(s) could be classified (all unreadable)")
 
 
 COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict}

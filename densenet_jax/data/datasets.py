@@ -7,9 +7,7 @@ An example is ``{"image": HWC array, "label": int32}``; each data set brings its
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pickle
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,8 +15,6 @@ import numpy as np
 
 from densenet_jax.data import transforms as T
 from densenet_jax.errors import DataError
-
-log = logging.getLogger("densenet_jax")
 
 Example = dict[str, np.ndarray]
 
@@ -116,82 +112,13 @@ def cifar(data_dir: str | Path, num_classes: int) -> Dataset:
                    preprocess=normalize, class_names=class_names)
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class FileSource(Sequence):
-    """(path, label) pairs whose images are decoded when read."""
-
-    def __init__(self, files: list[tuple[Path, int]]):
-        self.files = files
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        path, label = self.files[index]
-        try:
-            image = T.read_rgb(path)
-        except OSError as e:  # changed on disk since the scan
-            raise DataError(f"{path}: unreadable image ({e})") from None
-        return {"image": image, "label": np.int32(label)}
-
-
-def _scan(split_dir: Path, classes: list[str], strict: bool) -> list[tuple[Path, int]]:
-    """Every decodable image under ``split_dir/<class>/``. Undecodable ones are skipped with one
-    warning that names them, or with ``strict`` stop everything with the first one's name."""
-    files = []
-    for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise DataError(f"{split_dir / name}: class folder holds no images")
-        files += [(p, label) for p in found]
-    with ThreadPoolExecutor(8) as pool:  # decoding releases the GIL
-        problems = list(pool.map(T.unreadable, [p for p, _ in files]))
-    bad = [(path, why) for (path, _), why in zip(files, problems) if why]
-    if bad and strict:
-        raise DataError(f"{bad[0][0]}: unreadable image ({bad[0][1]})"
-                        + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-    if bad:
-        names = ", ".join(f"{p.relative_to(split_dir)} ({why})" for p, why in bad[:5])
-        log.warning("warning: %s: skipping %d unreadable image(s) of %d: %s%s", split_dir, len(bad),
-                    len(files), names, ", ..." if len(bad) > 5 else "")
-        files = [f for f, why in zip(files, problems) if not why]
-        for label, name in enumerate(classes):
-            if not any(l == label for _, l in files):
-                raise DataError(f"{split_dir / name}: no readable images in the class folder")
-    return files
-
-
-def image_folder(data_dir: str | Path, image_size: int = 224, strict: bool = False) -> Dataset:
-    """``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` with torchvision's ImageNet preprocessing.
-
-    Every image is decoded once here, so that a corrupt file is found before training starts."""
-    root = Path(data_dir)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise DataError(f"{root / split}: missing split folder")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{root / 'train'}: no class folders")
-    val_classes = sorted(p.name for p in (root / "val").iterdir() if p.is_dir())
-    if val_classes != classes:
-        raise DataError(f"{root / 'val'}: class folders differ from train/ "
-                        f"({sorted(set(classes) ^ set(val_classes))[:3]})")
-    normalize = T.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)
-    return Dataset("folder", FileSource(_scan(root / "train", classes, strict)),
-                   FileSource(_scan(root / "val", classes, strict)), len(classes), image_size,
-                   augment=T.Compose([T.RandomResizedCrop(image_size), T.RandomFlip(), normalize]),
-                   preprocess=T.Compose([T.ResizeCenterCrop(image_size * 8 // 7, image_size), normalize]),
-                   class_names=classes)
-
-
 def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = False,
-                 image_size: int = 224) -> Dataset:
+                 image_size: int = 224, mode: str = "RGB") -> Dataset:
     """``digits`` (bundled), ``cifar10``/``cifar100`` or ``folder`` (these read ``data_dir``).
 
-    For a folder: ``image_size`` is the training crop (eval resizes to 8/7 of it, then crops), and
-    with ``strict`` an unreadable image is an error rather than skipped."""
+    For a folder (``data.folder.image_folder``): ``image_size`` is the training crop (eval resizes
+    to 8/7 of it, then crops), images are read as ``mode`` ("RGB", or "L" for a one-channel model),
+    and with ``strict`` an unreadable image is an error rather than skipped when it is read."""
     if name == "digits":
         return digits()
     if name not in ("cifar10", "cifar100", "folder"):
@@ -201,5 +128,6 @@ def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = F
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: no such folder")
     if name == "folder":
-        return image_folder(data_dir, image_size, strict)
+        from densenet_jax.data.folder import image_folder
+        return image_folder(data_dir, image_size, strict, mode)
     return cifar(data_dir, int(name[len("cifar"):]))

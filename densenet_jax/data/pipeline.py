@@ -40,10 +40,12 @@ def eval_batches(source: Sequence[Example], transform: Callable[[Example], Examp
                  global_batch: int, process_index: int = 0, process_count: int = 1,
                  workers: int = 0) -> Iterator[Example]:
     """Every example once, in order; the last batch is padded to full size, with a ``weight`` of 0
-    on the padding so that it counts for nothing."""
+    on the padding, and on an unreadable image's stand-in (``skipped``), so that they count for
+    nothing."""
     per_host = global_batch // process_count
     ds = grain.MapDataset.source(_Padded(source, global_batch)).map(
-        lambda ex: {**transform(ex["example"]), "weight": ex["weight"]})
+        lambda ex: {**transform(ex["example"]),
+                    "weight": ex["weight"] * np.float32(1 - ex["example"].get("skipped", 0))})
     return _iterate(ds[process_index::process_count].batch(per_host), workers)
 
 
@@ -66,5 +68,17 @@ class _Padded(Sequence):
 def _iterate(ds: grain.MapDataset, workers: int) -> Iterator[Example]:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if workers > 0:
+        _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(it)
+
+
+def _absl_flags_parsed() -> None:
+    """Grain 0.2.18 reads its absl flag ``grain_enable_multiprocess_worker_profiling`` when it
+    starts worker processes, which absl refuses before the flags are parsed (only ``absl.app.run``
+    parses them). Marking them parsed leaves every flag at its default, as the run would have it;
+    google/grain#1355, fixed by #1362 after 0.2.18, reads the default itself."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

@@ -6,37 +6,20 @@ Each transform is ``t(example, rng=None) -> example``; random ones need ``rng``.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# R, G, B weights of Pillow's RGB -> L conversion (ITU-R 601-2 luma).
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale."""
     x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255
     return x.mean(0), x.std(0)
-
-
-def read_rgb(path: Path) -> Image.Image:
-    """The image at ``path`` as RGB (decoded now, the file closed)."""
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-def unreadable(path: Path) -> str | None:
-    """Why the image at ``path`` cannot be decoded, or None if it can. JPEGs are decoded at reduced
-    size (quick, yet every byte is still read, so truncation shows)."""
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))
-            im.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 class Compose:
@@ -51,7 +34,8 @@ class Compose:
 
 
 class Normalize:
-    """uint8 (or PIL) -> float32 ``(x / 255 - mean) / std``, as ToTensor + Normalize compute it."""
+    """uint8 (or PIL) HWC, or HW for one channel -> float32 HWC ``(x / 255 - mean) / std``, as
+    ToTensor + Normalize compute it."""
 
     def __init__(self, mean, std):
         self.mean = np.asarray(mean, np.float32)
@@ -59,6 +43,8 @@ class Normalize:
 
     def __call__(self, example, rng=None):
         x = np.asarray(example["image"], np.float32) / np.float32(255)
+        if x.ndim == 2:  # an L image: its one channel
+            x = x[..., None]
         return {**example, "image": (x - self.mean) / self.std}
 
 
