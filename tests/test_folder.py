@@ -182,7 +182,7 @@ def test_8bit_modes_read_as_torchvision_reads_them(tmp_path, mode):
 ])
 def test_wide_modes_are_scaled_not_clipped(tmp_path, mode, pixels, suffix, expected):
     path = tmp_path / f"x{suffix}"
-    Image.fromarray(pixels, mode).save(path)
+    Image.fromarray(pixels).save(path)  # uint16 -> I;16, int32 -> I, float32 -> F
     with Image.open(path) as im:
         assert im.mode == mode
     rgb = np.asarray(read_image(path))
@@ -313,3 +313,12 @@ def test_train_cli_with_workers(tmp_path):
 def test_extensions_are_torchvisions():
     from torchvision.datasets.folder import IMG_EXTENSIONS as TORCHVISION
     assert set(IMG_EXTENSIONS) == set(TORCHVISION)
+
+
+def test_a_folder_of_only_unreadable_images_is_an_error_when_read(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=1)
+    for path in (root / "train").rglob("*.jpg"):
+        path.write_bytes(b"")
+    data = load_dataset("folder", root)
+    with pytest.raises(DataError, match=f"{root / 'train'}: none of its 3 images is readable"):
+        data.train[0]

@@ -70,7 +70,11 @@ def _iterate(ds: grain.MapDataset, workers: int) -> Iterator[Example]:
     if workers > 0:
         _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iter(it)
+    it = iter(it)
+    try:
+        yield from it
+    finally:  # when the caller drops the batches: stop the worker processes, free their shared memory
+        it.close()
 
 
 def _absl_flags_parsed() -> None:
