@@ -281,6 +281,10 @@ def test_predict_lists_skipped_files_and_fails_on_nothing(tmp_path, capsys):
     errors = [l for l in captured.err.splitlines() if not l.startswith("warning:")]
     assert exit_info.value.code == 1 and len(errors) == 1 and "none of the 2 image(s)" in errors[0]
     assert "bomb.png: unreadable image, skipped (DecompressionBombError" in captured.err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", "--weights", str(weights), str(folder), "--strict"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(lines) == 1 and "bomb.png: unreadable image (Decomp" in lines[0]
     Image.new("RGB", (50, 40), (200, 10, 10)).save(folder / "good.jpg")
     cli.main(["predict", "--weights", str(weights), str(folder), "--json", "--top", "2"])
     results = json.loads(capsys.readouterr().out)
@@ -301,9 +305,11 @@ def test_workers_give_the_same_batches(tmp_path):
 
 
 def test_train_cli_with_workers(tmp_path):
+    """The issue's command, on a tiny model (--init-from) so that compiling stays cheap."""
     root = write_image_folder(tmp_path / "imgs")
+    weights = tiny_weights_file(tmp_path / "tiny.safetensors")
     output = train(tmp_path / "run", "--dataset", "folder", "--data-dir", str(root), "--workers", "2",
-                   "--image-size", "16", "--batch-size", "4", "--epochs", "1")
+                   "--init-from", str(weights), "--image-size", "16", "--batch-size", "4", "--epochs", "1")
     assert "flags were parsed" not in output and "Traceback" not in output
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"])
@@ -322,3 +328,17 @@ def test_a_folder_of_only_unreadable_images_is_an_error_when_read(tmp_path):
     data = load_dataset("folder", root)
     with pytest.raises(DataError, match=f"{root / 'train'}: none of its 3 images is readable"):
         data.train[0]
+
+
+def test_one_channel_reading(tmp_path):
+    """mode="L" (a model with in_chans=1): one channel, normalised by the luma-weighted ImageNet
+    mean and std (0.299, 0.587, 0.114 of (0.485, 0.456, 0.406) and (0.229, 0.224, 0.225))."""
+    root = write_image_folder(tmp_path / "imgs", per_class=1)
+    for path in root.rglob("*.*"):
+        Image.new("RGB", (30, 20), (100, 100, 100)).save(path)
+    data = load_dataset("folder", root, image_size=16, mode="L")
+    batch = next(train_batches(data.train, data.augment, seed=0, epoch=0, global_batch=3))
+    assert batch["image"].shape == (3, 16, 16, 1)
+    evaluated = data.preprocess(data.eval[0])["image"]
+    assert evaluated.shape == (16, 16, 1)
+    np.testing.assert_allclose(evaluated, (100 / 255 - 0.458971) / 0.225609, atol=1e-5)
