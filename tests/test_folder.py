@@ -282,7 +282,7 @@ def test_predict_lists_skipped_files_and_fails_on_nothing(tmp_path, capsys):
     assert exit_info.value.code == 1 and len(errors) == 1 and "none of the 2 image(s)" in errors[0]
     assert "bomb.png: unreadable image, skipped (DecompressionBombError" in captured.err
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["predict", "--weights", str(weights), str(folder), "--strict"])
+        cli.main(["predict", "--weights", str(weights), str(folder), "--strict", "--no-progress"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and len(lines) == 1 and "bomb.png: unreadable image (Decomp" in lines[0]
     Image.new("RGB", (50, 40), (200, 10, 10)).save(folder / "good.jpg")

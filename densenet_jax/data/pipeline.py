@@ -27,7 +27,11 @@ def steps_per_epoch(num_examples: int, global_batch: int, process_count: int = 1
 def train_batches(source: Sequence[Example], augment: Callable[[Example, np.random.Generator], Example],
                   *, seed: int, epoch: int, global_batch: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1, workers: int = 0) -> Iterator[Example]:
-    """This host's share of each global training batch of ``epoch``, from ``start_step`` on."""
+    """This host's share of each global training batch of ``epoch``, from ``start_step`` on.
+
+    A folder's batches also hold ``skipped`` (int32, 1 where an unreadable image's stand-in is):
+    its sum is the number of images skipped in the batch. ``workers`` > 0 decodes in that many
+    processes (started per call, stopped when the batches are dropped); the batches are the same."""
     if global_batch % process_count:
         raise ValueError(f"batch size {global_batch} is not divisible by {process_count} hosts")
     epoch_seed = _epoch_seed(seed, epoch)
