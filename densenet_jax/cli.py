@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from densenet_jax.errors import CheckpointError, DivergedError, Interrupted
+from densenet_jax.errors import CheckpointError, DataError, DivergedError, Interrupted
 
 log = logging.getLogger("densenet_jax")
 _HANDLER = logging.StreamHandler()
@@ -170,7 +170,6 @@ def predict(args) -> None:
             for entry in result["top"]:
                 print(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['class']})")
     if not any("top" in r for r in results):
-        from densenet_jax.errors import DataError
         raise DataError(f"none of the {len(results)} image(s) could be classified (all unreadable)")
 
 

@@ -20,6 +20,7 @@ from densenet_jax.data.images import IMG_EXTENSIONS, UnreadableImage, read_image
 from densenet_jax.errors import DataError
 from densenet_jax.models import DenseNet
 
+
 def class_names(num_classes: int, labels: str | Path | list[str] | None = None) -> list[str]:
     """Names for the model's classes: ``labels`` (a list, or a file with one per line); ImageNet's
     1000 (shipped with the package) for a 1000-class model; otherwise the class numbers."""
