@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from densenet_jax.errors import CheckpointError, DivergedError, Interrupted
+from densenet_jax.errors import CheckpointError, DataError, DivergedError, Interrupted
 
 log = logging.getLogger("densenet_jax")
 _HANDLER = logging.StreamHandler()
@@ -195,8 +195,8 @@ def evaluate(args) -> None:
     from densenet_jax.train.loop import PRECISIONS, evaluate_state
     from densenet_jax.weights import load
 
-    data = load_dataset(args.dataset, args.data_dir, args.strict, args.image_size)
     model = load(args.weights)
+    data = load_dataset(args.dataset, args.data_dir, args.strict, args.image_size, model.config.in_chans)
     if model.config.num_classes != data.num_classes:
         raise ValueError(f"{args.weights}: has {model.config.num_classes} classes, "
                          f"{args.dataset} has {data.num_classes}")
@@ -225,11 +225,13 @@ def predict(args) -> None:
                        progress=args.progress and not args.json)
     if args.json:
         print(json.dumps(results, indent=1))
-        return
-    for result in results:
-        print(result["file"])
-        for entry in result["top"]:
-            print(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['class']})")
+    else:
+        for result in filter(lambda r: "top" in r, results):  # skipped ones were named on stderr
+            print(result["file"])
+            for entry in result["top"]:
+                print(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['class']})")
+    if not any("top" in r for r in results):
+        raise DataError(f"none of the {len(results)} image(s) could be classified (all unreadable)")
 
 
 def _predict_model(args):

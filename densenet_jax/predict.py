@@ -3,11 +3,11 @@ training run's own), else torchvision's; batched, top-k classes with names.
 
     results = predict(model, ["cat.jpg", "photos/"], top_k=5)
     results[0] == {"file": "cat.jpg", "top": [{"class": 281, "name": "tabby", "probability": 0.61}, ...]}
+    results[1] == {"file": "photos/broken.jpg", "skipped": "unreadable image (OSError: ...)"}
 """
 
 from __future__ import annotations
 
-import logging
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -17,12 +17,10 @@ import numpy as np
 from flax import nnx
 
 from densenet_jax.data import transforms as T
-from densenet_jax.data.datasets import IMAGE_SUFFIXES
+from densenet_jax.data.images import IMG_EXTENSIONS, UnreadableImage, read_image, warn_skipped
 from densenet_jax.errors import DataError
 from densenet_jax.models import DenseNet
 from densenet_jax.pretrained import PretrainedCfg
-
-log = logging.getLogger("densenet_jax")
 
 
 def class_names(num_classes: int, labels: str | Path | list[str] | None = None) -> list[str]:
@@ -42,11 +40,15 @@ def class_names(num_classes: int, labels: str | Path | list[str] | None = None) 
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The given files, and the image files under the given folders (sorted, recursively)."""
+    """The given files, and the image files under the given folders (sorted, recursively; the
+    extensions torchvision's ImageFolder takes; names starting with a dot ignored, as in
+    ``data.folder``)."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files += sorted(p for p in path.rglob("*") if p.name.lower().endswith(IMG_EXTENSIONS)
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                            and p.is_file())
         elif path.is_file():
             files.append(path)
         else:
@@ -86,7 +88,8 @@ def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, bat
     ``transform``, by default as the weights want (:func:`model_transform`: ``model.pretrained_cfg``,
     or torchvision's ``resize``/``crop`` for weights that carry none).
 
-    Unreadable images are skipped with a warning naming them (``strict``: DataError instead).
+    An unreadable image is skipped with a warning naming it and listed with the reason, as
+    ``{"file": ..., "skipped": ...}`` (``strict``: UnreadableImage, a DataError, instead).
     """
     from tqdm import tqdm
 
@@ -100,18 +103,21 @@ def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, bat
     results = []
     with tqdm(total=len(files), disable=not progress or len(files) < 2, unit="image") as bar:
         for start in range(0, len(files), batch_size):
-            batch, kept = [], []
-            for path in files[start:start + batch_size]:
+            chunk = files[start:start + batch_size]
+            batch, kept, skipped = [], [], {}
+            for path in chunk:
                 try:
-                    batch.append(transform({"image": T.read_rgb(path)})["image"])
+                    batch.append(transform({"image": read_image(path)})["image"])
                     kept.append(path)
-                except OSError as e:
+                except UnreadableImage as e:
                     if strict:
-                        raise DataError(f"{path}: unreadable image ({e})") from None
-                    log.warning("warning: %s: unreadable image, skipped (%s)", path, e)
-            if batch:
-                results += _top(np.asarray(forward(_padded(np.stack(batch), batch_size))), kept, names, top_k)
-            bar.update(len(files[start:start + batch_size]))
+                        raise
+                    warn_skipped(e)
+                    skipped[path] = f"unreadable image ({e.reason})"
+            top = iter(_top(np.asarray(forward(_padded(np.stack(batch), batch_size))), kept, names, top_k)
+                       if batch else [])
+            results += [{"file": str(p), "skipped": skipped[p]} if p in skipped else next(top) for p in chunk]
+            bar.update(len(chunk))
     return results
 
 

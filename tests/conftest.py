@@ -13,6 +13,7 @@ from torch_twins import state_dict_numpy
 # Tests that call the CLI in this process must not write compiled programs into the user's cache
 # (the training subprocesses get a session cache of their own, see train_cli.py).
 os.environ["DENSENET_JAX_CACHE"] = ""
+os.environ["DENSENET_JAX_LISTINGS"] = ""  # no folder listings cached in the user's home
 
 
 def flax_twin(torch_model, **overrides) -> dj.DenseNet:

@@ -145,8 +145,10 @@ def test_timm_habits(rng):
     np.testing.assert_array_equal(np.asarray(model.forward_head(features)), np.asarray(model(x)))
     model.reset_classifier(3, rngs=nnx.Rngs(5))
     assert model(x).shape == (2, 3) and model.config.num_classes == 3
-    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
-        model.reset_classifier(0)
+    model.reset_classifier(0)  # timm's num_classes=0: no head, the model returns the pooled features
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(pooled))
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, or 0"):
+        model.reset_classifier(-1)
 
 
 @pytest.mark.parametrize("stem, in_chans", [("cifar", 1), ("deep_tiered", 2)])

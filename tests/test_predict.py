@@ -12,7 +12,7 @@ import torchvision.transforms as TT
 from PIL import Image
 
 from densenet_jax import cli
-from densenet_jax.data import transforms as T
+from densenet_jax.data.images import read_image
 from densenet_jax.interop import from_torchvision
 from densenet_jax.predict import class_names, eval_transform
 from densenet_jax.weights import write_safetensors
@@ -31,7 +31,7 @@ def torchvision_tensor(path: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("photo", PHOTOS, ids=lambda p: p.name)
 def test_preprocessing_equals_torchvision_on_real_photos(photo):
-    ours = eval_transform()({"image": T.read_rgb(photo)})["image"]
+    ours = eval_transform()({"image": read_image(photo)})["image"]
     reference = torchvision_tensor(photo)
     assert ours.shape == reference.shape == (224, 224, 3) and ours.dtype == np.float32
     assert np.abs(ours - reference).max() <= 1e-6
@@ -63,7 +63,9 @@ def test_predict_gives_torchvision_top5(tmp_path, capsys, converted):
     captured = capsys.readouterr()
     results = json.loads(captured.out)
     assert "broken.jpg: unreadable image, skipped" in captured.err
-    assert [Path(r["file"]).name for r in results] == [p.name for p in PHOTOS]
+    assert [Path(r["file"]).name for r in results] == ["broken.jpg", *(p.name for p in PHOTOS)]
+    assert results[0]["skipped"].startswith("unreadable image (")  # listed with the reason
+    results = results[1:]
     batch = np.stack([torchvision_tensor(p) for p in PHOTOS]).transpose(0, 3, 1, 2)
     with torch.no_grad():
         probabilities = torch.softmax(torch_model(torch.from_numpy(batch)), -1).numpy()

@@ -10,7 +10,9 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from densenet_jax.data import transforms as T
-from densenet_jax.data.datasets import digits, image_folder
+from densenet_jax.data.datasets import digits
+from densenet_jax.data.folder import image_folder
+from densenet_jax.data.images import read_image
 from densenet_jax.pretrained import TAGS, PretrainedCfg
 from densenet_jax.train.loop import preprocessing_cfg
 from fixtures import write_image_folder
@@ -36,7 +38,7 @@ def test_eval_transform_equals_timm_on_real_photos(name):
                                                        args={"in_chans": cfg.in_chans}))
     mode = "L" if cfg.in_chans == 1 else "RGB"
     for photo in PHOTOS:
-        x = ours({"image": T.read_rgb(photo)})["image"]
+        x = ours({"image": read_image(photo)})["image"]
         expected = reference(Image.open(photo).convert(mode)).numpy().transpose(1, 2, 0)
         size = cfg.eval_config(use_test_size)["input_size"]
         assert x.shape == expected.shape == (size[1], size[2], cfg.in_chans) and x.dtype == np.float32

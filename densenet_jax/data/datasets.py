@@ -1,15 +1,14 @@
 """The data sets the trainer knows, as in-memory or on-disk sequences of examples.
 
-An example is ``{"image": HWC array, "label": int32}``; each data set brings its own augmentation
+An example is ``{"image": HWC array, "label": int32}`` (an image folder's adds ``skipped``, see
+``data.folder.FileSource``); each data set brings its own augmentation
 (train) and preprocessing (eval), which end in float32, mean/std-normalised NHWC images.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pickle
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,9 +16,6 @@ import numpy as np
 
 from densenet_jax.data import transforms as T
 from densenet_jax.errors import DataError
-from densenet_jax.pretrained import PretrainedCfg
-
-log = logging.getLogger("densenet_jax")
 
 Example = dict[str, np.ndarray]
 
@@ -117,89 +113,14 @@ def cifar(data_dir: str | Path, num_classes: int) -> Dataset:
                    preprocess=normalize, class_names=class_names)
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class FileSource(Sequence):
-    """(path, label) pairs whose images are decoded when read."""
-
-    def __init__(self, files: list[tuple[Path, int]]):
-        self.files = files
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        path, label = self.files[index]
-        try:
-            image = T.read_rgb(path)
-        except OSError as e:  # changed on disk since the scan
-            raise DataError(f"{path}: unreadable image ({e})") from None
-        return {"image": image, "label": np.int32(label)}
-
-
-def _scan(split_dir: Path, classes: list[str], strict: bool) -> list[tuple[Path, int]]:
-    """Every decodable image under ``split_dir/<class>/``. Undecodable ones are skipped with one
-    warning that names them, or with ``strict`` stop everything with the first one's name."""
-    files = []
-    for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise DataError(f"{split_dir / name}: class folder holds no images")
-        files += [(p, label) for p in found]
-    with ThreadPoolExecutor(8) as pool:  # decoding releases the GIL
-        problems = list(pool.map(T.unreadable, [p for p, _ in files]))
-    bad = [(path, why) for (path, _), why in zip(files, problems) if why]
-    if bad and strict:
-        raise DataError(f"{bad[0][0]}: unreadable image ({bad[0][1]})"
-                        + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-    if bad:
-        names = ", ".join(f"{p.relative_to(split_dir)} ({why})" for p, why in bad[:5])
-        log.warning("warning: %s: skipping %d unreadable image(s) of %d: %s%s", split_dir, len(bad),
-                    len(files), names, ", ..." if len(bad) > 5 else "")
-        files = [f for f, why in zip(files, problems) if not why]
-        for label, name in enumerate(classes):
-            if not any(l == label for _, l in files):
-                raise DataError(f"{split_dir / name}: no readable images in the class folder")
-    return files
-
-
-def image_folder(data_dir: str | Path, image_size: int = 224, strict: bool = False,
-                 in_chans: int = 3) -> Dataset:
-    """``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` with torchvision's ImageNet preprocessing.
-
-    Every image is decoded once here, so that a corrupt file is found before training starts.
-    ``in_chans=1`` reads the images as greyscale ("L"), normalised with ImageNet's average mean and
-    std (as :meth:`densenet_jax.pretrained.PretrainedCfg.with_in_chans` gives)."""
-    root = Path(data_dir)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise DataError(f"{root / split}: missing split folder")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{root / 'train'}: no class folders")
-    val_classes = sorted(p.name for p in (root / "val").iterdir() if p.is_dir())
-    if val_classes != classes:
-        raise DataError(f"{root / 'val'}: class folders differ from train/ "
-                        f"({sorted(set(classes) ^ set(val_classes))[:3]})")
-    if in_chans not in T.IMAGE_MODES:
-        raise DataError(f"{root}: image folders give 1 or 3 channels, not in_chans={in_chans}")
-    cfg = PretrainedCfg().with_in_chans(in_chans)
-    normalize, mode = T.Normalize(cfg.mean, cfg.std), T.ConvertMode(T.IMAGE_MODES[in_chans])
-    return Dataset("folder", FileSource(_scan(root / "train", classes, strict)),
-                   FileSource(_scan(root / "val", classes, strict)), len(classes), image_size,
-                   augment=T.Compose([mode, T.RandomResizedCrop(image_size), T.RandomFlip(), normalize]),
-                   preprocess=T.Compose([mode, T.ResizeCenterCrop(image_size * 8 // 7, image_size), normalize]),
-                   class_names=classes)
-
-
 def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = False,
                  image_size: int = 224, in_chans: int = 3) -> Dataset:
     """``digits`` (bundled), ``cifar10``/``cifar100`` or ``folder`` (these read ``data_dir``).
 
-    For a folder: ``image_size`` is the training crop (eval resizes to 8/7 of it, then crops), with
-    ``strict`` an unreadable image is an error rather than skipped, and ``in_chans=1`` reads
-    greyscale images; the other data sets are RGB."""
+    For a folder (``data.folder.image_folder``): ``image_size`` is the training crop (eval resizes
+    to 8/7 of it, then crops), images are read with ``in_chans`` channels (1: greyscale, "L"), and
+    with ``strict`` an unreadable image is an error rather than skipped when it is read; the other
+    data sets are RGB."""
     if in_chans != 3 and name != "folder":
         raise DataError(f"in_chans={in_chans} needs --dataset folder ({name} is RGB)")
     if name == "digits":
@@ -211,5 +132,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = F
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: no such folder")
     if name == "folder":
-        return image_folder(data_dir, image_size, strict, in_chans)
+        from densenet_jax.data.folder import image_folder
+        if in_chans not in T.IMAGE_MODES:
+            raise DataError(f"{data_dir}: image folders give 1 or 3 channels, not in_chans={in_chans}")
+        return image_folder(data_dir, image_size, strict, T.IMAGE_MODES[in_chans])
     return cifar(data_dir, int(name[len("cifar"):]))

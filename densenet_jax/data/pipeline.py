@@ -27,7 +27,11 @@ def steps_per_epoch(num_examples: int, global_batch: int, process_count: int = 1
 def train_batches(source: Sequence[Example], augment: Callable[[Example, np.random.Generator], Example],
                   *, seed: int, epoch: int, global_batch: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1, workers: int = 0) -> Iterator[Example]:
-    """This host's share of each global training batch of ``epoch``, from ``start_step`` on."""
+    """This host's share of each global training batch of ``epoch``, from ``start_step`` on.
+
+    A folder's batches also hold ``skipped`` (int32, 1 where an unreadable image's stand-in is):
+    its sum is the number of images skipped in the batch. ``workers`` > 0 decodes in that many
+    processes (started per call, stopped when the batches are dropped); the batches are the same."""
     if global_batch % process_count:
         raise ValueError(f"batch size {global_batch} is not divisible by {process_count} hosts")
     epoch_seed = _epoch_seed(seed, epoch)
@@ -40,10 +44,12 @@ def eval_batches(source: Sequence[Example], transform: Callable[[Example], Examp
                  global_batch: int, process_index: int = 0, process_count: int = 1,
                  workers: int = 0) -> Iterator[Example]:
     """Every example once, in order; the last batch is padded to full size, with a ``weight`` of 0
-    on the padding so that it counts for nothing."""
+    on the padding, and on an unreadable image's stand-in (``skipped``), so that they count for
+    nothing."""
     per_host = global_batch // process_count
     ds = grain.MapDataset.source(_Padded(source, global_batch)).map(
-        lambda ex: {**transform(ex["example"]), "weight": ex["weight"]})
+        lambda ex: {**transform(ex["example"]),
+                    "weight": ex["weight"] * np.float32(1 - ex["example"].get("skipped", 0))})
     return _iterate(ds[process_index::process_count].batch(per_host), workers)
 
 
@@ -66,5 +72,21 @@ class _Padded(Sequence):
 def _iterate(ds: grain.MapDataset, workers: int) -> Iterator[Example]:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if workers > 0:
+        _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iter(it)
+    it = iter(it)
+    try:
+        yield from it
+    finally:  # when the caller drops the batches: stop the worker processes, free their shared memory
+        it.close()
+
+
+def _absl_flags_parsed() -> None:
+    """Grain 0.2.18 reads its absl flag ``grain_enable_multiprocess_worker_profiling`` when it
+    starts worker processes, which absl refuses before the flags are parsed (only ``absl.app.run``
+    parses them). Marking them parsed leaves every flag at its default, as the run would have it;
+    google/grain#1355, fixed by #1362 after 0.2.18, reads the default itself."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

@@ -6,7 +6,6 @@ Each transform is ``t(example, rng=None) -> example``; random ones need ``rng``.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -21,24 +20,6 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(0), x.std(0)
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """The image at ``path`` as RGB (decoded now, the file closed)."""
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-def unreadable(path: Path) -> str | None:
-    """Why the image at ``path`` cannot be decoded, or None if it can. JPEGs are decoded at reduced
-    size (quick, yet every byte is still read, so truncation shows)."""
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))
-            im.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 class Compose:
     """Transforms applied in order to an example (each takes the example and an RNG)."""
     def __init__(self, transforms):
@@ -51,7 +32,8 @@ class Compose:
 
 
 class Normalize:
-    """uint8 (or PIL) -> float32 ``(x / 255 - mean) / std``, as ToTensor + Normalize compute it."""
+    """uint8 (or PIL) HWC, or HW for one channel -> float32 HWC ``(x / 255 - mean) / std``, as
+    ToTensor + Normalize compute it."""
 
     def __init__(self, mean, std):
         self.mean = np.asarray(mean, np.float32)
