@@ -15,7 +15,7 @@ _HANDLER.setFormatter(logging.Formatter("%(message)s"))
 
 
 def _train_parser(sub) -> None:
-    from densenet_jax.configs import list_models
+    from densenet_jax.registry import list_models
     from densenet_jax.train.loop import TrainConfig
 
     d = TrainConfig()
