@@ -73,8 +73,10 @@ class DenseNetFeatures(nnx.Module):
 
     It shares ``model``'s modules, so its weights sit where DenseNet's do (``features.*``) and the
     same files load into it; build one with ``create_model(..., features_only=True)`` or
-    ``load(..., features_only=True)``.
+    ``load(..., features_only=True)``. ``pretrained_cfg``: as the DenseNet's (None when unknown).
     """
+
+    pretrained_cfg = None
 
     def __init__(self, model: DenseNet, out_indices=None):
         self.config = model.config

@@ -51,7 +51,17 @@ def _train_parser(sub) -> None:
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
     p.add_argument("--max-steps", type=int, default=d.max_steps,
                    help="stop after this many steps, checkpointed (0: no limit); rerun to continue")
+    _pretrained_train_options(p)
     _distributed_options(p)
+
+
+def _pretrained_train_options(p) -> None:
+    p.add_argument("--pretrained", default=None, metavar="TAG",
+                   help="fine-tune a pretrained tag from the Hugging Face Hub (densenet121.ra_in1k; "
+                        "`densenet-jax models --pretrained` lists them) with a new head")
+    p.add_argument("--in-chans", type=int, default=3,
+                   help="input channels: 1 reads folder images as greyscale (conv0 of pretrained "
+                        "weights adapted as timm's adapt_input_conv)")
 
 
 def _dataset_options(p) -> None:
@@ -84,20 +94,43 @@ def _evaluate_parser(sub) -> None:
 
 
 def _predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="top-5 classes of image files, with torchvision's eval preprocessing",
+    p = sub.add_parser("predict", help="top-5 classes of image files, prepared as the weights want",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
-    p.add_argument("--weights", required=True, help="a densenet_jax .safetensors (e.g. converted torchvision)")
+    p.add_argument("--weights", default=None,
+                   help="a densenet_jax .safetensors (e.g. converted torchvision); with --model, a "
+                        "local copy of that tag's weights (timm's model.safetensors)")
+    _pretrained_predict_options(p)
     p.add_argument("--labels", default=None, metavar="FILE",
                    help="class names, one per line (default: those the weights were trained with, "
                         "ImageNet's for 1000 classes, else numbers)")
     p.add_argument("--top", type=int, default=5, help="classes to show per image")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop")
-    p.add_argument("--crop", type=int, default=224, help="centre crop size")
+    p.add_argument("--resize", type=int, default=256,
+                   help="torchvision preprocessing (or weights that carry none): shorter side before the crop")
+    p.add_argument("--crop", type=int, default=224, help="torchvision preprocessing: centre crop size")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _pretrained_predict_options(p) -> None:
+    p.add_argument("--model", default=None, metavar="TAG",
+                   help="a pretrained tag (densenet121.tv_in1k), downloaded from the Hugging Face Hub "
+                        "on first use, or hf-hub:<repo>")
+    p.add_argument("--preprocess", default="weights", choices=["weights", "torchvision"],
+                   help="weights: the preprocessing stored with the weights (timm's for the tags); "
+                        "torchvision: resize --resize bilinear, centre crop --crop")
+    p.add_argument("--test-size", action="store_true",
+                   help="the weights' larger test size where they have one (288/0.95 for ra tags)")
+    p.add_argument("--in-chans", type=int, default=None,
+                   help="input channels (1: greyscale); adapts conv0 of 3-channel weights")
+
+
+def _models_parser(sub) -> None:
+    p = sub.add_parser("models", help="the model names, their parameters and pretrained tags")
+    p.add_argument("--pretrained", action="store_true",
+                   help="the pretrained tags: source, preprocessing, published top-1")
 
 
 _CONVERT_HELP = "a torchvision or timm checkpoint (.pth, .pt, .safetensors) to densenet_jax weights, or back"
@@ -124,11 +157,12 @@ def _convert_options(p) -> None:
 def parser() -> argparse.ArgumentParser:
     """The ``densenet-jax`` argument parser, with its subcommands."""
     p = argparse.ArgumentParser(prog="densenet-jax",
-                                description="DenseNet in JAX: train, evaluate, predict, convert.")
+                                description="DenseNet in JAX: train, evaluate, predict, models, convert.")
     sub = p.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _evaluate_parser(sub)
     _predict_parser(sub)
+    _models_parser(sub)
     _convert_parser(sub)
     return p
 
@@ -145,7 +179,7 @@ def train(args) -> None:
     rows = result["metrics"]
     if rows and run.is_main:
         best = max(rows, key=lambda r: r["eval_acc"])
-        print(f"{config.model} on {config.dataset}: held-out accuracy {rows[-1]['eval_acc']:.4f} "
+        print(f"{config.pretrained or config.model} on {config.dataset}: held-out accuracy {rows[-1]['eval_acc']:.4f} "
               f"(best {best['eval_acc']:.4f} at epoch {best['epoch']}), step {result['step']}/"
               f"{run.total_steps}, {time.perf_counter() - started:.0f} s")
         print(f"results in {run.workdir}/: metrics.jsonl, curves.png, best.safetensors, "
@@ -177,16 +211,17 @@ def predict(args) -> None:
     """``densenet-jax predict``: top-k classes of image files, as text or JSON."""
     import json
 
-    from densenet_jax.predict import predict as classify
-    from densenet_jax.weights import load, stored_class_names
+    from densenet_jax.predict import model_transform, predict as classify
+    from densenet_jax.weights import stored_class_names
 
-    model = load(args.weights)
+    model = _predict_model(args)
+    labels = args.labels or (stored_class_names(args.weights) if args.weights else None)
+    transform = model_transform(model, args.preprocess, args.test_size, args.resize, args.crop)
     if not model.config.num_classes:
-        raise CheckpointError(f"{args.weights}: no classifier (a backbone, num_classes 0): nothing to "
-                              "predict until a head is trained (densenet-jax train --init-from)")
-    labels = args.labels or stored_class_names(args.weights)
+        raise CheckpointError(f"{args.weights or args.model}: no classifier (a backbone, num_classes 0): "
+                              "nothing to predict until a head is trained (densenet-jax train --init-from)")
     results = classify(model, args.images, top_k=args.top, batch_size=args.batch_size,
-                       labels=labels, resize=args.resize, crop=args.crop, strict=args.strict,
+                       labels=labels, strict=args.strict, transform=transform,
                        progress=args.progress and not args.json)
     if args.json:
         print(json.dumps(results, indent=1))
@@ -195,6 +230,43 @@ def predict(args) -> None:
         print(result["file"])
         for entry in result["top"]:
             print(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['class']})")
+
+
+def _predict_model(args):
+    """The model predict runs: ``--weights FILE``, ``--model TAG`` (or ``hf-hub:<repo>``), or a tag
+    with a local copy of its weights (both)."""
+    from densenet_jax.factory import create_model
+    from densenet_jax.pretrained import HF_HUB_PREFIX
+    from densenet_jax.weights import load
+
+    overrides = {} if args.in_chans is None else {"in_chans": args.in_chans}
+    if args.model is None and args.weights is None:
+        raise ValueError("give --model TAG (a pretrained tag) or --weights FILE")
+    if args.model is None:
+        return load(args.weights, **overrides)
+    if args.model.startswith(HF_HUB_PREFIX) and args.weights:
+        raise ValueError("--weights goes with a pretrained tag, not with hf-hub:<repo>")
+    overlay = {"file": args.weights} if args.weights else None
+    return create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay, **overrides)
+
+
+def models(args) -> None:
+    """``densenet-jax models``: every architecture with its parameters and pretrained tags; with
+    ``--pretrained`` every tag with its source, preprocessing and published top-1."""
+    from densenet_jax.configs import count_params
+    from densenet_jax.registry import get_config, list_models
+    from densenet_jax.pretrained import TAGS, split_name
+
+    if not args.pretrained:
+        for name in list_models():
+            tags = [split_name(t)[1] for t in TAGS if split_name(t)[0] == name]
+            print(f"{name:22s} {count_params(get_config(name)):>12,d}  {', '.join(tags)}")
+        return
+    for tag, cfg in TAGS.items():
+        size = f"{cfg.input_size[1]}/{cfg.crop_pct}" + (
+            f" (test {cfg.test_input_size[1]}/{cfg.test_crop_pct})" if cfg.test_input_size else "")
+        top1 = "; ".join(f"{t.value:.3f} ({t.protocol})" for t in cfg.top1)
+        print(f"{tag:26s} hf-hub:{cfg.hf_hub_id}  {cfg.interpolation} {size}  top-1 {top1}")
 
 
 def convert(args) -> None:
@@ -209,7 +281,7 @@ def convert(args) -> None:
         print(torch_files.to_densenet_jax(args.input, args.output, prefix=args.prefix, force=args.force))
 
 
-COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "convert": convert}
+COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "models": models, "convert": convert}
 
 
 def _enable_compilation_cache() -> None:

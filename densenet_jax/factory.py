@@ -14,8 +14,9 @@ from densenet_jax.models import DenseNet
 from densenet_jax.registry import TIMM_NAMES, get_config
 
 
-def create_model(name: str, *, rngs: nnx.Rngs | None = None, features_only: bool = False,
-                 out_indices=None, **overrides) -> DenseNet | DenseNetFeatures:
+def create_model(name: str, *, pretrained: bool = False, pretrained_cfg_overlay: dict | None = None,
+                 rngs: nnx.Rngs | None = None, features_only: bool = False, out_indices=None,
+                 **overrides) -> DenseNet | DenseNetFeatures:
     """Build a registered model (see :func:`densenet_jax.list_models`), e.g.
     ``create_model("densenet_bc_100_k12", num_classes=100, rngs=nnx.Rngs(0))``; ``overrides``
     replace fields of its :class:`DenseNetConfig` (``in_chans``, ``memory_efficient``, ...).
@@ -28,10 +29,30 @@ def create_model(name: str, *, rngs: nnx.Rngs | None = None, features_only: bool
 
     ``features_only=True`` gives the backbone instead (:class:`densenet_jax.DenseNetFeatures`),
     returning timm's ``features_only`` maps ``out_indices`` (default: all; an int n: the last n).
-    Raises ValueError for an unknown name or field, or two spellings of one dropout.
+    ``pretrained=True`` loads a pretrained tag's weights from the Hugging Face Hub, as timm names
+    them (``"densenet121.tv_in1k"``; a bare name takes timm's default tag; ``"hf-hub:<repo>"`` any
+    repo laid out as timm's), with the preprocessing they expect as ``model.pretrained_cfg``;
+    ``pretrained_cfg_overlay=dict(file=PATH)`` reads the weights from a local file instead (see
+    :func:`densenet_jax.hub.pretrained_model`).
+
+    Raises ValueError for an unknown name, tag or field, or two spellings of one dropout
+    (CheckpointError, a ValueError, for weights that cannot be had or do not fit).
     """
-    config = get_config(name, **_config_fields(name, overrides))
+    fields = _config_fields(architecture(name), overrides)
+    if pretrained:
+        from densenet_jax.hub import pretrained_model
+        return pretrained_model(name, pretrained_cfg_overlay=pretrained_cfg_overlay, rngs=rngs,
+                                features_only=features_only, out_indices=out_indices, **fields)
+    config = get_config(architecture(name), **fields)
     return build(config, rngs=rngs, features_only=features_only, out_indices=out_indices)
+
+
+def architecture(name: str) -> str:
+    """The architecture a model name, tag or Hub repo names: ``densenet121.tv_in1k`` and
+    ``hf-hub:timm/densenet121.tv_in1k`` name ``densenet121``."""
+    if name.startswith("hf-hub:"):
+        name = name.rsplit("/", 1)[-1]
+    return name.partition(".")[0]
 
 
 def build(config: DenseNetConfig, *, rngs: nnx.Rngs | None = None, features_only: bool = False,

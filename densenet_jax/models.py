@@ -186,7 +186,11 @@ class DenseNet(nnx.Module):
     timm's habits: ``model(x) == model.forward_head(model.forward_features(x))``;
     ``forward_features`` ends after norm5 and its ReLU (timm's ``features``), while
     ``model.features(x)`` is torchvision's ``features`` (norm5 before the ReLU).
+    ``pretrained_cfg``: the preprocessing its weights expect (a
+    :class:`densenet_jax.pretrained.PretrainedCfg`), None when unknown (random init).
     """
+
+    pretrained_cfg = None
 
     def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -212,8 +216,9 @@ class DenseNet(nnx.Module):
 
     def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
         """Global average pooling, head dropout (``head_drop_rate``, in training) and the
-        classifier: (N, H, W, num_features) -> logits (N, num_classes), or with ``pre_logits`` or
-        without a classifier (``num_classes`` 0) the pooled features (N, num_features)."""
+        classifier: (N, H, W, num_features) -> logits (N, num_classes), or with ``pre_logits``
+        the pooled features (N, num_features), which is also what a model without a classifier
+        (``num_classes=0``) returns."""
         x = jnp.mean(x, axis=(1, 2))
         if self.head_drop is not None:
             x = self.head_drop(x)
@@ -221,9 +226,8 @@ class DenseNet(nnx.Module):
 
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
         """A fresh ``num_classes``-way classifier (torch's default init, from ``rngs``), as timm's
-        ``reset_classifier``; ``config.num_classes`` follows. 0 removes the classifier (the model
-        then returns the pooled features, as timm's ``reset_classifier(0)``). Raises ValueError for
-        a negative or non-integer ``num_classes``."""
+        ``reset_classifier``; ``config.num_classes`` follows; 0 removes the classifier (the model
+        then returns the pooled features). Raises ValueError for a negative or non-integer count."""
         config = self.config.replace(num_classes=num_classes)
         self.classifier = (Linear(self.num_features, num_classes, rngs=rngs if rngs is not None else nnx.Rngs(0))
                            if num_classes else None)

@@ -1,4 +1,5 @@
-"""Classify image files: torchvision's eval preprocessing, batched, top-k classes with names.
+"""Classify image files: the preprocessing the weights carry (timm's for the pretrained tags; a
+training run's own), else torchvision's; batched, top-k classes with names.
 
     results = predict(model, ["cat.jpg", "photos/"], top_k=5)
     results[0] == {"file": "cat.jpg", "top": [{"class": 281, "name": "tabby", "probability": 0.61}, ...]}
@@ -19,6 +20,7 @@ from densenet_jax.data import transforms as T
 from densenet_jax.data.datasets import IMAGE_SUFFIXES
 from densenet_jax.errors import DataError
 from densenet_jax.models import DenseNet
+from densenet_jax.pretrained import PretrainedCfg
 
 log = logging.getLogger("densenet_jax")
 
@@ -54,17 +56,35 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def eval_transform(resize: int = 256, crop: int = 224) -> T.Compose:
+def eval_transform(resize: int = 256, crop: int = 224, in_chans: int = 3) -> T.Compose:
     """torchvision's ImageNet eval preprocessing: Resize(256) (bilinear, antialiased),
-    CenterCrop(224), ToTensor, Normalize(ImageNet mean/std); NHWC float32 out."""
-    return T.Compose([T.ResizeCenterCrop(resize, crop), T.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)])
+    CenterCrop(224), ToTensor, Normalize(ImageNet mean/std); NHWC float32 out. ``in_chans=1``: the
+    image in greyscale, with the average mean and std."""
+    cfg = PretrainedCfg(input_size=(3, crop, crop), interpolation="bilinear", crop_pct=crop / resize)
+    return T.eval_transform_from_cfg(**cfg.with_in_chans(in_chans).eval_config())
+
+
+def model_transform(model: DenseNet, preprocess: str = "weights", use_test_size: bool = False,
+                    resize: int = 256, crop: int = 224) -> T.Compose:
+    """The preprocessing for ``model``: with ``preprocess="weights"`` the one its weights carry
+    (``model.pretrained_cfg``: a tag's as timm evaluates it, with ``use_test_size`` its larger test
+    size; or the one a training run evaluated with), falling back to torchvision's ``resize`` /
+    ``crop`` for weights that carry none; ``"torchvision"``: torchvision's, always."""
+    if preprocess not in ("weights", "torchvision"):
+        raise ValueError(f"preprocess must be 'weights' or 'torchvision', got {preprocess!r}")
+    cfg = model.pretrained_cfg
+    if preprocess == "weights" and cfg is not None:
+        return T.eval_transform_from_cfg(**cfg.eval_config(use_test_size))
+    return eval_transform(resize, crop, model.config.in_chans)
 
 
 def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,
             labels: str | Path | list[str] | None = None, resize: int = 256, crop: int = 224,
-            strict: bool = False, progress: bool = False) -> list[dict]:
+            strict: bool = False, progress: bool = False, transform: T.Compose | None = None) -> list[dict]:
     """Top-``top_k`` classes of every image in ``paths`` (files or folders), in file order; a
-    progress bar (with ``progress``) when there is more than one image.
+    progress bar (with ``progress``) when there is more than one image. Images are prepared by
+    ``transform``, by default as the weights want (:func:`model_transform`: ``model.pretrained_cfg``,
+    or torchvision's ``resize``/``crop`` for weights that carry none).
 
     Unreadable images are skipped with a warning naming them (``strict``: DataError instead).
     """
@@ -76,7 +96,7 @@ def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, bat
     top_k = min(top_k, len(names))
     model.eval()
     forward = nnx.cached_partial(nnx.jit(lambda m, x: jax.nn.softmax(m(x), axis=-1)), model)
-    transform = eval_transform(resize, crop)
+    transform = transform or model_transform(model, resize=resize, crop=crop)
     results = []
     with tqdm(total=len(files), disable=not progress or len(files) < 2, unit="image") as bar:
         for start in range(0, len(files), batch_size):

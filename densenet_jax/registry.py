@@ -31,8 +31,12 @@ TIMM_NAMES = frozenset({"densenet121", "densenet169", "densenet201", "densenet16
                         "densenetblur121d", "densenet264d"})
 
 
-def list_models() -> list[str]:
-    """Every registered architecture name, in registration order."""
+def list_models(pretrained: bool = False) -> list[str]:
+    """Every registered architecture name, in registration order; with ``pretrained``, every
+    pretrained tag (``densenet121.tv_in1k``, ...) instead."""
+    if pretrained:
+        from densenet_jax.pretrained import list_pretrained
+        return list_pretrained()
     return list(_REGISTRY)
 
 

@@ -20,12 +20,14 @@ from densenet_jax.backbone import DenseNetFeatures
 from densenet_jax.configs import DenseNetConfig
 from densenet_jax.errors import CheckpointError
 from densenet_jax.models import DenseNet
+from densenet_jax.pretrained import HF_HUB_PREFIX, PretrainedCfg, adapt_input_conv
 
 log = logging.getLogger("densenet_jax")
 
 FORMAT = "densenet_jax"
 _WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
 _HEAD = "classifier."
+_CONV0 = "features.conv0.kernel"
 
 
 def state_arrays(model: nnx.Module) -> dict[str, jax.Array]:
@@ -86,9 +88,10 @@ def config_from_json(text: str, source: str) -> DenseNetConfig:
 
 
 def write_safetensors(arrays: dict[str, np.ndarray], config: DenseNetConfig, path: str | os.PathLike,
-                      *, force: bool = True, class_names: list[str] | None = None) -> None:
-    """Write ``arrays`` and ``config`` (and the names of the classes, when known) to ``path``
-    atomically: a temporary file, then a rename."""
+                      *, force: bool = True, class_names: list[str] | None = None,
+                      pretrained_cfg: PretrainedCfg | None = None) -> None:
+    """Write ``arrays`` and ``config`` (and, when known, the names of the classes and the
+    preprocessing the weights expect) to ``path`` atomically: a temporary file, then a rename."""
     from safetensors.numpy import save
 
     path = Path(path)
@@ -96,6 +99,8 @@ def write_safetensors(arrays: dict[str, np.ndarray], config: DenseNetConfig, pat
     metadata = {"format": FORMAT, "config": config_to_json(config)}
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names))
+    if pretrained_cfg is not None:
+        metadata["pretrained_cfg"] = pretrained_cfg.to_json()
     payload = save({k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}, metadata=metadata)
     atomic_write_bytes(path, _sorted_header(payload))
 
@@ -195,14 +200,30 @@ def file_format(path: str | os.PathLike) -> str | None:
 
 def stored_class_names(path: str | os.PathLike) -> list[str] | None:
     """The class names a weights file was trained with (``densenet-jax train`` stores them), or None."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        header = head + f.read(int.from_bytes(head, "little"))
     try:
-        names = _safetensors_metadata(header).get("class_names")
+        names = _header_metadata(path).get("class_names")
         return json.loads(names) if names else None
     except ValueError:
         return None
+
+
+def stored_pretrained_cfg(path: str | os.PathLike) -> PretrainedCfg | None:
+    """The preprocessing stored with a weights file (a pretrained tag's, or the one a
+    ``densenet-jax train`` run used), or None; CheckpointError naming the file if it is invalid."""
+    text = _header_metadata(path).get("pretrained_cfg")
+    if not text:
+        return None
+    try:
+        return PretrainedCfg.from_dict(json.loads(text))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: metadata holds no valid pretrained_cfg ({e})") from None
+
+
+def _header_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of the safetensors file at ``path``, reading only its header."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        return _safetensors_metadata(head + f.read(int.from_bytes(head, "little")))
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -213,29 +234,64 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 
 def save(model: DenseNet, path: str | os.PathLike) -> None:
-    """Write ``model``'s weights and config to ``path`` (safetensors), atomically."""
-    write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()}, model.config, path)
+    """Write ``model``'s weights, config and preprocessing (``model.pretrained_cfg``, when it has
+    one) to ``path`` (safetensors), atomically."""
+    write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()}, model.config, path,
+                      pretrained_cfg=model.pretrained_cfg)
 
 
 def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, features_only: bool = False,
          out_indices=None, **overrides):
     """Rebuild the model saved at ``path``; ``overrides`` replace config fields.
 
-    With ``num_classes`` different from the file's, every weight but the classifier is loaded and the
-    classifier is freshly initialised from ``rngs`` (for fine-tuning). ``features_only=True`` gives
-    its backbone (:class:`densenet_jax.DenseNetFeatures`) returning the feature maps ``out_indices``.
-    Raises CheckpointError, naming the file and the fault, for anything unusable.
+    ``path`` may also be ``"hf-hub:<repo>"``, a Hugging Face Hub repo laid out as timm's
+    (:func:`densenet_jax.hub.load_hub`). With ``num_classes`` different from the file's, every
+    weight but the classifier is loaded and the classifier is freshly initialised from ``rngs`` (for
+    fine-tuning); ``in_chans`` adapts the first convolution (:func:`densenet_jax.pretrained.adapt_input_conv`).
+    ``features_only=True`` gives its backbone (:class:`densenet_jax.DenseNetFeatures`) returning the
+    feature maps ``out_indices``. Raises CheckpointError, naming the file and the fault, for
+    anything unusable.
     """
-    if features_only:
-        return DenseNetFeatures(load(path, rngs=rngs, **overrides), out_indices)
+    if str(path).startswith(HF_HUB_PREFIX):
+        from densenet_jax.hub import load_hub
+        return load_hub(str(path)[len(HF_HUB_PREFIX):], rngs=rngs, features_only=features_only,
+                        out_indices=out_indices, **overrides)
     arrays, config = read_safetensors(path)
+    return build(arrays, config, str(path), rngs=rngs, features_only=features_only,
+                 out_indices=out_indices, pretrained_cfg=stored_pretrained_cfg(path), **overrides)
+
+
+def build(arrays: dict[str, np.ndarray], config: DenseNetConfig, source: str, *,
+          rngs: nnx.Rngs | None = None, features_only: bool = False,
+          out_indices: tuple[int, ...] | None = None, pretrained_cfg: PretrainedCfg | None = None,
+          **overrides):
+    """The model ``config`` describes holding ``arrays`` (our keys and layouts), with ``overrides``
+    as :func:`load` takes them; ``pretrained_cfg`` becomes ``model.pretrained_cfg`` (adapted to
+    ``in_chans``). ``source`` names the weights in messages and errors."""
     new_config = config.replace(**overrides)
     model = DenseNet(new_config, rngs=rngs if rngs is not None else nnx.Rngs(0))
     if new_config.num_classes != config.num_classes:
         if new_config.num_classes:  # 0: the head is dropped, nothing new to say
             had = f"the file's has {config.num_classes} classes" if config.num_classes else "the file has none"
-            log.warning("%s: new %d-class classifier, freshly initialised (%s)", path, new_config.num_classes, had)
+            log.warning("%s: new %d-class classifier, freshly initialised (%s)", source, new_config.num_classes, had)
         fresh_head = {k: v for k, v in state_arrays(model).items() if k.startswith(_HEAD)}
         arrays = {**{k: v for k, v in arrays.items() if not k.startswith(_HEAD)}, **fresh_head}
-    assign(model, arrays, source=str(path))
+    if new_config.in_chans != config.in_chans:
+        arrays = {**arrays, _CONV0: _adapted_conv0(arrays[_CONV0], new_config.in_chans, source)}
+    assign(model, arrays, source=source)
+    if pretrained_cfg is not None:
+        model.pretrained_cfg = pretrained_cfg.with_in_chans(new_config.in_chans)
+    if features_only:
+        backbone = DenseNetFeatures(model, out_indices)
+        backbone.pretrained_cfg = model.pretrained_cfg
+        return backbone
     return model
+
+
+def _adapted_conv0(kernel: np.ndarray, in_chans: int, source: str) -> np.ndarray:
+    """conv0's HWIO kernel adapted to ``in_chans`` inputs through timm's rule (on OIHW)."""
+    kernel = np.asarray(kernel)
+    if kernel.shape[2] != 3:
+        raise CheckpointError(f"{source}: {_CONV0} takes {kernel.shape[2]} channels; only 3-channel "
+                              f"weights adapt to in_chans={in_chans}")
+    return np.transpose(adapt_input_conv(in_chans, np.transpose(kernel, (3, 2, 0, 1))), (2, 3, 1, 0))

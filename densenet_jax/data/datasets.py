@@ -17,6 +17,7 @@ import numpy as np
 
 from densenet_jax.data import transforms as T
 from densenet_jax.errors import DataError
+from densenet_jax.pretrained import PretrainedCfg
 
 log = logging.getLogger("densenet_jax")
 
@@ -163,10 +164,13 @@ def _scan(split_dir: Path, classes: list[str], strict: bool) -> list[tuple[Path,
     return files
 
 
-def image_folder(data_dir: str | Path, image_size: int = 224, strict: bool = False) -> Dataset:
+def image_folder(data_dir: str | Path, image_size: int = 224, strict: bool = False,
+                 in_chans: int = 3) -> Dataset:
     """``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` with torchvision's ImageNet preprocessing.
 
-    Every image is decoded once here, so that a corrupt file is found before training starts."""
+    Every image is decoded once here, so that a corrupt file is found before training starts.
+    ``in_chans=1`` reads the images as greyscale ("L"), normalised with ImageNet's average mean and
+    std (as :meth:`densenet_jax.pretrained.PretrainedCfg.with_in_chans` gives)."""
     root = Path(data_dir)
     for split in ("train", "val"):
         if not (root / split).is_dir():
@@ -178,20 +182,26 @@ def image_folder(data_dir: str | Path, image_size: int = 224, strict: bool = Fal
     if val_classes != classes:
         raise DataError(f"{root / 'val'}: class folders differ from train/ "
                         f"({sorted(set(classes) ^ set(val_classes))[:3]})")
-    normalize = T.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)
+    if in_chans not in T.IMAGE_MODES:
+        raise DataError(f"{root}: image folders give 1 or 3 channels, not in_chans={in_chans}")
+    cfg = PretrainedCfg().with_in_chans(in_chans)
+    normalize, mode = T.Normalize(cfg.mean, cfg.std), T.ConvertMode(T.IMAGE_MODES[in_chans])
     return Dataset("folder", FileSource(_scan(root / "train", classes, strict)),
                    FileSource(_scan(root / "val", classes, strict)), len(classes), image_size,
-                   augment=T.Compose([T.RandomResizedCrop(image_size), T.RandomFlip(), normalize]),
-                   preprocess=T.Compose([T.ResizeCenterCrop(image_size * 8 // 7, image_size), normalize]),
+                   augment=T.Compose([mode, T.RandomResizedCrop(image_size), T.RandomFlip(), normalize]),
+                   preprocess=T.Compose([mode, T.ResizeCenterCrop(image_size * 8 // 7, image_size), normalize]),
                    class_names=classes)
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = False,
-                 image_size: int = 224) -> Dataset:
+                 image_size: int = 224, in_chans: int = 3) -> Dataset:
     """``digits`` (bundled), ``cifar10``/``cifar100`` or ``folder`` (these read ``data_dir``).
 
-    For a folder: ``image_size`` is the training crop (eval resizes to 8/7 of it, then crops), and
-    with ``strict`` an unreadable image is an error rather than skipped."""
+    For a folder: ``image_size`` is the training crop (eval resizes to 8/7 of it, then crops), with
+    ``strict`` an unreadable image is an error rather than skipped, and ``in_chans=1`` reads
+    greyscale images; the other data sets are RGB."""
+    if in_chans != 3 and name != "folder":
+        raise DataError(f"in_chans={in_chans} needs --dataset folder ({name} is RGB)")
     if name == "digits":
         return digits()
     if name not in ("cifar10", "cifar100", "folder"):
@@ -201,5 +211,5 @@ def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = F
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: no such folder")
     if name == "folder":
-        return image_folder(data_dir, image_size, strict)
+        return image_folder(data_dir, image_size, strict, in_chans)
     return cifar(data_dir, int(name[len("cifar"):]))

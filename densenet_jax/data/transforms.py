@@ -59,6 +59,8 @@ class Normalize:
 
     def __call__(self, example, rng=None):
         x = np.asarray(example["image"], np.float32) / np.float32(255)
+        if x.ndim == 2:  # a one-channel ("L") image: keep HWC
+            x = x[..., None]
         return {**example, "image": (x - self.mean) / self.std}
 
 
@@ -122,11 +124,11 @@ class RandomResizedCrop:
 
 
 class ResizeCenterCrop:
-    """torchvision's eval preprocessing: shorter side to ``resize`` (bilinear, antialiased), then
-    the central ``crop`` x ``crop``."""
+    """torchvision's eval preprocessing: shorter side to ``resize`` (bilinear, antialiased; or
+    ``interpolation``, a PIL filter such as ``Image.BICUBIC``), then the central ``crop`` x ``crop``."""
 
-    def __init__(self, resize: int, crop: int):
-        self.resize, self.crop = resize, crop
+    def __init__(self, resize: int, crop: int, interpolation: int = Image.BILINEAR):
+        self.resize, self.crop, self.interpolation = resize, crop, interpolation
 
     def __call__(self, example, rng=None):
         image = example["image"]
@@ -135,7 +137,42 @@ class ResizeCenterCrop:
             size = (self.resize, int(self.resize * height / width))
         else:
             size = (int(self.resize * width / height), self.resize)
-        image = image.resize(size, Image.BILINEAR)
+        image = image.resize(size, self.interpolation)
         top = int(round((size[1] - self.crop) / 2.0))
         left = int(round((size[0] - self.crop) / 2.0))
         return {**example, "image": image.crop((left, top, left + self.crop, top + self.crop))}
+
+
+class ConvertMode:
+    """A PIL image converted to ``mode`` ("L" for one channel, "RGB" for three), as the weights
+    expect, whatever the file held."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, example, rng=None):
+        image = example["image"]
+        return {**example, "image": image if image.mode == self.mode else image.convert(self.mode)}
+
+
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+IMAGE_MODES = {1: "L", 3: "RGB"}
+
+
+def eval_transform_from_cfg(input_size: tuple[int, int, int], interpolation: str, crop_pct: float,
+                            mean, std, crop_mode: str = "center") -> Compose:
+    """timm's eval preprocessing (``create_transform(**resolve_data_config(...))``) for a pretrained
+    cfg's values: the image in the mode its channel count needs, shorter side to
+    floor(size / crop_pct) with ``interpolation`` (PIL, antialiased), the central size x size,
+    then ``(x / 255 - mean) / std``; HWC float32 out. Square input sizes, centre crops only."""
+    from densenet_jax.pretrained import resize_size
+
+    channels, height, width = input_size
+    if height != width or crop_mode != "center":
+        raise ValueError(f"input_size {tuple(input_size)}, crop_mode {crop_mode!r}: only square "
+                         "centre crops are supported")
+    if channels not in IMAGE_MODES:
+        raise ValueError(f"image files give 1 or 3 channels, not {channels}")
+    return Compose([ConvertMode(IMAGE_MODES[channels]),
+                    ResizeCenterCrop(resize_size(height, crop_pct), height, INTERPOLATIONS[interpolation]),
+                    Normalize(mean, std)])

@@ -15,9 +15,12 @@ import numpy as np
 from flax import nnx
 
 from densenet_jax.data import Dataset, eval_batches, load_dataset, train_batches
+from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import steps_per_epoch
 from densenet_jax.errors import DivergedError, Interrupted
+from densenet_jax.factory import create_model
 from densenet_jax.models import DenseNet
+from densenet_jax.pretrained import PretrainedCfg
 from densenet_jax.registry import get_config
 from densenet_jax.train import optim, parallel
 from densenet_jax.train.checkpoint import Checkpoints
@@ -45,6 +48,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     workdir: str = "runs/digits"
     init_from: str | None = None
+    pretrained: str | None = None  # a pretrained tag (densenet121.ra_in1k) to fine-tune, from the Hub
+    in_chans: int = 3  # input channels; folder data is read as greyscale for 1
     head_only: bool = False
     precision: str = "fp32"
     parallel: str = "mesh"
@@ -61,12 +66,34 @@ class TrainConfig:
 
 
 def build_model(config: TrainConfig, num_classes: int) -> DenseNet:
-    """The model to train: from ``init_from`` (a new head if the class count differs) or fresh."""
+    """The model to train: from ``init_from`` or a ``pretrained`` tag (a new head if the class
+    count differs, conv0 adapted to ``in_chans``), or fresh."""
     rngs = nnx.Rngs(config.seed)
-    options = dict(drop_rate=config.drop_rate, memory_efficient=config.memory_efficient)
+    options = dict(drop_rate=config.drop_rate, memory_efficient=config.memory_efficient,
+                   in_chans=config.in_chans)
+    if config.init_from and config.pretrained:
+        raise ValueError("--init-from and --pretrained both name the starting weights: give one")
     if config.init_from:
         return load(config.init_from, num_classes=num_classes, rngs=rngs, **options)
+    if config.pretrained:
+        # proj_drop_rate: the per-layer dropout whatever the name (timm's drop_rate is the head's).
+        return create_model(config.pretrained, pretrained=True, num_classes=num_classes, rngs=rngs,
+                            proj_drop_rate=options.pop("drop_rate"), **options)
     return DenseNet(get_config(config.model, num_classes=num_classes, **options), rngs=rngs)
+
+
+def preprocessing_cfg(data: Dataset) -> PretrainedCfg:
+    """``data``'s eval preprocessing as a pretrained cfg (size, resize as crop_pct, interpolation,
+    mean/std, channels), stored with the weights a run writes so that ``predict`` prepares images
+    exactly as ``evaluate`` did. Read off the data set's own transforms."""
+    steps = getattr(data.preprocess, "transforms", [data.preprocess])
+    normalize = next(t for t in steps if isinstance(t, T.Normalize))
+    crop = next((t for t in steps if isinstance(t, T.ResizeCenterCrop)), None)
+    size = crop.crop if crop else data.image_size
+    interpolation = {v: k for k, v in T.INTERPOLATIONS.items()}[crop.interpolation] if crop else "bilinear"
+    return PretrainedCfg(input_size=(len(normalize.mean), size, size), interpolation=interpolation,
+                         crop_pct=size / crop.resize if crop else 1.0, num_classes=data.num_classes,
+                         mean=tuple(map(float, normalize.mean)), std=tuple(map(float, normalize.std)))
 
 
 class Run:
@@ -79,7 +106,8 @@ class Run:
         self.workdir = Path(config.workdir)
         self.is_main = jax.process_index() == 0
         # Read the data first: a bad folder fails in a second, not after compiling.
-        self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict, config.image_size)
+        self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict, config.image_size,
+                                          config.in_chans)
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size,
                                                jax.process_count())
         if self.steps_per_epoch == 0:
@@ -225,7 +253,7 @@ class Run:
         model = self.runner.steps.model(self.runner.host_state(state))
         write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
                           model.config.replace(memory_efficient=False, drop_rate=0.0), path,
-                          class_names=self.data.class_names)
+                          class_names=self.data.class_names, pretrained_cfg=preprocessing_cfg(self.data))
 
 
 def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int = 0) -> dict:

@@ -1,0 +1,161 @@
+"""Pretrained DenseNets from the Hugging Face Hub (timm's repos), converted with numpy alone.
+
+``huggingface_hub`` downloads and caches (HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT, proxies, resumed
+downloads, progress bars are its own). A file already in the cache is used without asking the Hub:
+published weights do not change, and so a second load makes no request at all. The weights are
+timm's layout (torchvision's key names and layouts, safetensors) and go through the same table as
+converted torchvision checkpoints (:func:`densenet_jax.interop.from_torchvision`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from densenet_jax.configs import DenseNetConfig
+from densenet_jax.errors import CheckpointError
+from densenet_jax.pretrained import HF_HUB_PREFIX, PretrainedCfg, resolve
+from densenet_jax.weights import FORMAT, _safetensors_metadata, build, read_safetensors
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+WEIGHTS_NAME = "model.safetensors"  # the file timm's repos hold the weights in (timm's HF_SAFE_WEIGHTS_NAME)
+
+
+def pretrained_model(name: str, *, pretrained_cfg_overlay: dict | None = None,
+                     rngs: nnx.Rngs | None = None, **overrides):
+    """``create_model(name, pretrained=True, ...)``: the tag's weights (``name.tag``, or a bare
+    name for timm's default tag; ``hf-hub:<repo>`` as :func:`load_hub`) with its preprocessing as
+    ``model.pretrained_cfg``.
+
+    ``pretrained_cfg_overlay`` replaces cfg fields, as in timm: ``dict(file=PATH)`` reads the
+    weights from a local safetensors file instead of the Hub. ``overrides`` as
+    :func:`densenet_jax.load` takes them (``num_classes``, ``in_chans``, ``features_only``, ...).
+    Raises ValueError (CheckpointError) naming the tag or file at fault.
+    """
+    if name.startswith(HF_HUB_PREFIX) and not pretrained_cfg_overlay:
+        return load_hub(name[len(HF_HUB_PREFIX):], rngs=rngs, **overrides)
+    cfg = resolve(name)
+    if pretrained_cfg_overlay:
+        cfg = PretrainedCfg.from_dict({**cfg.__dict__, **pretrained_cfg_overlay})
+    if cfg.file:
+        arrays, config = weights_file(cfg.file)
+        source = str(cfg.file)
+    else:
+        source = f"{name} (hf-hub:{cfg.hf_hub_id})"
+        arrays, config = hub_weights(cfg.hf_hub_id, name)
+    return build(arrays, config, source, rngs=rngs, pretrained_cfg=cfg, **overrides)
+
+
+def load_hub(repo_id: str, *, rngs: nnx.Rngs | None = None, **overrides):
+    """``load("hf-hub:<repo>")``: a Hub repo laid out as timm's, ``config.json`` (architecture,
+    num_classes, pretrained_cfg) beside ``model.safetensors`` (torchvision's key names).
+    Raises CheckpointError naming the repo and file at fault, for a repo that is not a DenseNet too.
+    """
+    config_path = download(repo_id, "config.json", f"hf-hub:{repo_id}")
+    cfg = read_timm_config(config_path, repo_id)
+    arrays, config = hub_weights(repo_id, f"hf-hub:{repo_id}")
+    return build(arrays, config, f"hf-hub:{repo_id}", rngs=rngs, pretrained_cfg=cfg, **overrides)
+
+
+def read_timm_config(path: str | os.PathLike, repo_id: str) -> PretrainedCfg:
+    """The pretrained cfg of a timm ``config.json`` (its ``pretrained_cfg``, with the architecture
+    and class count beside it). CheckpointError unless it describes a DenseNet."""
+    try:
+        document = json.loads(Path(path).read_text())
+        architecture = document.get("architecture", "")
+        values = {**document.get("pretrained_cfg", {}), "architecture": architecture,
+                  "hf_hub_id": repo_id, "num_classes": document.get("num_classes", 1000)}
+        cfg = PretrainedCfg.from_dict(values)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"hf-hub:{repo_id}: config.json is not a timm model config ({e})") from None
+    if not architecture.startswith("densenet"):
+        raise CheckpointError(f"hf-hub:{repo_id}: holds a {architecture or 'model of no named architecture'}, "
+                              "not a DenseNet (config.json's architecture)")
+    return cfg
+
+
+def hub_weights(repo_id: str, name: str) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
+    """Our arrays and config from the weights of Hub repo ``repo_id`` (downloaded when not cached).
+    A downloaded file that is not usable weights is removed from the cache before the error, so that
+    nothing bad stays there for the next load to trip on."""
+    path = download(repo_id, WEIGHTS_NAME, name)
+    try:
+        return weights_file(path)
+    except CheckpointError as e:
+        _evict(path)
+        raise CheckpointError(f"{name}: {e} (removed from the cache)") from None
+
+
+def _evict(path: Path) -> None:
+    """Remove a cached file: huggingface_hub's snapshot entry and the blob it links to."""
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
+
+
+def weights_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
+    """Our arrays and config from a safetensors file: timm's/torchvision's layout, or ours.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are dropped. CheckpointError naming the
+    file for anything else: a Git LFS pointer in place of the weights, a truncated or corrupt file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    data = path.read_bytes()
+    if data.startswith(_LFS_POINTER):
+        raise CheckpointError(f"{path}: a Git LFS pointer, not the weights (the repo's file was "
+                              "pushed without Git LFS, or fetched with git without git-lfs)")
+    try:
+        arrays = load(data)
+        metadata = _safetensors_metadata(data)
+    except (SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a complete safetensors file, truncated or corrupt ({e})") from None
+    if metadata.get("format") == FORMAT:
+        return read_safetensors(path)
+    from densenet_jax.interop import from_torchvision
+    return from_torchvision({k: v for k, v in arrays.items() if v.dtype.kind == "f"}, str(path))
+
+
+def download(repo_id: str, filename: str, name: str) -> Path:
+    """The cached copy of ``filename`` from Hub repo ``repo_id``, downloaded first when needed.
+
+    The cache is tried first, without a request. Errors are CheckpointError naming ``name``, the repo
+    and the file, and for the offline case the file to fetch and how to pass it; huggingface_hub
+    keeps an interrupted download under a temporary name and removes it, so the cache only ever
+    holds complete files.
+    """
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        path = Path(hf_hub_download(repo_id, filename))
+    except LocalEntryNotFoundError:
+        from huggingface_hub import constants, hf_hub_url
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        raise CheckpointError(
+            f"{name}: {filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; fetch {hf_hub_url(repo_id, filename)} on a machine that can and pass "
+            f"the file (create_model(..., pretrained_cfg_overlay=dict(file=PATH)), or --weights PATH "
+            f"with --model), or copy that machine's cache there") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise CheckpointError(f"{name}: no Hub repo {repo_id} ({type(e).__name__})") from None
+    except EntryNotFoundError:
+        raise CheckpointError(f"{name}: Hub repo {repo_id} has no {filename}") from None
+    except (OSError, httpx2.HTTPError) as e:  # a connection cut mid-download (after huggingface_hub's
+        # resumed retries), its size check, disk errors
+        raise CheckpointError(f"{name}: downloading {filename} from {repo_id} failed "
+                              f"({str(e).splitlines()[0]}); nothing was kept, run again") from None
+    return path
