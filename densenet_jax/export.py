@@ -9,6 +9,7 @@ destination then renamed, so that a failed export leaves nothing behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -60,9 +61,17 @@ def onnx_bytes(model: DenseNet, *, image_size: int = 224, layout: str = "nhwc") 
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     check_image_size(model.config, image_size)
     view = eval_view(model)
-    proto = to_onnx(lambda images: view(images), inputs=[("batch", image_size, image_size, 3)],
-                    model_name="densenet", inputs_as_nchw=[0] if layout == "nchw" else None,
-                    input_names=["images"], output_names=["logits"])
+    # onnx_ir warns, for a few shape constants jax2onnx leaves untyped, that it skips their
+    # optional value_info; the graph is complete without it (onnx.checker passes, onnxruntime runs).
+    serde_log = logging.getLogger("onnx_ir.serde")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)
+    try:
+        proto = to_onnx(lambda images: view(images), inputs=[("batch", image_size, image_size, 3)],
+                        model_name="densenet", inputs_as_nchw=[0] if layout == "nchw" else None,
+                        input_names=["images"], output_names=["logits"])
+    finally:
+        serde_log.setLevel(level)
     return proto.SerializeToString()
 
 

@@ -114,9 +114,9 @@ def assert_close(actual, expected, rtol):
 
 def test_onnx_densenet121_nchw_from_the_cli(densenet121_weights, densenet121_logits, tmp_path, capsys):
     out = tmp_path / "densenet121.onnx"
-    code, lines, _ = run_cli(["export", "--weights", densenet121_weights, "--format", "onnx",
-                              "--image-size", SIZE, "--layout", "nchw", out], capsys)
-    assert code == 0 and str(out) in lines[-1]
+    code, lines, err = run_cli(["export", "--weights", densenet121_weights, "--format", "onnx",
+                                "--image-size", SIZE, "--layout", "nchw", out], capsys)
+    assert code == 0 and str(out) in lines[-1] and not err, err
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (spec,) = session.get_inputs()
     assert spec.name == "images" and spec.shape == ["batch", 3, SIZE, SIZE]
