@@ -56,12 +56,13 @@ def time_calls(fn, seconds: float) -> float:
     return (time.perf_counter() - start) / n
 
 
-def throughput(task: Task, names: list[str], rounds: int, seconds: float) -> dict[str, dict]:
+def throughput(task: Task, names: list[str], rounds: int, seconds: float,
+               contenders=CONTENDERS) -> dict[str, dict]:
     built, results = {}, {}
     for name in names:
         try:
             start = time.perf_counter()
-            fn = CONTENDERS[name](task)
+            fn = contenders[name](task)
             fn()  # first call: tracing and compilation for the compiled contenders
             results[name] = {"first_call_s": time.perf_counter() - start, "per_round": []}
             built[name] = fn

@@ -1,4 +1,5 @@
-"""The ``densenet-jax`` command: ``train``, ``evaluate``, ``predict`` and ``convert``."""
+"""The ``densenet-jax`` command: ``train``, ``evaluate``, ``predict``, ``models``, ``convert`` and
+``export``."""
 
 from __future__ import annotations
 
@@ -154,16 +155,31 @@ def _convert_options(p) -> None:
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="a weights file as ONNX, a StableHLO artifact or timm's Hub folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("output", metavar="OUT", help="the file (onnx, stablehlo) or folder (timm) to write")
+    p.add_argument("--weights", required=True, help="a densenet_jax .safetensors")
+    p.add_argument("--format", required=True, metavar="{onnx,stablehlo,timm}",
+                   help="onnx: for onnxruntime; stablehlo: jax.export, for any JAX process; timm: "
+                        "config.json and model.safetensors that timm loads as pretrained weights")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="input height and width (onnx, stablehlo), timm's input_size (timm)")
+    p.add_argument("--layout", default="nhwc", metavar="{nhwc,nchw}", help="onnx: the input's layout")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``densenet-jax`` argument parser, with its subcommands."""
     p = argparse.ArgumentParser(prog="densenet-jax",
-                                description="DenseNet in JAX: train, evaluate, predict, models, convert.")
+                                description="DenseNet in JAX: train, evaluate, predict, models, convert, export.")
     sub = p.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _evaluate_parser(sub)
     _predict_parser(sub)
     _models_parser(sub)
     _convert_parser(sub)
+    _export_parser(sub)
     return p
 
 
@@ -283,7 +299,20 @@ def convert(args) -> None:
         print(torch_files.to_densenet_jax(args.input, args.output, prefix=args.prefix, force=args.force))
 
 
-COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "models": models, "convert": convert}
+def export(args) -> None:
+    """``densenet-jax export``: a weights file as ONNX, StableHLO or timm's Hub folder (with the
+    class names the weights were trained with)."""
+    from densenet_jax.export import export as write
+    from densenet_jax.weights import load, stored_class_names
+
+    model = load(args.weights)
+    path = write(model, args.format, args.output, image_size=args.image_size, layout=args.layout,
+                 class_names=stored_class_names(args.weights), force=args.force)
+    print(f"{args.weights} -> {path} ({args.format})")
+
+
+COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "models": models, "convert": convert,
+            "export": export}
 
 
 def _enable_compilation_cache() -> None:

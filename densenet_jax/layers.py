@@ -180,9 +180,16 @@ class Linear(nnx.Module):
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """torch's MaxPool2d(3, stride=2, padding=1): the padding is -inf, never zero."""
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+    """torch's MaxPool2d(3, stride=2, padding=1): the padding is -inf, never zero.
+
+    Written as an explicit -inf pad then Flax's unpadded max-pool, not one padded
+    ``lax.reduce_window``: XLA folds the pad back into the window (the compiled forward and backward
+    programs are the same), and jax2onnx exports ``nnx.max_pool`` as ONNX's 2-D MaxPool, where it
+    turns a bare NHWC ``reduce_window`` into a 4-D MaxPool over (N, H, W, C) that onnxruntime
+    refuses ("Unsupported pooling size": it pools over 1 to 3 dimensions).
+    """
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
 
 def max_pool_3x3_s1(x: jax.Array) -> jax.Array:

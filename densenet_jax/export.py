@@ -1,0 +1,227 @@
+"""A trained DenseNet out of JAX: ONNX for onnxruntime, a ``jax.export`` StableHLO artifact for any
+JAX process, and timm's Hub folder for PyTorch.
+
+Every export is of the model in eval mode (BatchNorm on its running statistics, no dropout) and is
+written atomically: a file under a temporary name then renamed, a folder built beside its
+destination then renamed, so that a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from densenet_jax.configs import DenseNetConfig
+from densenet_jax.errors import CheckpointError
+from densenet_jax.models import DenseNet, smallest_input
+
+FORMATS = ("onnx", "stablehlo", "timm")
+LAYOUTS = ("nhwc", "nchw")
+# Our registered names that timm registers under the same name with the same architecture (timm's
+# densenet.py: a copy of torchvision's with BN+act norm layers, same state-dict keys).
+# The architectures timm registers under the same names and key layout (registry.TIMM_NAMES).
+TIMM_ARCHITECTURES = ("densenet121", "densenet169", "densenet201", "densenet161", "densenetblur121d",
+                      "densenet264d")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def eval_view(model: DenseNet) -> DenseNet:
+    """``model`` in eval mode, sharing its arrays, leaving the caller's model in its own mode."""
+    graphdef, state = nnx.split(model)
+    view = nnx.merge(graphdef, state)
+    view.eval()
+    return view
+
+
+def check_image_size(config: DenseNetConfig, image_size: int) -> None:
+    """ValueError, in one line, for an image size the model cannot take."""
+    minimum = smallest_input(config)
+    if image_size < minimum:
+        raise ValueError(f"--image-size {image_size} is too small for this DenseNet: at least {minimum}")
+
+
+def onnx_bytes(model: DenseNet, *, image_size: int = 224, layout: str = "nhwc") -> bytes:
+    """The model as a serialised ONNX ModelProto (opset 23) through jax2onnx.
+
+    Input ``images``: float32 (batch, image_size, image_size, in_chans) for layout "nhwc", or
+    (batch, in_chans, image_size, image_size) for "nchw"; batch is dynamic (the symbol ``batch``). Output
+    ``logits``: float32 (batch, num_classes). The weights are initializers inside the graph.
+    """
+    from jax2onnx import to_onnx
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    check_image_size(model.config, image_size)
+    view = eval_view(model)
+    # onnx_ir warns, for a few shape constants jax2onnx leaves untyped, that it skips their
+    # optional value_info; the graph is complete without it (onnx.checker passes, onnxruntime runs).
+    serde_log = logging.getLogger("onnx_ir.serde")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)
+    try:
+        proto = to_onnx(lambda images: view(images), inputs=[("batch", image_size, image_size, model.config.in_chans)],
+                        model_name="densenet", inputs_as_nchw=[0] if layout == "nchw" else None,
+                        input_names=["images"], output_names=["logits"])
+    finally:
+        serde_log.setLevel(level)
+    return proto.SerializeToString()
+
+
+def stablehlo_bytes(model: DenseNet, *, image_size: int = 224) -> bytes:
+    """The model as a serialised ``jax.export.Exported``: float32 (batch, image_size, image_size,
+    in_chans) NHWC images, batch symbolic, to float32 (batch, num_classes) logits, the weights inside as
+    constants. Load with ``jax.export.deserialize(data).call(images)``; no densenet_jax needed."""
+    check_image_size(model.config, image_size)
+    view = eval_view(model)
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, image_size, image_size, model.config.in_chans), jnp.float32)
+    exported = jax.export.export(jax.jit(lambda images: view(images)))(spec)
+    return bytes(exported.serialize())
+
+
+def timm_architecture(config: DenseNetConfig) -> str:
+    """timm's model name for ``config``'s architecture; ValueError for one timm does not have."""
+    from densenet_jax.interop import registered_name
+
+    name = registered_name(config)
+    if name not in TIMM_ARCHITECTURES:
+        raise ValueError(f"timm has no {name or 'custom DenseNet'} architecture "
+                         f"(it has {', '.join(TIMM_ARCHITECTURES)}); export it as onnx or stablehlo")
+    return name
+
+
+def torchvision_preprocessing(image_size: int = 224) -> dict:
+    """torchvision's eval preprocessing (the one ``densenet-jax predict`` and the trainer's eval
+    use) in timm's terms: resize to 8/7 of the size bilinear (256 for 224: crop_pct 0.875), centre
+    crop, ImageNet mean and std on the [0, 1] scale."""
+    return {"input_size": (3, image_size, image_size), "interpolation": "bilinear",
+            "crop_pct": 0.875, "crop_mode": "center", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def timm_config(config: DenseNetConfig, preprocessing: dict,
+                class_names: list[str] | None = None) -> dict:
+    """The ``config.json`` timm reads from a Hub repo or a ``local-dir:`` folder (timm 1.0,
+    ``timm.models._hub``): architecture, num_classes, num_features, global_pool, label_names (the
+    class names, when known), and pretrained_cfg with ``preprocessing`` (input_size,
+    interpolation, crop_pct, crop_mode, mean, std) and where the stem and classifier are."""
+    size = preprocessing["input_size"]
+    pretrained_cfg = {**{k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items()},
+                      "num_classes": config.num_classes, "pool_size": [size[1] // 32, size[2] // 32],
+                      "first_conv": "features.conv0", "classifier": "classifier",
+                      "fixed_input_size": False, "custom_load": False}
+    cfg = {"architecture": timm_architecture(config), "num_classes": config.num_classes,
+           "num_features": config.num_features, "global_pool": "avg"}
+    if config.in_chans != 3:
+        cfg["model_args"] = {"in_chans": config.in_chans}
+    if class_names is not None:
+        if len(class_names) != config.num_classes:
+            raise ValueError(f"{len(class_names)} class names for {config.num_classes} classes")
+        cfg["label_names"] = list(class_names)
+    cfg["pretrained_cfg"] = pretrained_cfg
+    return cfg
+
+
+def timm_files(model: DenseNet, *, image_size: int = 224,
+               class_names: list[str] | None = None) -> dict[str, bytes]:
+    """``config.json`` and ``model.safetensors`` (torchvision's keys and layouts, which timm's
+    DenseNet shares) of timm's Hub folder for ``model``, by file name."""
+    from safetensors.numpy import save
+
+    from densenet_jax.interop import to_torchvision
+    from densenet_jax.weights import state_arrays
+
+    check_image_size(model.config, image_size)
+    # The weights' own preprocessing where they carry one (a pretrained tag's, a training run's).
+    preprocessing = (model.pretrained_cfg.eval_config() if model.pretrained_cfg is not None
+                     else torchvision_preprocessing(image_size))
+    cfg = timm_config(model.config, preprocessing, class_names)
+    arrays = {k: np.asarray(v) for k, v in state_arrays(model).items()}
+    state_dict = to_torchvision(arrays, model.config)
+    return {"config.json": (json.dumps(cfg, indent=2) + "\n").encode(),
+            "model.safetensors": save(state_dict)}
+
+
+def write_folder(path: Path, files: dict[str, bytes], *, force: bool = False) -> None:
+    """Create folder ``path`` holding ``files``, atomically: built as a hidden folder beside it,
+    then renamed. An existing ``path`` is replaced only with ``force`` (and only once the new one
+    is complete)."""
+    path = Path(path)
+    check_output(path, force=force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private (0700); a made folder is not
+        for name, payload in files.items():
+            (tmp / name).write_bytes(payload)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old / path.name, path)  # put the user's folder back
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{path}: cannot write ({e.strerror})") from None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output(path: Path, *, force: bool = False) -> None:
+    """CheckpointError, before any work, for an output that exists (unless ``force``) or whose
+    folder is missing or not writable."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise CheckpointError(f"{path}: already exists (pass --force to overwrite)")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise CheckpointError(f"{path}: cannot write in {path.parent}")
+
+
+def export(model: DenseNet, fmt: str, out: str | os.PathLike, *, image_size: int = 224,
+           layout: str = "nhwc", class_names: list[str] | None = None, force: bool = False) -> Path:
+    """Write ``model`` to ``out`` as ``fmt``: "onnx" (a file; ``layout`` nhwc or nchw), "stablehlo"
+    (a file) or "timm" (a folder with config.json and model.safetensors; ``class_names`` go into
+    its config). Returns the path written.
+
+    Raises ValueError for an unknown format or layout, a layout other than nhwc for a format other
+    than onnx, an image size the model cannot take, or an architecture timm does not have;
+    CheckpointError for an output that exists (without ``force``) or cannot be written. Nothing is
+    written unless the whole export succeeds.
+    """
+    from densenet_jax.weights import atomic_write_bytes
+
+    out = Path(out)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    if layout != "nhwc" and fmt != "onnx":
+        raise ValueError(f"--layout {layout} applies to onnx only; {fmt} takes NHWC images")
+    # Everything that can be refused is refused before the export's minute of work.
+    check_image_size(model.config, image_size)
+    if fmt == "timm":
+        timm_architecture(model.config)
+    check_output(out, force=force)
+    if fmt == "timm":
+        write_folder(out, timm_files(model, image_size=image_size, class_names=class_names), force=force)
+    elif fmt == "onnx":
+        atomic_write_bytes(out, onnx_bytes(model, image_size=image_size, layout=layout))
+    else:
+        atomic_write_bytes(out, stablehlo_bytes(model, image_size=image_size))
+    return out
