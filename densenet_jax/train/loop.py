@@ -267,9 +267,10 @@ def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int =
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to checkpoint and stop after the current step
-    (a second one stops at once). Handlers can only be set from the main thread; elsewhere the
-    signals keep their usual effect."""
+    """While active, SIGINT and SIGTERM ask the loop to stop at the next point it looks (before
+    another step starts, or once the one in flight is done and its metrics read), checkpointing
+    the last completed step; a second one stops at once. Handlers can only be set from the main
+    thread; elsewhere the signals keep their usual effect."""
 
     STOPPING = (signal.SIGINT, signal.SIGTERM)
 
