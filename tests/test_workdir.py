@@ -13,6 +13,7 @@ from densenet_jax import cli
 from densenet_jax.errors import WorkdirError
 from densenet_jax.train.identity import default_workdir
 from densenet_jax.train.loop import Run
+from fixtures import write_cifar10
 
 
 def snapshot(folder: Path) -> dict:
@@ -64,6 +65,11 @@ def test_another_configuration_is_refused_and_never_called_damaged(tmp_path, tin
                                            r"wider.safetensors \(sha256 \w+\) here; "
                                            r"architecture growth_rate 6 there, 8 here\)"):
         Run(other).fit()
+    # Another data set of as many classes gives the same shapes: only the record tells.
+    cifar = write_cifar10(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(WorkdirError, match=r"--dataset digits there, cifar10 here; "
+                                           r"training examples 1437 there, 100 here; "):
+        Run(dataclasses.replace(config, dataset="cifar10", data_dir=str(cifar))).fit()
     assert snapshot(workdir) == before
 
     # A folder of an older version has no run.json: the checkpoint's array shapes tell, before any
