@@ -11,8 +11,10 @@ from flax import nnx
 import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.errors import WorkdirError
-from densenet_jax.train.identity import default_workdir
-from densenet_jax.train.loop import Run
+from densenet_jax.configs import get_config
+from densenet_jax.data import load_dataset
+from densenet_jax.train.identity import check, default_workdir, describe, write
+from densenet_jax.train.loop import Run, TrainConfig
 from fixtures import write_cifar10
 
 
@@ -108,3 +110,20 @@ def test_the_default_workdir_names_model_and_data_set():
     assert default_workdir("densenet_40_k12", "digits") == "runs/densenet_40_k12-digits"
     assert default_workdir("densenet_40_k12", "folder", init_from="w/densenet121.tv_in1k.safetensors",
                            data_dir="~/data/flowers/") == "runs/densenet121.tv_in1k-flowers"
+
+
+def test_each_difference_is_named_once(tmp_path):
+    data = load_dataset("digits")
+
+    def record(model, **options):
+        return describe(TrainConfig(model=model, **options), get_config(model, num_classes=10), data)
+
+    write(tmp_path, record("densenet_40_k12"))
+    # Another model: named by --model, not field by field; several differences in one line.
+    with pytest.raises(WorkdirError, match=r"another run \(--model densenet_40_k12 there, "
+                                           r"densenet_bc_100_k12 here; --precision fp32 there, bf16 "
+                                           r"here; --seed 0 there, 1 here\)"):
+        check(tmp_path, record("densenet_bc_100_k12", precision="bf16", seed=1), has_checkpoints=True)
+    # What only steers an invocation is not recorded.
+    check(tmp_path, record("densenet_40_k12", max_steps=5, workers=2, keep=1, checkpoint_every=7,
+                           memory_efficient=True, progress=False, workdir="elsewhere"), has_checkpoints=True)
