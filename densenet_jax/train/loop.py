@@ -116,7 +116,9 @@ class Run:
         """Train from the latest intact checkpoint to the end (or ``max_steps`` further).
 
         Raises DivergedError on a NaN/Inf loss and Interrupted after SIGINT/SIGTERM; in both cases
-        the checkpoints on disk are complete and hold only finite states.
+        the checkpoints on disk are complete and hold only finite states. Raises WorkdirError, with
+        nothing written or compiled, when the work directory belongs to another run (see
+        :mod:`densenet_jax.train.identity`). A run already complete is left as it is.
         """
         c = self.config
         # Whose folder this is, checked before anything in it is created or compiled.
