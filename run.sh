@@ -20,7 +20,7 @@ setup() {
 
 case "${1:-}" in
     train) shift; setup; exec .venv/bin/densenet-jax train --model densenet_40_k12 --dataset digits \
-        --epochs 15 --batch-size 64 --workdir runs/digits "$@" ;;
+        --epochs 15 --batch-size 64 "$@" ;;
     test) shift; setup; exec .venv/bin/python -m pytest "$@" ;;
     *) echo "usage: ./run.sh {train|test} [args...]" >&2; exit 2 ;;
 esac

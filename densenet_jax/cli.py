@@ -33,7 +33,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up (cosine only)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay, as torch's SGD")
-    p.add_argument("--workdir", default=d.workdir, help="checkpoints, metrics.jsonl, curves.png, *.safetensors")
+    p.add_argument("--workdir", default=argparse.SUPPRESS,
+                   help="checkpoints, metrics.jsonl, curves.png, *.safetensors; one folder per run "
+                        "(default: runs/<model>-<dataset>, the model being the --init-from file's name)")
     p.add_argument("--init-from", default=None, metavar="FILE",
                    help="start from these weights (.safetensors, e.g. converted torchvision); a new "
                         "head when the class count differs")

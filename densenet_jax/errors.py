@@ -6,6 +6,12 @@ class CheckpointError(ValueError):
     names the file and the key or shape at fault."""
 
 
+class WorkdirError(ValueError):
+    """A work directory belongs to another run (its recorded configuration or its checkpoints'
+    shapes differ), or holds results nothing says the origin of; the message names what differs
+    and how to start a new run. Nothing in the folder was changed."""
+
+
 class DataError(ValueError):
     """A data set is missing, empty or unreadable; the message names the folder or file."""
 

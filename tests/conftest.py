@@ -44,3 +44,44 @@ def uninterrupted(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A tiny DenseNet-BC (three blocks of two layers, k=6) for digits' 10 classes, as a weights
+    file: in-process training runs start from it (``init_from``) to stay cheap."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    dj.save(dj.create_model("densenet_bc_100_k12", block_config=(2, 2, 2), growth_rate=6,
+                            num_classes=10, rngs=nnx.Rngs(0)), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_weights):
+    """``make(workdir, **overrides)``: the TrainConfig of a cheap in-process run from
+    ``tiny_weights`` on digits, batch 64 (22 steps an epoch, metrics read every 10), one epoch, a
+    constant learning rate (so that --epochs changes leave the compiled step as it is)."""
+    from densenet_jax.train.loop import TrainConfig
+
+    def make(workdir, **overrides):
+        options = dict(init_from=str(tiny_weights), epochs=1, batch_size=64, schedule="constant",
+                       seed=3, progress=False, workdir=str(workdir))
+        return TrainConfig(**{**options, **overrides})
+    return make
+
+
+@pytest.fixture(scope="module")
+def compilation_cache():
+    """In-process training runs use the session's compilation cache (the one the CLI runs share),
+    so that each shape of the tiny model compiles once per session, not once per run."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    from train_cli import CACHE
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cc.reset_cache()  # JAX decides once per process whether the cache is on
+    yield
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    cc.reset_cache()

@@ -8,6 +8,15 @@ POINT is where, on its Nth occurrence in this process:
   commit  SIGKILL inside a checkpoint save, its files written, before Orbax renames them into place
   sigint, sigterm
           that signal, right after the train step is dispatched
+  sigint@PLACE, sigterm@PLACE
+          that signal at one of the places the training loop can be (in-process tests pass
+          monkeypatch.setattr as ``patch``, so that the fault is undone after them):
+            data      while it waits for the next batch
+            dispatch  right after a train step is dispatched (the same as plain sigint)
+            device    while it waits for the device, when it starts reading a step's metrics
+            fetch     right after one step's metrics were read, others still unread
+            eval      right after an evaluation batch is dispatched
+            save      right after a checkpoint save has started writing in the background
   nan     the training batch holds a NaN
 """
 
@@ -19,7 +28,7 @@ import numpy as np
 import orbax.checkpoint._src.path.atomicity as atomicity
 
 from densenet_jax import cli
-from densenet_jax.train import parallel
+from densenet_jax.train import loop, parallel
 from densenet_jax.train.checkpoint import Checkpoints
 
 
@@ -54,10 +63,54 @@ def with_nan(self, images, *rest):
 MESH_PLACE_BATCH = parallel.Mesh.place_batch
 
 
-def inject(point: str, n: int) -> None:
-    if point in ("step", "sigint", "sigterm"):
-        signum = {"step": signal.SIGKILL, "sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[point]
-        parallel.Runner.train = on_nth(n, parallel.Runner.train, send(signum))
+def before_it(fault, original):
+    """``original`` with ``fault`` run just before it."""
+    def both(*args, **kwargs):
+        fault()
+        return original(*args, **kwargs)
+    return both
+
+
+def waiting_for_data(n: int, fault):
+    """``loop.train_batches`` whose iterators, together, run ``fault`` inside their nth ``next``."""
+    calls, original = [0], loop.train_batches
+
+    def batches(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == n:
+                fault()
+            yield batch
+    return batches
+
+
+def signal_at(place: str, signum: int, n: int, patch) -> None:
+    """``signum`` sent at the nth time the loop is at ``place`` (see the module's docstring)."""
+    fault = send(signum)
+    if place == "data":
+        patch(loop, "train_batches", waiting_for_data(n, fault))
+    elif place == "dispatch":
+        patch(parallel.Runner, "train", on_nth(n, parallel.Runner.train, fault))
+    elif place in ("device", "fetch"):  # a staticmethod: stays one when wrapped
+        fetch = parallel.Runner.fetch
+        wrapped = on_nth(n, fetch, before_it(fault, fetch), before=True) if place == "device" else \
+            on_nth(n, fetch, fault)
+        patch(parallel.Runner, "fetch", staticmethod(wrapped))
+    elif place == "eval":
+        patch(parallel.Runner, "eval", on_nth(n, parallel.Runner.eval, fault))
+    elif place == "save":
+        patch(Checkpoints, "save", on_nth(n, Checkpoints.save, fault))
+    else:
+        raise SystemExit(f"unknown place {place}")
+
+
+def inject(point: str, n: int, patch=setattr) -> None:
+    """Arrange the fault ``point`` (see the module's docstring) at its nth occurrence."""
+    name, _, place = point.partition("@")
+    if name in ("sigint", "sigterm"):
+        signal_at(place or "dispatch", {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[name], n, patch)
+    elif point == "step":
+        parallel.Runner.train = on_nth(n, parallel.Runner.train, send(signal.SIGKILL))
     elif point == "save":
         Checkpoints.save = on_nth(n, Checkpoints.save, send(signal.SIGKILL))
     elif point == "commit":

@@ -7,8 +7,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
+import faults
+from densenet_jax.errors import Interrupted
 from densenet_jax.train.checkpoint import Checkpoints
+from densenet_jax.train.loop import Run, StopSignals
 from train_cli import RUN, assert_same_weights, train
 
 
@@ -19,6 +23,15 @@ def complete_steps(workdir: Path) -> list[int]:
 def resumed_from(out: str) -> int:
     found = re.search(r"resuming from .* at step (\d+)", out)
     return int(found.group(1)) if found else 0
+
+
+def stored_state(workdir: Path, step: int):
+    checkpoints = Checkpoints(workdir / "checkpoints")
+    try:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore())
+        return checkpoints.manager.restore(step, args=args)["state"]
+    finally:
+        checkpoints.close()
 
 
 def damage(step_dir: Path) -> None:
@@ -72,10 +85,43 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert len(line) == 1 and "gradient norm nan at step 3" in line[0], err
     assert "last good checkpoint is step 2" in line[0]
     assert complete_steps(run) == [1, 2]
-    checkpoints = Checkpoints(run / "checkpoints")
-    try:
-        state = checkpoints.manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    finally:
-        checkpoints.close()
-    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state["state"]))
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(stored_state(run, 2)))
     assert not (run / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def every_step(tmp_path_factory, tiny_run, compilation_cache):
+    """The uninterrupted tiny run's workdir, a checkpoint at each of its 22 steps."""
+    workdir = tmp_path_factory.mktemp("every-step")
+    Run(tiny_run(workdir, checkpoint_every=1, keep=30)).fit()
+    return workdir
+
+
+# (place, its nth occurrence, the last completed step there): a signal while the 2nd batch is
+# awaited stops after step 1; one during the 1st device wait or metric fetch (steps 1-10 read
+# together at step 10) stops at 10, where no checkpoint was due; evaluation comes at the epoch's
+# end (22); the 1st checkpoint write is step 4's with --checkpoint-every 4.
+PLACES = [("data", 2, 1), ("dispatch", 2, 2), ("device", 1, 10), ("fetch", 1, 10), ("eval", 1, 22),
+          ("save", 1, 4)]
+
+
+@pytest.mark.parametrize("place, n, step", PLACES, ids=[p[0] for p in PLACES])
+def test_a_stop_anywhere_checkpoints_the_last_completed_step(place, n, step, tmp_path, tiny_run,
+                                                             every_step, monkeypatch, compilation_cache):
+    faults.inject(f"sigint@{place}", n, patch=monkeypatch.setattr)
+    run = Run(tiny_run(tmp_path, checkpoint_every=4 if place == "save" else 0))
+    with pytest.raises(Interrupted, match=rf"stopped by SIGINT at step {step}, checkpoint saved"):
+        run.fit()
+    assert complete_steps(tmp_path)[-1] == step
+    # That checkpoint is the state after exactly that many steps.
+    got, expected = stored_state(tmp_path, step), stored_state(every_step, step)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_second_signal_stops_at_once():
+    with StopSignals() as signals:
+        faults.send(signal.SIGTERM)()
+        assert signals.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            faults.send(signal.SIGINT)()

@@ -3,7 +3,9 @@
 A step folder appears only once completely written (Orbax writes a temporary folder and renames
 it), so a process killed mid-save leaves the previous checkpoints as they were. A checkpoint damaged
 later on disk is caught by a CRC-32 of every array stored beside it; resuming then moves it aside
-and falls back to the one before.
+and falls back to the one before. A checkpoint whose recorded array names, shapes or dtypes differ
+from the model's was written by another configuration, not damaged: that stops the run
+(WorkdirError) and nothing is moved.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from densenet_jax.errors import CheckpointError
+from densenet_jax.errors import CheckpointError, WorkdirError
+from densenet_jax.train.identity import OR_CONTINUE
 from densenet_jax.train.step import TrainState
 
 log = logging.getLogger("densenet_jax")
@@ -30,6 +33,21 @@ def checksums(host_state: TrainState) -> dict[str, int]:
             for path, leaf in leaves}
 
 
+def layout(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype name) of each array, by its dotted path (``params.classifier.kernel``), the
+    naming Orbax's metadata uses; works on arrays and on Orbax's ArrayMetadata alike."""
+    def name(path):
+        return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return {name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def has_checkpoints(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a complete checkpoint (a step folder), without creating it."""
+    directory = Path(directory)
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 class Checkpoints:
     """``directory/<step>/`` holding the state and its checksums."""
 
@@ -37,7 +55,9 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                                create=True, cleanup_tmp_directories=True)
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Handlers named up front, so that a checkpoint's metadata can be read without restoring it.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "checksums": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         """The newest checkpoint's step (saves in flight included), or None."""
@@ -52,6 +72,7 @@ class Checkpoints:
     def restore(self, template: TrainState, step: int) -> TrainState:
         """The state saved at ``step``, shaped like ``template``; CheckpointError if it is damaged."""
         where = self.directory / str(step)
+        self._check_layout(template, step)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(template), checksums=ocp.args.JsonRestore()))
@@ -64,9 +85,26 @@ class Checkpoints:
                 raise CheckpointError(f"{where}: {key} does not match its checksum")
         return state
 
+    def _check_layout(self, template: TrainState, step: int) -> None:
+        """WorkdirError when the checkpoint at ``step`` holds other arrays than ``template``;
+        CheckpointError when its metadata cannot be read (damage)."""
+        where = self.directory / str(step)
+        try:
+            stored = layout(self.manager.item_metadata(step)["state"])
+        except Exception as e:  # Orbax raises many types for unreadable metadata
+            raise CheckpointError(f"{where}: unreadable metadata ({type(e).__name__})") from None
+        expected = layout(template)
+        if stored == expected:
+            return
+        differ = [f"{k} {_shown(stored.get(k))} there, {_shown(expected.get(k))} here"
+                  for k in sorted(stored.keys() | expected.keys()) if stored.get(k) != expected.get(k)]
+        raise WorkdirError(f"{where}: written by another configuration ({differ[0]}; {len(differ)} "
+                           f"arrays differ); {OR_CONTINUE}")
+
     def restore_latest_good(self, template: TrainState) -> tuple[TrainState, int] | None:
         """The newest checkpoint that reads back intact, and its step; damaged newer ones are moved
-        to ``damaged-<step>`` with a warning. None when there is no checkpoint at all."""
+        to ``damaged-<step>`` with a warning. None when there is no checkpoint at all. A checkpoint of
+        another configuration raises WorkdirError at once: it is not damage, so nothing is moved."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             try:
@@ -76,7 +114,7 @@ class Checkpoints:
                 self._move_aside(step)
         if steps:
             raise CheckpointError(f"{self.directory}: every checkpoint is damaged ({len(steps)} tried); "
-                                  "remove the folder to start over")
+                                  "pass another --workdir to start a new run")
         return None
 
     def _move_aside(self, step: int) -> None:
@@ -92,3 +130,8 @@ class Checkpoints:
         """Wait for writes in flight, then release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _shown(entry) -> str:
+    """``float32(27, 10)``, or ``absent``."""
+    return "absent" if entry is None else f"{entry[1]}{entry[0]}"

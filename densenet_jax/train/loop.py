@@ -22,8 +22,8 @@ from densenet_jax.factory import create_model
 from densenet_jax.models import DenseNet
 from densenet_jax.pretrained import PretrainedCfg
 from densenet_jax.registry import get_config
-from densenet_jax.train import optim, parallel
-from densenet_jax.train.checkpoint import Checkpoints
+from densenet_jax.train import identity, optim, parallel
+from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
 from densenet_jax.train.report import plot_curves, read_metrics, write_metrics
 from densenet_jax.weights import cast, load, state_arrays, write_safetensors
 
@@ -46,7 +46,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    workdir: str = "runs/digits"
+    workdir: str | None = None  # None: runs/<model>-<dataset> (identity.default_workdir)
     init_from: str | None = None
     pretrained: str | None = None  # a pretrained tag (densenet121.ra_in1k) to fine-tune, from the Hub
     in_chans: int = 3  # input channels; folder data is read as greyscale for 1
@@ -103,7 +103,8 @@ class Run:
         if config.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}")
         self.config = config
-        self.workdir = Path(config.workdir)
+        self.workdir = Path(config.workdir or identity.default_workdir(
+            config.pretrained or config.model, config.dataset, config.init_from, config.data_dir))
         self.is_main = jax.process_index() == 0
         # Read the data first: a bad folder fails in a second, not after compiling.
         self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict, config.image_size,
@@ -144,9 +145,14 @@ class Run:
         """Train from the latest intact checkpoint to the end (or ``max_steps`` further).
 
         Raises DivergedError on a NaN/Inf loss and Interrupted after SIGINT/SIGTERM; in both cases
-        the checkpoints on disk are complete and hold only finite states.
+        the checkpoints on disk are complete and hold only finite states. Raises WorkdirError, with
+        nothing written or compiled, when the work directory belongs to another run (see
+        :mod:`densenet_jax.train.identity`). A run already complete is left as it is.
         """
         c = self.config
+        # Whose folder this is, checked before anything in it is created or compiled.
+        self.record = identity.describe(c, self.model.config, self.data)
+        identity.check(self.workdir, self.record, has_checkpoints(self.workdir / "checkpoints"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         checkpoints = Checkpoints(self.workdir / "checkpoints", keep=c.keep)
         try:
@@ -154,25 +160,34 @@ class Run:
                 state, step = self._train(checkpoints, signals)
         finally:
             checkpoints.close()
-        if step == self.total_steps and self.is_main:
-            self._write_weights(state, self.workdir / "model.safetensors")
-            log.info("final weights: %s", self.workdir / "model.safetensors")
+        final = self.workdir / "model.safetensors"
+        # A complete run's files are left as they are; the final weights are written once (or
+        # again, if a kill came between the last checkpoint and them).
+        if step >= self.total_steps and self.is_main and (step > self.start_step or not final.exists()):
+            self._write_weights(state, final)
+            log.info("final weights: %s", final)
         return {"step": step, "state": state, "metrics": self.rows}
 
     def _train(self, checkpoints: Checkpoints, signals: StopSignals):
         c = self.config
         state, start = self._restore(checkpoints)
+        self.start_step = start
         self.rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
+        if start >= self.total_steps:
+            log.info("%s: complete at step %d of %d; nothing to do (a larger --epochs continues it, "
+                     "another --workdir starts a new run)", self.workdir, start, self.total_steps)
         stop = min(self.total_steps, start + c.max_steps) if c.max_steps else self.total_steps
         step = start
         while step < stop:
             epoch, first = divmod(step, self.steps_per_epoch)
             last = min(self.steps_per_epoch, first + stop - step)
             state, step, train_metrics = self._train_epoch(state, epoch, first, last, checkpoints, signals)
-            if step % self.steps_per_epoch == 0:
+            if step % self.steps_per_epoch == 0 and step > epoch * self.steps_per_epoch:  # it ended here
                 self.rows.append({"epoch": epoch + 1, "step": step, **train_metrics, **self.evaluate(state)})
                 self._report(state, self.rows)
-            if step % self.steps_per_epoch == 0 or step == stop:
+            # A stop acknowledged anywhere (data wait, step, device wait, fetch, evaluation, a
+            # checkpoint write) ends here, with the last completed step checkpointed.
+            if step % self.steps_per_epoch == 0 or step == stop or signals.received:
                 self._checkpoint(checkpoints, step, state)
             if signals.received:
                 raise Interrupted(signals.received, step)
@@ -186,6 +201,8 @@ class Run:
         initial = self.runner.steps.initial
         # The unplaced initial state is the template: a pmap-placed one has a device axis.
         restored = checkpoints.restore_latest_good(jax.tree.map(np.asarray, initial))
+        if self.is_main:  # the folder is this run's now (a different one was refused by now)
+            identity.write(self.workdir, self.record)
         if restored is None:
             return self.runner.place_state(initial), 0
         host, step = restored
@@ -193,7 +210,8 @@ class Run:
         return self.runner.place_state(host), step
 
     def _train_epoch(self, state, epoch, first, last, checkpoints, signals):
-        """Steps ``first``..``last`` of ``epoch``; returns early (checkpointed) when a stop signal came."""
+        """Steps ``first``..``last`` of ``epoch``; returns early, every step's metrics checked, when
+        a stop signal came (the caller checkpoints)."""
         c = self.config
         batches = train_batches(self.data.train, self.data.augment, seed=c.seed, epoch=epoch,
                                 global_batch=c.batch_size, start_step=first,
@@ -206,22 +224,17 @@ class Run:
         step = epoch * self.steps_per_epoch + first
         for i in range(first, last):
             batch = next(batches)
+            if signals.received:  # it came during the data wait: no further step
+                break
             images, labels = self.runner.place_batch(batch["image"], batch["label"])
             state, metrics = self.runner.train(state, images, labels)
             step += 1
             pending.append((step, metrics))
-            save = (c.checkpoint_every and step % c.checkpoint_every == 0) or signals.received
+            save = c.checkpoint_every and step % c.checkpoint_every == 0
             # Fetching syncs, so only every few steps; always before a checkpoint, so that no
             # checkpoint ever holds a state that a NaN loss has touched.
             if save or len(pending) == 10 or i + 1 == last:
-                for at, m in pending:
-                    m = self.runner.fetch(m)
-                    if not np.isfinite([m["loss"], m["grad_norm"]]).all():
-                        raise DivergedError(at, m["loss"], m["grad_norm"], checkpoints.latest_step())
-                    sums["loss"] += m["loss"]
-                    sums["correct"] += m["correct"]
-                seen += len(pending)
-                pending = []
+                seen += self._fetch_metrics(pending, sums, checkpoints)
                 rate = seen * c.batch_size / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}",
                                 acc=f"{sums['correct'] / (seen * c.batch_size):.4f}",
@@ -231,11 +244,27 @@ class Run:
                 self._checkpoint(checkpoints, step, state)
             if signals.received:
                 break
+        # A stop can leave steps unread (it came after this step's fetch): read them before the
+        # caller checkpoints this state.
+        seen += self._fetch_metrics(pending, sums, checkpoints)
         bar.close()
         seconds = time.perf_counter() - started
         return state, step, {"train_loss": sums["loss"] / max(seen, 1),
                              "train_acc": sums["correct"] / max(seen * c.batch_size, 1),
                              "images_per_sec": seen * c.batch_size / seconds, "seconds": seconds}
+
+    def _fetch_metrics(self, pending: list, sums: dict, checkpoints: Checkpoints) -> int:
+        """Add the ``(step, metrics)`` in ``pending`` to ``sums`` and empty it; returns how many.
+        DivergedError at the first NaN or Inf loss or gradient norm."""
+        for at, m in pending:
+            m = self.runner.fetch(m)
+            if not np.isfinite([m["loss"], m["grad_norm"]]).all():
+                raise DivergedError(at, m["loss"], m["grad_norm"], checkpoints.latest_step())
+            sums["loss"] += m["loss"]
+            sums["correct"] += m["correct"]
+        count = len(pending)
+        pending.clear()
+        return count
 
     def evaluate(self, state) -> dict:
         """Loss and accuracy on the held-out split."""
@@ -269,9 +298,10 @@ def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int =
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to checkpoint and stop after the current step
-    (a second one stops at once). Handlers can only be set from the main thread; elsewhere the
-    signals keep their usual effect."""
+    """While active, SIGINT and SIGTERM ask the loop to stop at the next point it looks (before
+    another step starts, or once the one in flight is done and its metrics read), checkpointing
+    the last completed step; a second one stops at once. Handlers can only be set from the main
+    thread; elsewhere the signals keep their usual effect."""
 
     STOPPING = (signal.SIGINT, signal.SIGTERM)
 

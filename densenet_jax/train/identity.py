@@ -1,0 +1,153 @@
+"""What a work directory belongs to: the run's identity, recorded beside its checkpoints.
+
+A run writes ``run.json`` into its work directory when it starts (once its checkpoint, if any, is
+restored: a command refused for being another run writes nothing). A later command in the same
+folder continues it only when it is the same run: everything that fixes the training state's
+shapes or what its steps mean (architecture, initial weights, head-only, batch size, precision,
+parallel form, seed, dropout, the data set with its size, classes and image size) must match, or the
+command stops in one line naming each difference; nothing in the folder is moved or deleted.
+
+Not recorded, so free to change between invocations: how far and how this invocation runs
+(``--max-steps``, ``--checkpoint-every``, ``--keep``, ``--workers``, ``--progress``, ``--strict``
+beyond what it does to the data set's size, ``--memory-efficient``, which computes the same thing),
+and the number of devices or hosts (the global batch is what counts). The optimiser's settings
+(``--epochs``, ``--lr``, ``--schedule``, ``--warmup-epochs``, ``--momentum``, ``--weight-decay``)
+are recorded and may change on a rerun, with a warning naming each change: extending a finished run
+with more epochs, or lowering the learning rate by hand, are deliberate choices people make.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from densenet_jax.errors import WorkdirError
+from densenet_jax.weights import atomic_write_bytes
+
+log = logging.getLogger("densenet_jax")
+
+FILE = "run.json"
+RESULTS = ("metrics.jsonl", "best.safetensors", "model.safetensors")
+NEW_RUN = "its files are untouched; to start a new run, pass another --workdir"
+OR_CONTINUE = f"{NEW_RUN}, or rerun with that run's options to continue it"
+
+# How each recorded field is named to the user (the train command's options where there is one).
+LABELS = {"model": "--model", "init_from": "--init-from", "head_only": "--head-only",
+          "batch_size": "--batch-size", "precision": "--precision", "parallel": "--parallel",
+          "seed": "--seed", "drop_rate": "--drop-rate", "dataset": "--dataset",
+          "train_examples": "training examples", "eval_examples": "held-out examples",
+          "classes": "classes", "image_size": "image size",
+          "epochs": "--epochs", "lr": "--lr", "schedule": "--schedule",
+          "warmup_epochs": "--warmup-epochs", "momentum": "--momentum", "weight_decay": "--weight-decay"}
+
+
+def default_workdir(model: str, dataset: str, init_from: str | None = None,
+                    data_dir: str | None = None) -> str:
+    """``runs/<model>-<dataset>``: the model is the ``init_from`` file's stem when there is one, and
+    a ``folder`` data set is named by its folder, so that different runs get different folders."""
+    name = Path(init_from).stem if init_from else model
+    if dataset == "folder" and data_dir:
+        dataset = Path(data_dir).expanduser().name
+    return str(Path("runs") / f"{name}-{dataset}")
+
+
+def describe(config, architecture, data) -> dict:
+    """The record of a run: ``identity`` (must match to continue) and ``optimizer`` (may change).
+
+    ``config``: the TrainConfig; ``architecture``: the built model's DenseNetConfig; ``data``: the
+    Dataset. Values are JSON types, so that a record compares equal to itself read back.
+    """
+    shape = {k: v for k, v in dataclasses.asdict(architecture).items()
+             if k not in ("memory_efficient", "drop_rate")}
+    identity = {
+        "model": None if config.init_from else config.pretrained or config.model,
+        "init_from": _file_identity(config.init_from) if config.init_from else None,
+        "architecture": shape,
+        "head_only": config.head_only, "batch_size": config.batch_size, "precision": config.precision,
+        "parallel": config.parallel, "seed": config.seed, "drop_rate": config.drop_rate,
+        "dataset": config.dataset, "train_examples": len(data.train), "eval_examples": len(data.eval),
+        "classes": list(data.class_names), "image_size": data.image_size,
+    }
+    optimizer = {k: getattr(config, k) for k in ("epochs", "lr", "schedule", "warmup_epochs",
+                                                 "momentum", "weight_decay")}
+    return json.loads(json.dumps({"identity": identity, "optimizer": optimizer}))
+
+
+def _file_identity(path: str) -> str:
+    """``name (sha256 <first 12 hex digits>)``: the same file wherever it was moved, and a
+    different one under the same name told apart. Hashing reads the file (0.1 s for densenet121)."""
+    digest = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{Path(path).name} (sha256 {digest.hexdigest()[:12]})"
+
+
+def check(workdir: Path, record: dict, has_checkpoints: bool) -> None:
+    """Check that ``workdir`` belongs to the run ``record`` describes, or to none.
+
+    Raises WorkdirError when the folder's ``run.json`` names another run, or when the folder holds
+    an earlier run's results without a ``run.json`` or a checkpoint (nothing tells what they belong
+    to, and a fresh start would overwrite them). A folder of an older version (checkpoints, no
+    ``run.json``) passes: its checkpoints' shapes are checked against the model when restored.
+    """
+    path = workdir / FILE
+    recorded = _read(path)
+    if recorded is None:
+        found = [name for name in RESULTS if (workdir / name).exists()]
+        if found and not has_checkpoints:
+            raise WorkdirError(f"{workdir}: holds results of an earlier run ({', '.join(found)}) but no "
+                               f"{FILE} or checkpoint to tell what they belong to; {NEW_RUN}")
+    else:
+        differences = _differences(recorded.get("identity", {}), record["identity"])
+        if differences:
+            raise WorkdirError(f"{workdir}: belongs to another run ({'; '.join(differences)}); {OR_CONTINUE}")
+        changed = _differences(recorded.get("optimizer", {}), record["optimizer"])
+        if changed and has_checkpoints:
+            log.warning("warning: continuing %s with changed settings (%s)", workdir, "; ".join(changed))
+
+
+def write(workdir: Path, record: dict) -> None:
+    """Record ``record`` as what ``workdir`` belongs to (once its checkpoint, if any, restored)."""
+    path = workdir / FILE
+    text = json.dumps(record, indent=1, sort_keys=True) + "\n"
+    if not path.exists() or path.read_text() != text:
+        atomic_write_bytes(path, text.encode())
+
+
+def _read(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path}: unreadable ({e}); {NEW_RUN}") from None
+    if not isinstance(recorded, dict):
+        raise WorkdirError(f"{path}: not a run record; {NEW_RUN}")
+    return recorded
+
+
+def _differences(there: dict, here: dict) -> list[str]:
+    """``"<label> <old> there, <new> here"`` for each field that differs. The architecture is
+    named field by field, and only when the model names do not already differ."""
+    out = []
+    for key in here:
+        old, new = there.get(key), here[key]
+        if old == new or (key == "architecture" and there.get("model") != here.get("model")):
+            continue
+        if key == "architecture" and isinstance(old, dict):
+            out += [f"architecture {k} {_show(old.get(k))} there, {_show(v)} here"
+                    for k, v in new.items() if old.get(k) != v]
+        else:
+            out.append(f"{LABELS.get(key, key)} {_show(old)} there, {_show(new)} here")
+    return out
+
+
+def _show(value) -> str:
+    """A value short enough for a one-line message (long lists by count and first items)."""
+    if isinstance(value, list) and len(value) > 4:
+        return f"{len(value)} [{', '.join(map(str, value[:3]))}, ...]"
+    return "none" if value is None else str(value)

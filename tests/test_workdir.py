@@ -1,0 +1,129 @@
+"""A work directory belongs to one run: another configuration is refused (never called damaged,
+never moved), a finished run is left as it is, and each model and data set gets its own folder."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from flax import nnx
+
+import densenet_jax as dj
+from densenet_jax import cli
+from densenet_jax.errors import WorkdirError
+from densenet_jax.configs import get_config
+from densenet_jax.data import load_dataset
+from densenet_jax.train.identity import check, default_workdir, describe, write
+from densenet_jax.train.loop import Run, TrainConfig
+from fixtures import write_cifar10
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder``: its modification time and bytes."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_is_left_as_it_is(tmp_path, tiny_weights, monkeypatch, capsys, compilation_cache):
+    monkeypatch.chdir(tmp_path)
+    command = ["train", "--init-from", str(tiny_weights), "--epochs", "1", "--batch-size", "64",
+               "--schedule", "constant", "--seed", "3", "--no-progress"]  # conftest's tiny_run
+    cli.main(command)
+    workdir = tmp_path / "runs" / "tiny-digits"  # the default: runs/<model>-<dataset>
+    assert {"best.safetensors", "metrics.jsonl", "model.safetensors", "run.json"} <= {
+        p.name for p in workdir.iterdir()}
+    before = snapshot(workdir)
+    capsys.readouterr()
+
+    cli.main(command)  # the same command again: complete, exit status 0, nothing rewritten
+    assert "complete at step 22 of 22" in capsys.readouterr().err
+    assert snapshot(workdir) == before
+
+    with pytest.raises(SystemExit) as stopped:  # another batch size: another run
+        cli.main([*command, "--batch-size", "32"])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "belongs to another run (--batch-size 64 there, 32 here)" in err[0], err
+    assert "pass another --workdir" in err[0]
+    assert snapshot(workdir) == before
+
+    cli.main([*command, "--epochs", "2"])  # the optimiser's settings may change: more epochs go on
+    err = capsys.readouterr().err
+    assert "changed settings (--epochs 1 there, 2 here)" in err and "at step 22" in err
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [22, 44]
+
+
+def test_another_configuration_is_refused_and_never_called_damaged(tmp_path, tiny_run, compilation_cache):
+    workdir = tmp_path / "run"
+    config = tiny_run(workdir, max_steps=1)
+    Run(config).fit()
+    wider = tmp_path / "wider.safetensors"
+    dj.save(dj.create_model("densenet_bc_100_k12", block_config=(2, 2, 2), growth_rate=8,
+                            num_classes=10, rngs=nnx.Rngs(0)), wider)
+    other = dataclasses.replace(config, init_from=str(wider))
+    before = snapshot(workdir)
+    with pytest.raises(WorkdirError, match=r"--init-from tiny.safetensors \(sha256 \w+\) there, "
+                                           r"wider.safetensors \(sha256 \w+\) here; "
+                                           r"architecture growth_rate 6 there, 8 here\)"):
+        Run(other).fit()
+    # Another data set of as many classes gives the same shapes: only the record tells.
+    cifar = write_cifar10(tmp_path / "cifar-10-batches-py")
+    with pytest.raises(WorkdirError, match=r"--dataset digits there, cifar10 here; "
+                                           r"training examples 1437 there, 100 here; "):
+        Run(dataclasses.replace(config, dataset="cifar10", data_dir=str(cifar))).fit()
+    assert snapshot(workdir) == before
+
+    # A folder of an older version has no run.json: the checkpoint's array shapes tell, before any
+    # restore could call it damaged.
+    (workdir / "run.json").unlink()
+    before = snapshot(workdir)
+    with pytest.raises(WorkdirError, match=r"checkpoints/1: written by another configuration "
+                                           r"\(\S+ float32\([\d, ]+\) there, float32\([\d, ]+\) here; "
+                                           r"\d+ arrays differ\)"):
+        Run(other).fit()
+    assert snapshot(workdir) == before
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]  # none "damaged"
+
+    assert Run(dataclasses.replace(config, max_steps=0)).fit()["step"] == 22  # its own run goes on
+
+
+def test_results_nothing_accounts_for_are_not_overwritten(tmp_path, tiny_run):
+    workdir = tmp_path / "old"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text('{"epoch": 1, "eval_acc": 0.99}\n')
+    (workdir / "best.safetensors").write_bytes(b"weights")
+    config = tiny_run(workdir)
+    before = snapshot(workdir)
+    with pytest.raises(WorkdirError, match=r"old: holds results of an earlier run \(metrics.jsonl, "
+                                           r"best.safetensors\) but no run.json or checkpoint"):
+        Run(config).fit()
+    (workdir / "run.json").write_text("{not json")
+    with pytest.raises(WorkdirError, match=r"run.json: unreadable"):
+        Run(config).fit()
+    assert sorted(p.name for p in workdir.iterdir()) == ["best.safetensors", "metrics.jsonl", "run.json"]
+    assert {k: v for k, v in snapshot(workdir).items() if k != "run.json"} == before
+
+
+def test_the_default_workdir_names_model_and_data_set():
+    assert default_workdir("densenet121", "cifar10") == "runs/densenet121-cifar10"
+    assert default_workdir("densenet_40_k12", "digits") == "runs/densenet_40_k12-digits"
+    assert default_workdir("densenet_40_k12", "folder", init_from="w/densenet121.tv_in1k.safetensors",
+                           data_dir="~/data/flowers/") == "runs/densenet121.tv_in1k-flowers"
+
+
+def test_each_difference_is_named_once(tmp_path):
+    data = load_dataset("digits")
+
+    def record(model, **options):
+        return describe(TrainConfig(model=model, **options), get_config(model, num_classes=10), data)
+
+    write(tmp_path, record("densenet_40_k12"))
+    # Another model: named by --model, not field by field; several differences in one line.
+    with pytest.raises(WorkdirError, match=r"another run \(--model densenet_40_k12 there, "
+                                           r"densenet_bc_100_k12 here; --precision fp32 there, bf16 "
+                                           r"here; --seed 0 there, 1 here\)"):
+        check(tmp_path, record("densenet_bc_100_k12", precision="bf16", seed=1), has_checkpoints=True)
+    # What only steers an invocation is not recorded.
+    check(tmp_path, record("densenet_40_k12", max_steps=5, workers=2, keep=1, checkpoint_every=7,
+                           memory_efficient=True, progress=False, workdir="elsewhere"), has_checkpoints=True)
