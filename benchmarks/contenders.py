@@ -42,7 +42,7 @@ def _data(task: Task, seed=0):
 
 
 def _sgd():
-    return optim.sgd(optim.learning_rate("constant", 0.01, 1, 1), nesterov=False)
+    return optim.sgd(nesterov=False)
 
 
 # --- densenet_jax -----------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def jax_split(task: Task, store=None, **model_options) -> Callable[[], None]:
     images, labels = runner.place_batch(x, y)
 
     def step():
-        holder["state"], metrics = runner.train(holder["state"], images, labels)
+        holder["state"], metrics = runner.train(holder["state"], images, labels, 0.01)
         metrics["loss"].block_until_ready()
     return step
 

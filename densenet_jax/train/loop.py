@@ -90,9 +90,9 @@ class Run:
             if not jax.config.jax_enable_x64:
                 raise ValueError("--precision fp64 needs jax_enable_x64 (JAX_ENABLE_X64=1)")
             cast(self.model, jnp.float64)
-        schedule = optim.learning_rate(config.schedule, config.lr, self.total_steps,
-                                       self.steps_per_epoch, config.warmup_epochs)
-        tx = optim.sgd(schedule, config.momentum, config.weight_decay)
+        self.schedule = optim.learning_rate(config.schedule, config.lr, self.total_steps,
+                                            self.steps_per_epoch, config.warmup_epochs)
+        tx = optim.sgd(config.momentum, config.weight_decay)
         if config.head_only:
             tx = optim.head_only(tx)
         self.runner = parallel.make(config.parallel, self.model, tx, self._step_store(), seed=config.seed,
@@ -105,10 +105,11 @@ class Run:
         cache = jax.config.jax_compilation_cache_dir
         if not cache:
             return None
-        run_control = {"workdir", "max_steps", "checkpoint_every", "keep", "workers", "progress",
-                       "strict", "data_dir", "init_from"}
-        shaping = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in run_control}
-        key = repr((sorted(shaping.items()), self.model.config, self.steps_per_epoch))
+        # The learning rate is an argument of the step, so its schedule shapes nothing in it.
+        not_in_program = {"workdir", "max_steps", "checkpoint_every", "keep", "workers", "progress",
+                          "strict", "data_dir", "init_from", "lr", "epochs", "schedule", "warmup_epochs"}
+        shaping = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in not_in_program}
+        key = repr((sorted(shaping.items()), self.model.config))
         return Path(cache) / "densenet-jax-steps", key
 
     def fit(self) -> dict:
@@ -178,7 +179,7 @@ class Run:
         for i in range(first, last):
             batch = next(batches)
             images, labels = self.runner.place_batch(batch["image"], batch["label"])
-            state, metrics = self.runner.train(state, images, labels)
+            state, metrics = self.runner.train(state, images, labels, self.schedule(step))
             step += 1
             pending.append((step, metrics))
             save = (c.checkpoint_every and step % c.checkpoint_every == 0) or signals.received
