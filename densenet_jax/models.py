@@ -13,7 +13,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from densenet_jax.configs import DenseNetConfig, get_config
-from densenet_jax.layers import BatchNorm, Conv2d, Linear, avg_pool_2x2, max_pool_3x3_s2, sample_count
+from densenet_jax.layers import (BatchNorm, Conv2d, Linear, avg_pool_2x2, max_pool_3x3_s2, named_layer_errors,
+                                 sample_count)
 
 
 class DenseLayer(nnx.Module):
@@ -170,14 +171,16 @@ class DenseNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_input(x, self.config)
-        x = jax.nn.relu(self.features(x))
+        with named_layer_errors(self):
+            x = jax.nn.relu(self.features(x))
         return self.classifier(jnp.mean(x, axis=(1, 2)))
 
     def feature_maps(self, x: jax.Array, out_indices: tuple[int, ...] | None = None) -> list[jax.Array]:
         """Backbone features: the output of each dense block in ``out_indices`` (default: all),
         NHWC; see :func:`densenet_jax.feature_info` for their channels and strides."""
         check_input(x, self.config)
-        return self.features.feature_maps(x, check_out_indices(out_indices, self.config))
+        with named_layer_errors(self):
+            return self.features.feature_maps(x, check_out_indices(out_indices, self.config))
 
 
 def check_out_indices(out_indices, config: DenseNetConfig) -> tuple[int, ...]:

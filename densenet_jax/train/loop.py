@@ -20,7 +20,10 @@ from densenet_jax.errors import DivergedError, Interrupted
 from densenet_jax.models import DenseNet, create_model
 from densenet_jax.train import optim, parallel
 from densenet_jax.train.checkpoint import Checkpoints
-from densenet_jax.train.report import plot_curves, read_metrics, write_metrics
+from densenet_jax.train.messages import (check_batch_statistics, epoch_line, precision_warning, startup_lines,
+                                         stopped_line)
+from densenet_jax.train.report import (plot_curves, read_metrics, read_partial_epoch, write_metrics,
+                                       write_partial_epoch)
 from densenet_jax.weights import cast, load, state_arrays, write_safetensors
 
 log = logging.getLogger("densenet_jax")
@@ -86,6 +89,11 @@ class Run:
                              "training examples")
         self.total_steps = config.epochs * self.steps_per_epoch
         self.model = build_model(config, self.data.num_classes)
+        if not config.head_only:  # a frozen backbone normalises with its running statistics
+            check_batch_statistics(self.model, config.batch_size, self.data.image_size)
+        if warning := precision_warning(config.precision):
+            log.warning(warning)
+        self.first_step_seconds: float | None = None  # this process's first step: compilation
         if config.precision == "fp64":
             if not jax.config.jax_enable_x64:
                 raise ValueError("--precision fp64 needs jax_enable_x64 (JAX_ENABLE_X64=1)")
@@ -134,6 +142,9 @@ class Run:
     def _train(self, checkpoints: Checkpoints, signals: StopSignals):
         c = self.config
         state, start = self._restore(checkpoints)
+        if self.is_main:
+            for line in startup_lines(self, start):
+                log.info(line)
         self.rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
         stop = min(self.total_steps, start + c.max_steps) if c.max_steps else self.total_steps
         step = start
@@ -142,16 +153,24 @@ class Run:
             last = min(self.steps_per_epoch, first + stop - step)
             state, step, train_metrics = self._train_epoch(state, epoch, first, last, checkpoints, signals)
             if step % self.steps_per_epoch == 0:
-                self.rows.append({"epoch": epoch + 1, "step": step, **train_metrics, **self.evaluate(state)})
+                first_step = self.first_step_seconds if epoch == start // self.steps_per_epoch else None
+                self.rows.append({"epoch": epoch + 1, "step": step, **train_metrics, **self.evaluate(state),
+                                  "first_step_seconds": first_step})
                 self._report(state, self.rows)
+                if self.is_main:
+                    log.info(epoch_line(self.rows[-1], c.epochs))
             if step % self.steps_per_epoch == 0 or step == stop:
                 self._checkpoint(checkpoints, step, state)
             if signals.received:
                 raise Interrupted(signals.received, step)
+        if step < self.total_steps and self.is_main:
+            log.info(stopped_line(step, self.steps_per_epoch, self.total_steps))
         return state, step
 
     def _checkpoint(self, checkpoints: Checkpoints, step: int, state) -> None:
         if step != checkpoints.latest_step():
+            if step % self.steps_per_epoch and self.is_main:
+                write_partial_epoch(self.workdir, step, self.totals, self.config.keep + 1)
             checkpoints.save(step, self.runner.host_state(state))
 
     def _restore(self, checkpoints: Checkpoints):
@@ -173,14 +192,23 @@ class Run:
                                 process_count=jax.process_count(), workers=c.workers)
         bar = _progress(c.progress and self.is_main, total=self.steps_per_epoch, initial=first,
                         desc=f"epoch {epoch + 1}/{c.epochs}")
-        sums, seen, started = {"loss": 0.0, "correct": 0.0}, 0, time.perf_counter()
-        pending = []
         step = epoch * self.steps_per_epoch + first
+        self.totals = totals = self._epoch_totals(step) if first else dict(EMPTY_TOTALS)
+        base = dict(totals)
+        started = clock = time.perf_counter()  # clock: where the timed steps (for images/s) begin
+        pending, timed = [], 0
         for i in range(first, last):
             batch = next(batches)
             images, labels = self.runner.place_batch(batch["image"], batch["label"])
+            dispatched = time.perf_counter()
             state, metrics = self.runner.train(state, images, labels, self.schedule(step))
             step += 1
+            if self.first_step_seconds is None:
+                jax.block_until_ready(metrics)
+                clock = time.perf_counter()
+                self.first_step_seconds = clock - dispatched
+            else:
+                timed += 1
             pending.append((step, metrics))
             save = (c.checkpoint_every and step % c.checkpoint_every == 0) or signals.received
             # Fetching syncs, so only every few steps; always before a checkpoint, so that no
@@ -190,24 +218,37 @@ class Run:
                     m = self.runner.fetch(m)
                     if not np.isfinite([m["loss"], m["grad_norm"]]).all():
                         raise DivergedError(at, m["loss"], m["grad_norm"], checkpoints.latest_step())
-                    sums["loss"] += m["loss"]
-                    sums["correct"] += m["correct"]
-                seen += len(pending)
+                    totals["loss"] += m["loss"]
+                    totals["correct"] += m["correct"]
+                totals["steps"] += len(pending)
                 pending = []
-                rate = seen * c.batch_size / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}",
-                                acc=f"{sums['correct'] / (seen * c.batch_size):.4f}",
-                                img_s=f"{rate:.0f}")
+                now = time.perf_counter()
+                totals["seconds"] = base["seconds"] + now - started
+                totals["timed_images"] = base["timed_images"] + timed * c.batch_size
+                totals["timed_seconds"] = base["timed_seconds"] + now - clock
+                bar.set_postfix(loss=f"{totals['loss'] / totals['steps']:.4f}",
+                                acc=f"{totals['correct'] / (totals['steps'] * c.batch_size):.4f}",
+                                img_s=f"{images_per_second(totals, c.batch_size):.0f}")
             bar.update(1)
             if save:
                 self._checkpoint(checkpoints, step, state)
             if signals.received:
                 break
         bar.close()
-        seconds = time.perf_counter() - started
-        return state, step, {"train_loss": sums["loss"] / max(seen, 1),
-                             "train_acc": sums["correct"] / max(seen * c.batch_size, 1),
-                             "images_per_sec": seen * c.batch_size / seconds, "seconds": seconds}
+        seen = max(totals["steps"], 1)
+        return state, step, {"train_loss": totals["loss"] / seen,
+                             "train_acc": totals["correct"] / (seen * c.batch_size),
+                             "images_per_sec": images_per_second(totals, c.batch_size),
+                             "seconds": totals["seconds"]}
+
+    def _epoch_totals(self, step: int) -> dict:
+        """The running sums of the epoch that a mid-epoch checkpoint at ``step`` stopped in."""
+        totals = read_partial_epoch(self.workdir, step)
+        if totals is None:
+            log.warning("warning: no record of the steps before %d in this epoch; its train loss and "
+                        "accuracy cover only the steps from %d on", step, step)
+            return dict(EMPTY_TOTALS)
+        return totals
 
     def evaluate(self, state) -> dict:
         """Loss and accuracy on the held-out split."""
@@ -226,6 +267,18 @@ class Run:
         write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
                           model.config.replace(memory_efficient=False, drop_rate=0.0), path,
                           class_names=self.data.class_names)
+
+
+# An epoch's running sums: loss and correct predictions over its steps, wall seconds, and the images
+# and seconds of the steps timed for images/s (all but a process's first, which compiles).
+EMPTY_TOTALS = {"loss": 0.0, "correct": 0.0, "steps": 0, "seconds": 0.0, "timed_images": 0, "timed_seconds": 0.0}
+
+
+def images_per_second(totals: dict, batch_size: int) -> float:
+    """Training throughput without compilation; when only the first step ran, with it."""
+    if totals["timed_images"]:
+        return totals["timed_images"] / totals["timed_seconds"]
+    return totals["steps"] * batch_size / max(totals["seconds"], 1e-9)
 
 
 def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int = 0) -> dict:
