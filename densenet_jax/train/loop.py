@@ -244,11 +244,10 @@ class Run:
     def _epoch_totals(self, step: int) -> dict:
         """The running sums of the epoch that a mid-epoch checkpoint at ``step`` stopped in."""
         totals = read_partial_epoch(self.workdir, step)
-        if totals is None:
+        if totals is None and self.is_main:
             log.warning("warning: no record of the steps before %d in this epoch; its train loss and "
                         "accuracy cover only the steps from %d on", step, step)
-            return dict(EMPTY_TOTALS)
-        return totals
+        return totals or dict(EMPTY_TOTALS)
 
     def evaluate(self, state) -> dict:
         """Loss and accuracy on the held-out split."""
