@@ -1,9 +1,14 @@
-"""DenseNet as a backbone: the feature maps after its dense blocks, described as timm describes them.
+"""DenseNet as a backbone, as timm's ``features_only``: the same stages, values and feature_info.
 
-    backbone = dj.create_model("densenet121", features_only=True, out_indices=(1, 2, 3), rngs=...)
+    backbone = dj.create_model("densenet121", features_only=True, out_indices=(2, 3, 4), rngs=...)
     backbone = dj.load("densenet121.safetensors", features_only=True)     # converted weights
-    maps = backbone(images)                      # a list of NHWC arrays, one per chosen block
+    maps = backbone(images)                      # a list of NHWC arrays, one per chosen stage
     backbone.feature_info.channels(), backbone.feature_info.reduction()   # [512, 1024, 1024], [8, 16, 32]
+
+Stage 0 is the stem before its pooling (after norm0 and ReLU; norm2 for timm's deep stems; conv0
+for the CIFAR stem, which has no norm), stage i the output of dense block i, the last one after
+norm5 and ReLU (timm's norm layers include the activation), never negative. torchvision's norm5
+map before the ReLU is ``model.features(x)``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from densenet_jax.models import DenseNet, check_input, check_out_indices
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One feature map: its channels, its stride against the input, and the torchvision module
+    """One feature map: its stage number, channels, stride against the input, and the timm module
     whose output it is."""
     index: int
     num_chs: int
@@ -39,22 +44,28 @@ class FeatureInfo(list):
         return [s.reduction for s in self]
 
     def module_name(self) -> list[str]:
-        """The torchvision module whose output each chosen feature map is."""
+        """The timm module whose output each chosen feature map is (``features.norm0`` ...)."""
         return [s.module for s in self]
 
 
-def feature_info(config: DenseNetConfig, out_indices: tuple[int, ...] | None = None) -> FeatureInfo:
-    """The stages ``out_indices`` (default: every dense block) of the DenseNet ``config`` describes.
+def feature_info(config: DenseNetConfig, out_indices=None) -> FeatureInfo:
+    """The stages ``out_indices`` (as timm reads them; default: all) of the DenseNet ``config``
+    describes, with timm's channels, reductions and module names (timm/models/densenet.py).
 
-    Stage i is dense block i's output (``features.denseblock{i+1}``), the last one after
-    ``features.norm5`` as in timm. The ImageNet stem divides the size by 4, each transition by 2.
+    Stage 0: the stem before pooling, reduction 2 (``features.norm0``, or ``features.norm2`` for
+    deep stems); stage i: dense block i (``features.denseblock{i}``), reduction 4 * 2**(i-1); the
+    last: ``features.norm5``. The CIFAR stem (not in timm) neither strides nor pools: its stage 0 is
+    ``features.conv0`` at reduction 1, and block i is at 2**(i-1).
     """
     chosen = check_out_indices(out_indices, config)
-    stem_stride = 4 if config.stem == "imagenet" else 1
-    last = len(config.block_config) - 1
-    return FeatureInfo(
-        Stage(i, out, stem_stride * 2 ** i, "features.norm5" if i == last else f"features.denseblock{i + 1}")
-        for i, (_, out) in enumerate(config.block_channels()) if i in chosen)
+    last = len(config.block_config)
+    stem_reduction = 1 if config.stem == "cifar" else 2
+    stem_module = f"features.{'conv' if config.stem == 'cifar' else 'norm'}{len(config.stem_channels()) - 1}"
+    stages = [Stage(0, config.num_init_features, stem_reduction, stem_module)]
+    for i, (_, out) in enumerate(config.block_channels(), start=1):
+        module = "features.norm5" if i == last else f"features.denseblock{i}"
+        stages.append(Stage(i, out, config.stem_stride * 2 ** (i - 1), module))
+    return FeatureInfo(stages[i] for i in chosen)
 
 
 class DenseNetFeatures(nnx.Module):
@@ -65,7 +76,7 @@ class DenseNetFeatures(nnx.Module):
     ``load(..., features_only=True)``.
     """
 
-    def __init__(self, model: DenseNet, out_indices: tuple[int, ...] | None = None):
+    def __init__(self, model: DenseNet, out_indices=None):
         self.config = model.config
         self.features = model.features
         self.out_indices = check_out_indices(out_indices, model.config)

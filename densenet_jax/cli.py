@@ -15,7 +15,7 @@ _HANDLER.setFormatter(logging.Formatter("%(message)s"))
 
 
 def _train_parser(sub) -> None:
-    from densenet_jax.configs import list_models
+    from densenet_jax.registry import list_models
     from densenet_jax.train.loop import TrainConfig
 
     d = TrainConfig()
@@ -162,12 +162,11 @@ def _check_train_options(args) -> None:
 
 def _check_model_matches(model: str, weights: str) -> None:
     """``--model`` names the architecture of the ``--init-from`` file (heads aside), or is refused."""
-    from densenet_jax.configs import get_config
     from densenet_jax.train.messages import architecture_name
     from densenet_jax.weights import read_safetensors
 
     stored = read_safetensors(weights)[1]
-    if get_config(model, num_classes=stored.num_classes) != stored.replace(drop_rate=0.0, memory_efficient=False):
+    if architecture_name(stored) != model:
         raise ValueError(f"--model {model} contradicts --init-from {weights}, which holds "
                          f"{architecture_name(stored)}: leave --model out to train the file's architecture")
 

@@ -1,11 +1,16 @@
-"""Named DenseNet configurations: torchvision's ImageNet models and the paper's CIFAR/SVHN models."""
+"""DenseNetConfig: every field that fixes a DenseNet (torchvision's, timm's or the paper's CIFAR
+models), the channel plan it implies and its parameter count. The named models are in registry.py."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal
+from typing import Literal
 
-Stem = Literal["imagenet", "cifar"]
+# "imagenet": torchvision's 7x7/2 conv; "cifar": the paper's 3x3 conv; "deep*": timm's three 3x3
+# convolutions (``stem_type`` 'deep', 'deep_tiered', 'deep_tiered_narrow' in timm's densenet.py).
+Stem = Literal["imagenet", "cifar", "deep", "deep_tiered", "deep_tiered_narrow"]
+STEMS = ("imagenet", "cifar", "deep", "deep_tiered", "deep_tiered_narrow")
+AA_LAYERS = (None, "blur")
 
 
 def kept_channels(in_channels: int, compression: float) -> int:
@@ -28,9 +33,22 @@ class DenseNetConfig:
     bn_size: the bottleneck's width as a multiple of k (the "B" of DenseNet-BC); None: no bottleneck,
         each layer is BN-ReLU-Conv3x3.
     compression: theta, the fraction of channels a transition keeps (the "C"; 1.0 keeps all).
-    stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or "cifar" (one 3x3 conv).
-    drop_rate: dropout after each dense layer's last convolution, in training only.
+    stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool), "cifar" (one 3x3 conv), or timm's
+        deep stems (three 3x3 convs, the first with stride 2, each followed by BN-ReLU, then the
+        3x3/2 max-pool): "deep" (k, k, then num_init_features channels), "deep_tiered"
+        (3*(k//4), 6*(k//4), num_init_features) and "deep_tiered_narrow" (3*(k//4),
+        num_init_features, num_init_features), as timm's ``stem_type``.
+    drop_rate: dropout after each dense layer's last convolution, in training only: torchvision's
+        ``drop_rate``, timm's ``proj_drop_rate``.
+    num_classes: the classifier's outputs.
     memory_efficient: recompute each layer's concat-BN-ReLU-conv1 in the backward pass.
+    in_chans: the input images' channels (timm's name): conv0 takes this many.
+    aa_layer: None, or "blur": timm's anti-aliasing (``aa_layer=BlurPool2d``): the stem's 3x3/2
+        max-pool becomes a 3x3/1 max-pool then a 3x3 binomial blur with stride 2 (reflect padding).
+    aa_stem_only: with aa_layer, blur only in the stem (timm's default); False also replaces each
+        transition's 2x2 average pool with the blur.
+    head_drop_rate: dropout on the pooled features before the classifier, in training only: timm's
+        ``drop_rate``.
     """
 
     growth_rate: int = 32
@@ -42,21 +60,33 @@ class DenseNetConfig:
     drop_rate: float = 0.0
     num_classes: int = 1000
     memory_efficient: bool = False
+    in_chans: int = 3
+    aa_layer: str | None = None
+    aa_stem_only: bool = True
+    head_drop_rate: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
-        for name in ("growth_rate", "num_init_features", "num_classes", "bn_size"):
+        for name in ("growth_rate", "num_init_features", "num_classes", "bn_size", "in_chans"):
             value = getattr(self, name)
             if not (value is None and name == "bn_size") and not _positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.stem not in ("imagenet", "cifar"):
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {', '.join(STEMS)}; got {self.stem!r}")
+        if self.stem.startswith("deep_tiered") and self.growth_rate < 4:
+            raise ValueError(f"stem {self.stem!r} needs growth_rate >= 4 (3 * (k // 4) channels)")
+        if self.aa_layer not in AA_LAYERS:
+            raise ValueError(f"aa_layer must be None or 'blur', got {self.aa_layer!r}")
+        if self.aa_layer is not None and self.stem == "cifar" and self.aa_stem_only:
+            raise ValueError("aa_layer blurs the stem's pooling, and the cifar stem has none "
+                             "(set aa_stem_only=False to blur the transitions)")
+        for name in ("drop_rate", "head_drop_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.compression <= 1.0:
             raise ValueError(f"compression must be in (0, 1], got {self.compression}")
         if not self.block_config or min(self.block_config) < 1:
             raise ValueError(f"every block needs at least one layer, got {self.block_config}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
         if any(self.transition_channels(out) < 1 for _, out in self.block_channels()[:-1]):
             raise ValueError(f"compression {self.compression} leaves a transition with no channels")
 
@@ -97,6 +127,19 @@ class DenseNetConfig:
         """The channels a transition after a block of ``in_channels`` keeps."""
         return kept_channels(in_channels, self.compression)
 
+    def stem_channels(self) -> list[int]:
+        """The output channels of the stem's convolutions, conv0 first (timm's rule for deep stems,
+        with num_init_features where timm has 2k)."""
+        k, c0 = self.growth_rate, self.num_init_features
+        return {"imagenet": [c0], "cifar": [c0], "deep": [k, k, c0],
+                "deep_tiered": [3 * (k // 4), 6 * (k // 4), c0],
+                "deep_tiered_narrow": [3 * (k // 4), c0, c0]}[self.stem]
+
+    @property
+    def stem_stride(self) -> int:
+        """How much the stem (conv and pooling) divides the input's height and width."""
+        return 1 if self.stem == "cifar" else 4
+
     @property
     def num_features(self) -> int:
         """Channels of the final feature map, the classifier's input."""
@@ -122,9 +165,10 @@ def count_params(config: DenseNetConfig) -> int:
         return 2 * c
 
     stem_kernel = 7 if config.stem == "imagenet" else 3
-    total = 3 * config.num_init_features * stem_kernel ** 2
-    if config.stem == "imagenet":
-        total += bn_params(config.num_init_features)
+    total, c_in = 0, config.in_chans
+    for c in config.stem_channels():
+        total += c_in * c * stem_kernel ** 2 + (bn_params(c) if config.stem != "cifar" else 0)
+        c_in = c
     plan = config.block_channels()
     for i, (block_in, block_out) in enumerate(plan):
         for c in range(block_in, block_out, k):
@@ -136,31 +180,3 @@ def count_params(config: DenseNetConfig) -> int:
             total += bn_params(block_out) + block_out * config.transition_channels(block_out)
     c = config.num_features
     return total + bn_params(c) + c * config.num_classes + config.num_classes
-
-
-_REGISTRY: dict[str, Callable[[], DenseNetConfig]] = {
-    "densenet121": lambda: DenseNetConfig.imagenet(32, (6, 12, 24, 16), 64),
-    "densenet169": lambda: DenseNetConfig.imagenet(32, (6, 12, 32, 32), 64),
-    "densenet201": lambda: DenseNetConfig.imagenet(32, (6, 12, 48, 32), 64),
-    "densenet161": lambda: DenseNetConfig.imagenet(48, (6, 12, 36, 24), 96),
-    "densenet_40_k12": lambda: DenseNetConfig.cifar(40, 12, bottleneck=False, compression=1.0),
-    "densenet_100_k12": lambda: DenseNetConfig.cifar(100, 12, bottleneck=False, compression=1.0),
-    "densenet_100_k24": lambda: DenseNetConfig.cifar(100, 24, bottleneck=False, compression=1.0),
-    "densenet_bc_100_k12": lambda: DenseNetConfig.cifar(100, 12, bottleneck=True, compression=0.5),
-    "densenet_bc_250_k24": lambda: DenseNetConfig.cifar(250, 24, bottleneck=True, compression=0.5),
-    "densenet_bc_190_k40": lambda: DenseNetConfig.cifar(190, 40, bottleneck=True, compression=0.5),
-}
-
-
-def list_models() -> list[str]:
-    """Every registered model name, in registration order."""
-    return list(_REGISTRY)
-
-
-def get_config(name: str, **overrides) -> DenseNetConfig:
-    """The named configuration with fields replaced by ``overrides`` (e.g. num_classes=10)."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}") from None
-    return factory().replace(**overrides)

@@ -1,4 +1,5 @@
-"""torchvision's DenseNet state dicts <-> ours: names, layouts, and the architecture they imply.
+"""torchvision's and timm's DenseNet state dicts <-> ours: names, layouts, and the architecture
+they imply (timm's state dicts use torchvision's names, plus conv1/conv2/norm1/norm2 in deep stems).
 
 Works on numpy arrays only, so that this package never imports torch; ``convert/`` reads and writes
 the torch files. The mapping is a table built from the model itself: every one of our weights has
@@ -15,9 +16,10 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
-from densenet_jax.configs import DenseNetConfig, get_config, kept_channels, list_models
+from densenet_jax.configs import DenseNetConfig, kept_channels
 from densenet_jax.errors import CheckpointError
 from densenet_jax.models import DenseNet
+from densenet_jax.registry import get_config, list_models
 from densenet_jax.weights import check_arrays, state_arrays
 
 # Our leaf name -> torchvision's, by the rank of the array (a rank-2 kernel is the Linear layer).
@@ -90,7 +92,15 @@ def normalize_keys(state_dict: dict[str, np.ndarray], source: str) -> dict[str, 
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], source: str, **overrides) -> DenseNetConfig:
-    """The DenseNetConfig a torchvision-style state dict describes, read off its shapes."""
+    """The DenseNetConfig a torchvision- or timm-style state dict describes, read off its shapes.
+
+    The stem: a 7x7 conv0 is torchvision's; a 3x3 conv0 followed by conv1 and conv2 is one of
+    timm's deep stems (told apart by their channels); a lone 3x3 conv0 without norm0 is the CIFAR
+    stem. ``in_chans`` is conv0's input channels. BlurPool has no weights, so no key shows it: the
+    anti-aliasing (``aa_layer``, ``aa_stem_only``) is that of the one registered model whose
+    architecture the keys match (densenetblur121d's keys give its blur pooling), else none;
+    ``overrides`` replace any field. Raises CheckpointError naming ``source`` and the key at fault.
+    """
     def shape(key):
         if key not in shapes:
             raise CheckpointError(f"{source}: not a DenseNet checkpoint (no key {key})")
@@ -101,9 +111,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: str, **overrides) -
             raise CheckpointError(f"{source}: {message}")
 
     conv0 = shape("features.conv0.weight")
-    check(len(conv0) == 4 and conv0[1] == 3 and conv0[2] in (3, 7),
-          f"features.conv0.weight has shape {conv0}, expected (C, 3, 7, 7) or (C, 3, 3, 3)")
-    stem = "imagenet" if conv0[2] == 7 else "cifar"
+    check(len(conv0) == 4 and conv0[1] >= 1 and conv0[2] == conv0[3] and conv0[2] in (3, 7),
+          f"features.conv0.weight has shape {conv0}, expected (C, in_chans, 7, 7) or (C, in_chans, 3, 3)")
     blocks = []
     while any(k.startswith(f"features.denseblock{len(blocks) + 1}.") for k in shapes):
         i = len(blocks) + 1
@@ -119,12 +128,50 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: str, **overrides) -
         check(conv1[0] % growth_rate == 0,
               f"{first}.conv1.weight has {conv1[0]} outputs, not a multiple of the growth rate {growth_rate}")
         bn_size = conv1[0] // growth_rate
+    stem, num_init_features = _stem(shapes, conv0, growth_rate, check)
     compression = _compression(shapes, len(blocks), check)
     try:
-        return DenseNetConfig(growth_rate, tuple(blocks), conv0[0], bn_size, compression, stem,
-                              num_classes=shape("classifier.weight")[0]).replace(**overrides)
+        config = DenseNetConfig(growth_rate, tuple(blocks), num_init_features, bn_size, compression,
+                                stem, num_classes=shape("classifier.weight")[0], in_chans=conv0[1])
+        return _with_registered_aa(config).replace(**overrides)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
+
+
+def _stem(shapes, conv0: tuple[int, ...], growth_rate: int, check) -> tuple[str, int]:
+    """The stem type and its output channels (num_init_features), from conv0..conv2's shapes."""
+    if conv0[2] == 7:
+        return "imagenet", conv0[0]
+    if "features.conv1.weight" not in shapes:
+        check("features.norm0.weight" not in shapes,
+              "a 3x3 features.conv0 with features.norm0 but no features.conv1: neither the CIFAR "
+              "stem nor a deep stem")
+        return "cifar", conv0[0]
+    conv1, conv2 = shapes["features.conv1.weight"], shapes.get("features.conv2.weight")
+    check(conv2 is not None, "features.conv1.weight without features.conv2.weight: not a deep stem")
+    c1, c2, c0 = conv0[0], conv1[0], conv2[0]
+    for stem in ("deep", "deep_tiered", "deep_tiered_narrow"):
+        if stem == "deep" or growth_rate >= 4:  # the tiered stems need k // 4 >= 1
+            if DenseNetConfig(growth_rate, num_init_features=c0, stem=stem).stem_channels() == [c1, c2, c0]:
+                return stem, c0
+    check(False, f"a deep stem with channels {[c1, c2, c0]} (features.conv0/1/2) that none of timm's "
+                 f"stem types gives for growth rate {growth_rate}")
+
+
+def _with_registered_aa(config: DenseNetConfig) -> DenseNetConfig:
+    """``config`` with the anti-aliasing of the one registered model of its architecture, if any."""
+    matches = [candidate for name in list_models()
+               if _architecture(candidate := get_config(name)) == _architecture(config)]
+    if len(matches) != 1:
+        return config
+    return config.replace(aa_layer=matches[0].aa_layer, aa_stem_only=matches[0].aa_stem_only)
+
+
+def _architecture(config: DenseNetConfig) -> DenseNetConfig:
+    """``config`` with what a registered name leaves open (classes, input channels, dropout,
+    recomputation) and what no weight shows (anti-aliasing) set to the defaults."""
+    return config.replace(num_classes=1000, in_chans=3, drop_rate=0.0, head_drop_rate=0.0,
+                          memory_efficient=False, aa_layer=None, aa_stem_only=True)
 
 
 def _compression(shapes, num_blocks: int, check) -> float:
@@ -141,11 +188,11 @@ def _compression(shapes, num_blocks: int, check) -> float:
 
 
 def registered_name(config: DenseNetConfig) -> str | None:
-    """The registered model whose architecture ``config`` is (ignoring classes, dropout, remat)."""
+    """The registered model whose architecture ``config`` is (ignoring classes, input channels,
+    dropout and recomputation; anti-aliasing counts)."""
+    general = ("num_classes", "in_chans", "drop_rate", "head_drop_rate", "memory_efficient")
     for name in list_models():
-        candidate = get_config(name, num_classes=config.num_classes, drop_rate=config.drop_rate,
-                               memory_efficient=config.memory_efficient)
-        if candidate == config:
+        if get_config(name, **{field: getattr(config, field) for field in general}) == config:
             return name
     return None
 

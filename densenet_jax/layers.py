@@ -1,4 +1,4 @@
-"""The three primitives DenseNet is built from, with torch's semantics.
+"""The primitives DenseNet is built from, with torch's (and timm's) semantics.
 
 Flax's own Conv/BatchNorm/Linear differ from torch where parity needs them not to: BatchNorm keeps a
 biased running variance, and dtype promotion would compute bf16 inputs in fp32. Here every layer
@@ -211,6 +211,35 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """torch's MaxPool2d(3, stride=2, padding=1): the padding is -inf, never zero."""
     return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def max_pool_3x3_s1(x: jax.Array) -> jax.Array:
+    """torch's MaxPool2d(3, stride=1, padding=1) (timm's anti-aliased stem): -inf padding."""
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1),
+                                 ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def blur_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """timm's BlurPool2d with its defaults (filt_size 3, stride 2, pad_mode 'reflect'), NHWC.
+
+    Each channel is padded by one pixel on every side by reflection (the edge pixel not repeated,
+    as torch's ``F.pad(mode='reflect')``), blurred with the binomial filter [1, 2, 1] / 4 along
+    height and width, and sampled at stride 2: (H, W) -> ((H - 1) // 2 + 1, (W - 1) // 2 + 1).
+    Needs H, W >= 2. Written as two separable strided sums, not a grouped convolution: the same
+    weights, and no per-channel kernel to hold.
+    """
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    return _binomial_s2(_binomial_s2(x, 1), 2)
+
+
+def _binomial_s2(x: jax.Array, axis: int) -> jax.Array:
+    """(a + 2b + c) / 4 over each window of 3 along ``axis``, windows at stride 2 (no padding)."""
+    out = (x.shape[axis] - 3) // 2 + 1
+
+    def taps(start):
+        return jax.lax.slice_in_dim(x, start, start + 2 * out - 1, stride=2, axis=axis)
+
+    return (taps(0) + 2 * taps(1) + taps(2)) * jnp.asarray(0.25, x.dtype)
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:

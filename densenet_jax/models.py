@@ -1,7 +1,8 @@
-"""DenseNet (Huang et al., CVPR 2017) in Flax NNX, laid out like torchvision's ``densenet.py``.
+"""DenseNet (Huang et al., CVPR 2017) in Flax NNX, laid out like torchvision's and timm's ``densenet.py``.
 
-Module names follow torchvision's state-dict paths (``features.denseblock1.denselayer1.norm1``,
-``features.transition1.conv``, ``classifier``), so every torchvision weight has an obvious twin.
+Module names follow their state-dict paths (``features.denseblock1.denselayer1.norm1``,
+``features.transition1.conv``, ``classifier``), so every torchvision or timm weight has an obvious
+twin. The stem variants and anti-aliasing are in stem.py.
 Inputs are NHWC; each layer computes in the dtype of its input.
 """
 
@@ -12,9 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from densenet_jax.configs import DenseNetConfig, get_config
-from densenet_jax.layers import (BatchNorm, Conv2d, Linear, avg_pool_2x2, max_pool_3x3_s2, named_layer_errors,
-                                 sample_count)
+from densenet_jax.configs import DenseNetConfig
+from densenet_jax.layers import BatchNorm, Conv2d, Linear, avg_pool_2x2, named_layer_errors, sample_count
+from densenet_jax.registry import get_config
+from densenet_jax.stem import Pool, pooled_size, stem_layers, stem_pool, transition_pool
 
 
 class DenseLayer(nnx.Module):
@@ -92,31 +94,35 @@ class DenseBlock(nnx.Module):
 
 
 class Transition(nnx.Module):
-    """BN-ReLU-Conv1x1 (compressing the channels) then 2x2 average pooling, between dense blocks.
+    """BN-ReLU-Conv1x1 (compressing the channels) then downsampling (``pool``: torchvision's 2x2
+    average pooling, or timm's blur pool), between dense blocks.
 
-    The pooling runs before the 1x1 convolution: both are linear, so the result is the same (torch's
-    floor-mode pooling included), and the convolution does a quarter of the work.
+    The pooling runs before the 1x1 convolution: both pools are linear and act on each channel
+    alone, the convolution mixes channels pixel by pixel, so the result is the same (torch's
+    floor-mode average pooling and the blur's reflect padding included), and the convolution does a
+    quarter of the work.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):
+    def __init__(self, in_channels: int, out_channels: int, *, pool: Pool = avg_pool_2x2,
+                 rngs: nnx.Rngs):
         self.norm = BatchNorm(in_channels)
         self.conv = Conv2d(in_channels, out_channels, 1, rngs=rngs)
+        self.pool = pool
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(avg_pool_2x2(jax.nn.relu(self.norm(x))))
+        return self.conv(self.pool(jax.nn.relu(self.norm(x))))
 
 
 class Features(nnx.Module):
-    """torchvision's ``features``: the stem, dense blocks with transitions between, and norm5."""
+    """torchvision's (and timm's) ``features``: the stem, dense blocks with transitions between,
+    and norm5. Calling it gives torchvision's ``features`` output: norm5, before its ReLU."""
 
     def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
-        c0 = config.num_init_features
-        if config.stem == "imagenet":
-            self.conv0 = Conv2d(3, c0, 7, stride=2, padding=3, rngs=rngs)
-            self.norm0 = BatchNorm(c0)
-        else:
-            self.conv0 = Conv2d(3, c0, 3, padding=1, rngs=rngs)
-            self.norm0 = None
+        layers = stem_layers(config, rngs=rngs)
+        for name, layer in layers.items():
+            setattr(self, name, layer)
+        self.num_stem_convs = len(config.stem_channels())
+        self.stem_pool = stem_pool(config)
         plan = config.block_channels()
         for i, ((block_in, block_out), num_layers) in enumerate(zip(plan, config.block_config)):
             setattr(self, f"denseblock{i + 1}", DenseBlock(
@@ -124,15 +130,19 @@ class Features(nnx.Module):
                 config.memory_efficient, rngs=rngs))
             if i < len(plan) - 1:
                 setattr(self, f"transition{i + 1}", Transition(
-                    block_out, config.transition_channels(block_out), rngs=rngs))
+                    block_out, config.transition_channels(block_out), pool=transition_pool(config),
+                    rngs=rngs))
         self.norm5 = BatchNorm(config.num_features)
         self.num_blocks = len(plan)
 
-    def stem(self, x: jax.Array) -> jax.Array:
-        """conv0 (and for the ImageNet stem norm0, ReLU and the 3x3/2 max-pool)."""
-        x = self.conv0(x)
-        if self.norm0 is not None:
-            x = max_pool_3x3_s2(jax.nn.relu(self.norm0(x)))
+    def stem_output(self, x: jax.Array) -> jax.Array:
+        """The stem before its pooling: each conv{i} with its BN-ReLU (the CIFAR stem: conv0 alone).
+        This is timm's first feature map."""
+        for i in range(self.num_stem_convs):
+            x = getattr(self, f"conv{i}")(x)
+            norm = getattr(self, f"norm{i}", None)
+            if norm is not None:
+                x = jax.nn.relu(norm(x))
         return x
 
     def stages(self) -> list[tuple[DenseBlock, Transition | None]]:
@@ -141,79 +151,129 @@ class Features(nnx.Module):
                 for i in range(1, self.num_blocks + 1)]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.feature_maps(x, (self.num_blocks - 1,))[0]
+        return self._stage_outputs(x, self.num_blocks)[-1]
 
     def feature_maps(self, x: jax.Array, out_indices: tuple[int, ...]) -> list[jax.Array]:
-        """The outputs of the dense blocks numbered ``out_indices`` (from 0); the last block's
-        after norm5, as torchvision's ``features`` ends. Stops after the last one asked for."""
-        x, maps = self.stem(x), []
-        for i, (block, transition) in enumerate(self.stages()[:max(out_indices) + 1]):
+        """timm's ``features_only`` maps ``out_indices`` (sorted, valid): stage 0 is the stem's
+        output before pooling, stage i the output of dense block i, the last after norm5 and
+        ReLU. Stops after the last one asked for."""
+        outputs = self._stage_outputs(x, max(out_indices))
+        if self.num_blocks in out_indices:
+            outputs[self.num_blocks] = jax.nn.relu(outputs[self.num_blocks])
+        return [outputs[i] for i in out_indices]
+
+    def _stage_outputs(self, x: jax.Array, last: int) -> list[jax.Array]:
+        """The outputs of stages 0..last, the final one after norm5 (before its ReLU)."""
+        x = self.stem_output(x)
+        outputs = [x]
+        if last > 0 and self.stem_pool is not None:
+            x = self.stem_pool(x)
+        for i, (block, transition) in enumerate(self.stages()[:last], start=1):
             x = block(x)
             if transition is None:
                 x = self.norm5(x)
-            if i in out_indices:
-                maps.append(x)
-            if transition is not None and i < max(out_indices):
+            outputs.append(x)
+            if i < last:
                 x = transition(x)
-        return maps
+        return outputs
 
 
 class DenseNet(nnx.Module):
     """A DenseNet classifier. ``model(x)`` maps NHWC images to logits; ``model.eval()`` for inference.
 
     Built from a :class:`DenseNetConfig`; see :func:`densenet_jax.create_model` for named ones.
+    timm's habits: ``model(x) == model.forward_head(model.forward_features(x))``;
+    ``forward_features`` ends after norm5 and its ReLU (timm's ``features``), while
+    ``model.features(x)`` is torchvision's ``features`` (norm5 before the ReLU).
     """
 
     def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.features = Features(config, rngs=rngs)
+        self.head_drop = nnx.Dropout(config.head_drop_rate, rngs=rngs) if config.head_drop_rate > 0 else None
         self.classifier = Linear(config.num_features, config.num_classes, rngs=rngs)
 
+    @property
+    def num_features(self) -> int:
+        """Channels of the final feature map and of the pooled features the classifier reads."""
+        return self.config.num_features
+
     def __call__(self, x: jax.Array) -> jax.Array:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_features(self, x: jax.Array) -> jax.Array:
+        """The final feature map, NHWC (N, H/32, W/32, num_features) for the ImageNet stems, after
+        norm5 and ReLU, as timm's ``forward_features``."""
         check_input(x, self.config)
         with named_layer_errors(self):
-            x = jax.nn.relu(self.features(x))
-        return self.classifier(jnp.mean(x, axis=(1, 2)))
+            return jax.nn.relu(self.features(x))
 
-    def feature_maps(self, x: jax.Array, out_indices: tuple[int, ...] | None = None) -> list[jax.Array]:
-        """Backbone features: the output of each dense block in ``out_indices`` (default: all),
-        NHWC; see :func:`densenet_jax.feature_info` for their channels and strides."""
+    def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
+        """Global average pooling, head dropout (``head_drop_rate``, in training) and the
+        classifier: (N, H, W, num_features) -> logits (N, num_classes), or with ``pre_logits``
+        the pooled features (N, num_features)."""
+        x = jnp.mean(x, axis=(1, 2))
+        if self.head_drop is not None:
+            x = self.head_drop(x)
+        return x if pre_logits else self.classifier(x)
+
+    def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None) -> None:
+        """A fresh ``num_classes``-way classifier (torch's default init, from ``rngs``), as timm's
+        ``reset_classifier``; ``config.num_classes`` follows. Raises ValueError unless
+        num_classes >= 1 (for pooled features use ``forward_head(x, pre_logits=True)``)."""
+        config = self.config.replace(num_classes=num_classes)
+        self.classifier = Linear(self.num_features, num_classes, rngs=rngs if rngs is not None else nnx.Rngs(0))
+        self.config = config
+
+    def feature_maps(self, x: jax.Array, out_indices=None) -> list[jax.Array]:
+        """Backbone features as timm's ``features_only`` gives them (see
+        :func:`densenet_jax.feature_info` for the stages, their channels and strides), NHWC."""
         check_input(x, self.config)
         with named_layer_errors(self):
             return self.features.feature_maps(x, check_out_indices(out_indices, self.config))
 
 
 def check_out_indices(out_indices, config: DenseNetConfig) -> tuple[int, ...]:
-    """``out_indices`` as a sorted tuple of valid dense-block numbers (default: every block)."""
-    blocks = len(config.block_config)
+    """``out_indices`` as timm reads them, as a sorted tuple of stage numbers: None for every stage,
+    an int n for the last n, or stage numbers (negative ones count from the end). Stage 0 is the
+    stem, stage i dense block i. Raises ValueError for numbers out of range."""
+    stages = len(config.block_config) + 1
     if out_indices is None:
-        return tuple(range(blocks))
-    chosen = tuple(sorted(set(int(i) % blocks if -blocks <= int(i) < 0 else int(i) for i in out_indices)))
-    if not chosen or chosen[0] < 0 or chosen[-1] >= blocks:
-        raise ValueError(f"out_indices {tuple(out_indices)}: this DenseNet has dense blocks 0..{blocks - 1}")
+        return tuple(range(stages))
+    if isinstance(out_indices, int):
+        if not 1 <= out_indices <= stages:
+            raise ValueError(f"out_indices {out_indices}: this DenseNet has {stages} stages to take "
+                             "the last of")
+        out_indices = tuple(range(-out_indices, 0))
+    chosen = tuple(sorted({int(i) % stages if -stages <= int(i) < 0 else int(i) for i in out_indices}))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= stages:
+        raise ValueError(f"out_indices {out_indices}: this DenseNet has stages 0..{stages - 1} "
+                         "(0: the stem, i: dense block i)")
     return chosen
 
 
 def smallest_input(config: DenseNetConfig) -> int:
-    """The smallest height/width that leaves every transition's pooling at least one pixel."""
+    """The smallest height/width that leaves every stage at least one pixel (and two wherever a
+    blur pool's reflect padding needs them)."""
     def final_size(size):
-        if config.stem == "imagenet":
-            size = (size - 1) // 2 + 1  # 7x7/2 conv, pad 3
-            size = (size - 1) // 2 + 1  # 3x3/2 max-pool, pad 1
+        if config.stem != "cifar":
+            size = (size - 1) // 2 + 1  # the stem's stride-2 conv (7x7 pad 3, or 3x3 pad 1)
+        size = pooled_size(stem_pool(config), size)
         for _ in range(len(config.block_config) - 1):
-            size //= 2
+            size = size and pooled_size(transition_pool(config), size)
         return size
 
     size = 1
-    while final_size(size) < 1:
+    while not final_size(size):
         size += 1
     return size
 
 
 def check_input(x: jax.Array, config: DenseNetConfig) -> None:
     """Refuse, while tracing, what the model cannot take: wrong rank, channels, dtype or size."""
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"DenseNet takes NHWC images with 3 channels, got shape {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[-1] != config.in_chans:
+        raise ValueError(f"DenseNet takes NHWC images with {config.in_chans} channels, got shape "
+                         f"{tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"DenseNet takes floating-point images, got {x.dtype} "
                         "(scale and normalise uint8 images first)")
@@ -235,22 +295,8 @@ def _named(name: str, doc: str) -> type[DenseNet]:
                                         "__module__": __name__, "__qualname__": cls_name})
 
 
-DenseNet121 = _named("densenet121", "torchvision's densenet121: k=32, blocks (6, 12, 24, 16), 8.0M params.")
-DenseNet169 = _named("densenet169", "torchvision's densenet169: k=32, blocks (6, 12, 32, 32), 14.1M params.")
-DenseNet201 = _named("densenet201", "torchvision's densenet201: k=32, blocks (6, 12, 48, 32), 20.0M params.")
-DenseNet161 = _named("densenet161", "torchvision's densenet161: k=48, blocks (6, 12, 36, 24), 28.7M params.")
-
-
-def create_model(name: str, *, rngs: nnx.Rngs | None = None, features_only: bool = False,
-                 out_indices: tuple[int, ...] | None = None, **overrides):
-    """Build a registered model (see :func:`list_models`), e.g. ``create_model("densenet_bc_100_k12",
-    num_classes=100, rngs=nnx.Rngs(0))``. ``overrides`` replace fields of its DenseNetConfig.
-
-    ``features_only=True`` gives the backbone instead (:class:`densenet_jax.DenseNetFeatures`),
-    returning the dense blocks' feature maps ``out_indices`` (default: all).
-    """
-    model = DenseNet(get_config(name, **overrides), rngs=rngs if rngs is not None else nnx.Rngs(0))
-    if features_only:
-        from densenet_jax.backbone import DenseNetFeatures
-        return DenseNetFeatures(model, out_indices)
-    return model
+_DROP = " drop_rate: dropout after each dense layer (torchvision's)."
+DenseNet121 = _named("densenet121", "torchvision's densenet121: k=32, blocks (6, 12, 24, 16), 8.0M params." + _DROP)
+DenseNet169 = _named("densenet169", "torchvision's densenet169: k=32, blocks (6, 12, 32, 32), 14.1M params." + _DROP)
+DenseNet201 = _named("densenet201", "torchvision's densenet201: k=32, blocks (6, 12, 48, 32), 20.0M params." + _DROP)
+DenseNet161 = _named("densenet161", "torchvision's densenet161: k=48, blocks (6, 12, 36, 24), 28.7M params." + _DROP)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from densenet_jax.backbone import DenseNetFeatures
 from densenet_jax.configs import DenseNetConfig
 from densenet_jax.errors import CheckpointError
 from densenet_jax.models import DenseNet
@@ -167,7 +168,7 @@ def save(model: DenseNet, path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, features_only: bool = False,
-         out_indices: tuple[int, ...] | None = None, **overrides):
+         out_indices=None, **overrides):
     """Rebuild the model saved at ``path``; ``overrides`` replace config fields.
 
     With ``num_classes`` different from the file's, every weight but the classifier is loaded and the
@@ -176,7 +177,6 @@ def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, features_only
     Raises CheckpointError, naming the file and the fault, for anything unusable.
     """
     if features_only:
-        from densenet_jax.backbone import DenseNetFeatures
         return DenseNetFeatures(load(path, rngs=rngs, **overrides), out_indices)
     arrays, config = read_safetensors(path)
     new_config = config.replace(**overrides)

@@ -3,8 +3,9 @@
     python examples/features.py densenet121.safetensors ~/data/flowers
 
 Each image of train/ and val/ goes through the backbone once (torchvision's eval preprocessing);
-the last dense block's feature map, averaged over space, feeds a logistic regression. Use
-``out_indices`` for earlier, finer maps (e.g. a detection or segmentation head).
+the last stage's feature map (after norm5 and ReLU, as timm's features_only), averaged over
+space, feeds a logistic regression. Use ``out_indices`` for earlier, finer maps (e.g. a detection
+or segmentation head): stage 0 is the stem, stage i dense block i.
 """
 
 import argparse
@@ -20,7 +21,7 @@ from densenet_jax.data import load_dataset
 
 def embed(backbone, source, preprocess, batch_size=32):
     """Pooled last-stage features and labels of every example in ``source``."""
-    forward = nnx.jit(lambda m, x: jnp.mean(jnp.maximum(m(x)[-1], 0), axis=(1, 2)))
+    forward = nnx.jit(lambda m, x: jnp.mean(m(x)[-1], axis=(1, 2)))
     features, labels = [], []
     for start in range(0, len(source), batch_size):
         examples = [preprocess(source[i]) for i in range(start, min(start + batch_size, len(source)))]

@@ -39,7 +39,8 @@ def test_bc_100_k12_has_769162_params():
 
 def test_registry_and_named_classes():
     assert set(dj.list_models()) == {
-        "densenet121", "densenet169", "densenet201", "densenet161", "densenet_40_k12",
+        "densenet121", "densenet169", "densenet201", "densenet161", "densenetblur121d",
+        "densenet264d", "densenet_40_k12",
         "densenet_100_k12", "densenet_100_k24", "densenet_bc_100_k12", "densenet_bc_250_k24",
         "densenet_bc_190_k40"}
     model = dj.DenseNet161(num_classes=7, rngs=nnx.Rngs(0))
@@ -77,9 +78,10 @@ def test_initialisation_follows_torchvision():
     assert (same == model.features.conv0.kernel[...]).all() and not (other == same).all()
 
 
-def test_dropout_only_in_training(rng):
+@pytest.mark.parametrize("field", ["drop_rate", "head_drop_rate"])
+def test_dropout_only_in_training(rng, field):
     x = rng.standard_normal((2, 32, 32, 3), dtype=np.float32)
-    with_dropout = dj.create_model("densenet_40_k12", block_config=(2, 2, 2), drop_rate=0.5)
+    with_dropout = dj.create_model("densenet_40_k12", block_config=(2, 2, 2), **{field: 0.5})
     without = dj.create_model("densenet_40_k12", block_config=(2, 2, 2))
     assign(with_dropout, {k: np.asarray(v) for k, v in state_arrays(without).items()})
     for m in (with_dropout, without):
@@ -116,3 +118,51 @@ def test_bad_inputs_are_refused_while_tracing():
     # The smallest accepted size traces (eval_shape: running it op by op would take seconds).
     assert nnx.eval_shape(lambda m, x: m(x), model, jnp.ones((1, 29, 29, 3))).shape == (1, 1000)
     assert dj.models.smallest_input(dj.get_config("densenet_bc_100_k12")) == 4
+
+
+def test_create_model_reads_timms_dropout_spelling_for_timms_names():
+    timm_style = dj.create_model("densenet121", drop_rate=0.2, proj_drop_rate=0.1).config
+    assert (timm_style.head_drop_rate, timm_style.drop_rate) == (0.2, 0.1)  # timm: head, per layer
+    assert dj.create_model("densenetblur121d", drop_rate=0.3).config.head_drop_rate == 0.3
+    paper = dj.create_model("densenet_40_k12", drop_rate=0.2).config  # the paper's per-layer dropout
+    assert (paper.head_drop_rate, paper.drop_rate) == (0.0, 0.2)
+    assert dj.DenseNet121(drop_rate=0.1, rngs=nnx.Rngs(0)).config.drop_rate == 0.1  # torchvision's
+    with pytest.raises(ValueError, match="two values for head_drop_rate"):
+        dj.create_model("densenet121", drop_rate=0.2, head_drop_rate=0.1)
+    with pytest.raises(ValueError, match="two values for drop_rate"):
+        dj.create_model("densenet_40_k12", drop_rate=0.2, proj_drop_rate=0.1)
+
+
+def test_timm_habits(rng):
+    model = dj.create_model("densenet_bc_100_k12", block_config=(2, 2, 2), num_classes=7)
+    model.eval()
+    x = rng.standard_normal((2, 32, 32, 3), dtype=np.float32)
+    features = model.forward_features(x)
+    assert features.shape == (2, 8, 8, model.num_features) and model.num_features == 48
+    np.testing.assert_array_equal(np.asarray(features), np.maximum(np.asarray(model.features(x)), 0))
+    pooled = model.forward_head(features, pre_logits=True)
+    np.testing.assert_allclose(np.asarray(pooled), np.asarray(features).mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(model.forward_head(features)), np.asarray(model(x)))
+    model.reset_classifier(3, rngs=nnx.Rngs(5))
+    assert model(x).shape == (2, 3) and model.config.num_classes == 3
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        model.reset_classifier(0)
+
+
+@pytest.mark.parametrize("stem, in_chans", [("cifar", 1), ("deep_tiered", 2)])
+def test_in_chans_builds_converts_and_refuses_other_inputs(rng, stem, in_chans):
+    from densenet_jax.interop import from_torchvision, to_torchvision
+    model = dj.create_model("densenet_bc_100_k12", block_config=(2, 2, 2), stem=stem, in_chans=in_chans)
+    assert model.features.conv0.kernel.shape[2] == in_chans
+    assert num_params(model) == dj.count_params(model.config)
+    model.eval()
+    x = rng.standard_normal((1, 32, 32, in_chans), dtype=np.float32)
+    torch_dict = to_torchvision({k: np.asarray(v) for k, v in state_arrays(model).items()}, model.config)
+    arrays, config = from_torchvision(torch_dict, "sd")
+    assert config == model.config
+    twin = dj.DenseNet(config, rngs=nnx.Rngs(1))
+    assign(twin, arrays)
+    twin.eval()
+    np.testing.assert_array_equal(np.asarray(twin(x)), np.asarray(model(x)))
+    with pytest.raises(ValueError, match=rf"{in_chans} channels, got shape \(1, 32, 32, 3\)"):
+        model(jnp.ones((1, 32, 32, 3)))

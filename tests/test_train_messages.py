@@ -147,10 +147,11 @@ def test_another_lr_epochs_and_schedule_reuse_the_compiled_step(tmp_path, monkey
 
 def test_the_summary_names_the_architecture_that_trained():
     """After --init-from the summary names the file's architecture, not the default --model."""
-    from densenet_jax.configs import get_config
+    from densenet_jax.registry import get_config
     from densenet_jax.train.messages import architecture_name
 
     assert architecture_name(get_config("densenet121", num_classes=10, drop_rate=0.2)) == "densenet121"
+    assert architecture_name(get_config("densenet121", in_chans=1, head_drop_rate=0.1)) == "densenet121"
     assert architecture_name(get_config("densenet_bc_100_k12")) == "densenet_bc_100_k12"
     assert architecture_name(get_config("densenet121", block_config=(1, 2))) == (
         "DenseNet(k=32, blocks (1, 2), imagenet stem)")

@@ -17,7 +17,8 @@ from flax import nnx
 from densenet_jax.data import Dataset, eval_batches, load_dataset, train_batches
 from densenet_jax.data.pipeline import steps_per_epoch
 from densenet_jax.errors import DivergedError, Interrupted
-from densenet_jax.models import DenseNet, create_model
+from densenet_jax.models import DenseNet
+from densenet_jax.registry import get_config
 from densenet_jax.train import optim, parallel
 from densenet_jax.train.checkpoint import Checkpoints
 from densenet_jax.train.messages import (check_batch_statistics, epoch_line, precision_warning, startup_lines,
@@ -68,7 +69,7 @@ def build_model(config: TrainConfig, num_classes: int) -> DenseNet:
     options = dict(drop_rate=config.drop_rate, memory_efficient=config.memory_efficient)
     if config.init_from:
         return load(config.init_from, num_classes=num_classes, rngs=rngs, **options)
-    return create_model(config.model, num_classes=num_classes, rngs=rngs, **options)
+    return DenseNet(get_config(config.model, num_classes=num_classes, **options), rngs=rngs)
 
 
 class Run:

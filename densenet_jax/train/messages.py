@@ -7,16 +7,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from densenet_jax.configs import DenseNetConfig, get_config, list_models
+from densenet_jax.configs import DenseNetConfig
 from densenet_jax.models import DenseNet
+from densenet_jax.registry import get_config, list_models
+
+# What a registered architecture may change and keep its name (as timm names densenet121 with
+# in_chans=1 or another head "densenet121").
+NOT_ARCHITECTURE = ("num_classes", "in_chans", "drop_rate", "head_drop_rate", "memory_efficient")
 
 
 def architecture_name(config: DenseNetConfig) -> str:
-    """The registered name of ``config``'s architecture (head size, dropout and memory-efficient mode
-    aside), or its growth rate and blocks when it has none."""
+    """The registered name of ``config``'s architecture (the fields in NOT_ARCHITECTURE aside), or
+    its growth rate, blocks and stem when it has none."""
+    kept = {field: getattr(config, field) for field in NOT_ARCHITECTURE}
     for name in list_models():
-        if get_config(name, num_classes=config.num_classes, drop_rate=config.drop_rate,
-                      memory_efficient=config.memory_efficient) == config:
+        if get_config(name, **kept) == config:
             return name
     return f"DenseNet(k={config.growth_rate}, blocks {config.block_config}, {config.stem} stem)"
 
@@ -80,7 +85,7 @@ def precision_warning(precision: str) -> str | None:
     return None
 
 
-def check_batch_statistics(model: DenseNet, batch_size: int, image_size: int, channels: int = 3) -> None:
+def check_batch_statistics(model: DenseNet, batch_size: int, image_size: int) -> None:
     """Refuse, before compiling, a train step in which some BatchNorm would average one value per
     channel (see :class:`densenet_jax.layers.SingleValueStatistics`, raised with the layer's path).
 
@@ -90,5 +95,5 @@ def check_batch_statistics(model: DenseNet, batch_size: int, image_size: int, ch
     if batch_size != 1:
         return
     graphdef, state = nnx.split(model)  # merged anew inside: the trace never touches ``model``
-    spec = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+    spec = jax.ShapeDtypeStruct((1, image_size, image_size, model.config.in_chans), jnp.float32)
     jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, spec)

@@ -40,7 +40,8 @@ class Steps:
         self.compute_dtype = compute_dtype
         self.loss_dtype = jnp.promote_types(compute_dtype, jnp.float32)  # bf16 compute, fp32 loss
         self.axis_name = axis_name
-        self.dropout_key = jax.random.key(seed) if model.config.drop_rate > 0 else None
+        dropout = model.config.drop_rate > 0 or model.config.head_drop_rate > 0
+        self.dropout_key = jax.random.key(seed) if dropout else None
         model.set_attributes(axis_name=axis_name, raise_if_not_found=False)
         model.eval()
         self.eval_def = nnx.graphdef(model)
