@@ -19,6 +19,7 @@ setup() {  # $1: the extra this job needs
         fi
         .venv/bin/python -m pip install -q -e ".[$1]"
         touch "$stamp"
+        if [ "$1" = test ]; then touch .venv/.installed-train; fi  # [test] includes [train]
     fi
 }
 
