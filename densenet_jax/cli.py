@@ -117,7 +117,6 @@ def parser() -> argparse.ArgumentParser:
 def train(args) -> None:
     """``densenet-jax train``: train or resume in ``--workdir``, then print a summary."""
     from densenet_jax.train.loop import Run, TrainConfig
-
     from densenet_jax.train.messages import architecture_name
 
     _check_devices(args)
@@ -129,7 +128,8 @@ def train(args) -> None:
     rows = result["metrics"]
     if rows and run.is_main:
         best = max(rows, key=lambda r: r["eval_acc"])
-        print(f"{architecture_name(run.model.config)} on {config.dataset}: held-out accuracy {rows[-1]['eval_acc']:.4f} "
+        print(f"{architecture_name(run.model.config)} on {config.dataset}: "
+              f"held-out accuracy {rows[-1]['eval_acc']:.4f} "
               f"(best {best['eval_acc']:.4f} at epoch {best['epoch']}), step {result['step']}/"
               f"{run.total_steps}, {time.perf_counter() - started:.0f} s")
         print(f"results in {run.workdir}/: metrics.jsonl, curves.png, best.safetensors, "
@@ -137,7 +137,8 @@ def train(args) -> None:
 
 
 def _check_train_options(args) -> None:
-    """Refuse, before JAX starts, train options that are out of range or contradict each other."""
+    """Refuse, before any process joins or anything compiles, train options that are out of range
+    or contradict each other (one ValueError naming the options)."""
     for option, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                                  ("--max-steps", args.max_steps, 0), ("--keep", args.keep, 1),
                                  ("--checkpoint-every", args.checkpoint_every, 0),
