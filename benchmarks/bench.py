@@ -123,26 +123,27 @@ def compile_times(tmp: Path) -> dict:
 
 def dispatch_overhead() -> dict:
     """Host time a train step costs beyond running its compiled program: densenet121 at 32x32,
-    batch 1 (little compute). The trainer's step against the same program called directly
-    (ahead-of-time compiled), and a plain nnx.jit step (which walks the module graph every call)."""
+    batch 2 (little compute; batch 1 would leave the last BatchNorms one value per channel, which
+    the model refuses). The trainer's step against the same program called directly (ahead-of-time
+    compiled), and a plain nnx.jit step (which walks the module graph every call)."""
     import jax
     import numpy as np
     from contenders import jax_nnx_jit
     import densenet_jax as dj
     from densenet_jax.train import optim, parallel
 
-    runner = parallel.make("mesh", dj.create_model("densenet121"),
-                           optim.sgd(optim.learning_rate("constant", 0.01, 1, 1)))
+    runner = parallel.make("mesh", dj.create_model("densenet121"), optim.sgd())
     holder = {"state": runner.place_state(runner.steps.initial)}
-    x, y = runner.place_batch(np.zeros((1, 32, 32, 3), np.float32), np.zeros((1,), np.int32))
-    compiled = runner._train.lower(holder["state"], runner.rest, x, y).compile()
+    x, y = runner.place_batch(np.zeros((2, 32, 32, 3), np.float32), np.zeros((2,), np.int32))
+    lr = np.asarray(0.01, np.float32)
+    compiled = runner._train.lower(holder["state"], runner.rest, x, y, lr).compile()
 
     def via_runner():
-        holder["state"], m = runner.train(holder["state"], x, y)
+        holder["state"], m = runner.train(holder["state"], x, y, 0.01)
         jax.block_until_ready(m)
 
     def direct():
-        holder["state"], m = compiled(holder["state"], runner.rest, x, y)
+        holder["state"], m = compiled(holder["state"], runner.rest, x, y, lr)
         jax.block_until_ready(m)
 
     via_runner(), direct()
@@ -150,7 +151,7 @@ def dispatch_overhead() -> dict:
     for _ in range(15):
         ours.append(time_calls(via_runner, 0.3))
         raw.append(time_calls(direct, 0.3))
-    step = jax_nnx_jit(Task("densenet121", "train", 1, 32))
+    step = jax_nnx_jit(Task("densenet121", "train", 2, 32))
     step()
     nnx_jit = statistics.median(time_calls(step, 0.3) for _ in range(5))
     ms = lambda v: round(1e3 * v, 2)
@@ -180,11 +181,10 @@ def residuals() -> dict:
                      "ratio": round(efficient / plain, 3)}
     temp = {}
     for m in (False, True):
-        runner = parallel.make("mesh", dj.create_model("densenet121", memory_efficient=m),
-                               optim.sgd(optim.learning_rate("constant", 0.01, 1, 1)))
+        runner = parallel.make("mesh", dj.create_model("densenet121", memory_efficient=m), optim.sgd())
         state = runner.place_state(runner.steps.initial)
         batch = runner.place_batch(np.zeros((32, 224, 224, 3), np.float32), np.zeros((32,), np.int32))
-        analysis = runner._train.lower(state, runner.rest, *batch).compile().memory_analysis()
+        analysis = runner._train.lower(state, runner.rest, *batch, np.float32(0.01)).compile().memory_analysis()
         temp["memory_efficient" if m else "plain"] = round(analysis.temp_size_in_bytes / 2**30, 3)
     out["densenet121_cpu_compiled_temp_gib"] = temp
     return out

@@ -42,7 +42,13 @@ def _data(task: Task, seed=0):
 
 
 def _sgd():
-    return optim.sgd(optim.learning_rate("constant", 0.01, 1, 1), nesterov=False)
+    """The trainer's update direction; its runner applies the learning rate (0.01) in the step."""
+    return optim.sgd(nesterov=False)
+
+
+def _sgd_with_lr():
+    """The same SGD as one optax transformation, for plain NNX code: lr 0.01 applied by optax."""
+    return optax.chain(_sgd(), optax.scale_by_learning_rate(0.01))
 
 
 # --- densenet_jax -----------------------------------------------------------------------------
@@ -63,7 +69,7 @@ def jax_split(task: Task, store=None, **model_options) -> Callable[[], None]:
     images, labels = runner.place_batch(x, y)
 
     def step():
-        holder["state"], metrics = runner.train(holder["state"], images, labels)
+        holder["state"], metrics = runner.train(holder["state"], images, labels, 0.01)
         metrics["loss"].block_until_ready()
     return step
 
@@ -77,7 +83,7 @@ def jax_nnx_jit(task: Task, **model_options) -> Callable[[], None]:
         forward = nnx.jit(lambda m, x: m(x))
         return lambda: forward(model, x).block_until_ready()
     model.train()
-    optimizer = nnx.Optimizer(model, _sgd(), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, _sgd_with_lr(), wrt=nnx.Param)
 
     @nnx.jit
     def step(model, optimizer, x, y):

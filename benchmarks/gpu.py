@@ -46,14 +46,14 @@ def jax_train_step(batch, size, precision, memory_efficient=False):
     from densenet_jax.train import optim, parallel
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[precision]
     runner = parallel.make("mesh", dj.create_model("densenet121", memory_efficient=memory_efficient),
-                           optim.sgd(optim.learning_rate("constant", 0.01, 1, 1)), compute_dtype=dtype)
+                           optim.sgd(), compute_dtype=dtype)
     holder = {"state": runner.place_state(runner.steps.initial)}
     rng = np.random.default_rng(0)
     images, labels = runner.place_batch(rng.standard_normal((batch, size, size, 3), dtype=np.float32),
                                         rng.integers(0, 1000, batch).astype(np.int32))
 
     def step():
-        holder["state"], metrics = runner.train(holder["state"], images, labels)
+        holder["state"], metrics = runner.train(holder["state"], images, labels, 0.01)
         metrics["loss"].block_until_ready()
     return step
 

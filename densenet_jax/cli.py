@@ -22,7 +22,8 @@ def _train_parser(sub) -> None:
     d = TrainConfig()
     p = sub.add_parser("train", help="train or fine-tune a DenseNet; rerun to resume",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model, choices=list_models(), help="architecture to train from scratch")
+    p.add_argument("--model", default=None, choices=list_models(),
+                   help=f"architecture to train from scratch (default {d.model}; with --init-from, the file's)")
     _dataset_options(p)
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, over all devices and hosts")
@@ -41,8 +42,9 @@ def _train_parser(sub) -> None:
                         "head when the class count differs")
     p.add_argument("--head-only", action="store_true", help="train only the classifier (with --init-from)")
     p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp64"],
-                   help="bf16: compute in bfloat16, keep fp32 parameters, BN statistics and loss; "
-                        "fp64: everything in float64, for reference runs")
+                   help="bf16: compute in bfloat16, keep fp32 parameters, BN statistics and loss (for "
+                        "GPUs and TPUs: on a CPU about 7x slower than fp32); fp64: everything in "
+                        "float64, for reference runs")
     p.add_argument("--parallel", default=d.parallel, choices=["mesh", "pmap"],
                    help="mesh: jit over all devices, batch sharded (global BN statistics); "
                         "pmap: a replica per device, BN synchronised across devices")
@@ -85,6 +87,8 @@ def _distributed_options(p) -> None:
                    help="several hosts: process 0's address, passed to jax.distributed.initialize")
     p.add_argument("--num-processes", type=int, default=None, help="several hosts: how many")
     p.add_argument("--process-id", type=int, default=None, help="several hosts: this one's index")
+    p.add_argument("--distributed-timeout", type=int, default=300, metavar="SECONDS",
+                   help="several hosts: how long to wait for every process to join before giving up")
 
 
 def _evaluate_parser(sub) -> None:
@@ -188,20 +192,113 @@ def parser() -> argparse.ArgumentParser:
 def train(args) -> None:
     """``densenet-jax train``: train or resume in ``--workdir``, then print a summary."""
     from densenet_jax.train.loop import Run, TrainConfig
+    from densenet_jax.train.messages import architecture_name
 
+    _check_devices(args)
     fields = {f for f in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     started = time.perf_counter()
     run = Run(config)
     result = run.fit()
     rows = result["metrics"]
     if rows and run.is_main:
         best = max(rows, key=lambda r: r["eval_acc"])
-        print(f"{config.pretrained or config.model} on {config.dataset}: held-out accuracy {rows[-1]['eval_acc']:.4f} "
+        print(f"{architecture_name(run.model.config)} on {config.dataset}: "
+              f"held-out accuracy {rows[-1]['eval_acc']:.4f} "
               f"(best {best['eval_acc']:.4f} at epoch {best['epoch']}), step {result['step']}/"
               f"{run.total_steps}, {time.perf_counter() - started:.0f} s")
         print(f"results in {run.workdir}/: metrics.jsonl, curves.png, best.safetensors, "
               f"model.safetensors (at the end), checkpoints/")
+
+
+def _check_train_options(args) -> None:
+    """Refuse, before any process joins or anything compiles, train options that are out of range
+    or contradict each other (one ValueError naming the options)."""
+    for option, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--max-steps", args.max_steps, 0), ("--keep", args.keep, 1),
+                                 ("--checkpoint-every", args.checkpoint_every, 0),
+                                 ("--distributed-timeout", args.distributed_timeout, 1)):
+        if value < least:
+            raise ValueError(f"{option} {value}: must be at least {least}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr {args.lr}: must be positive")
+    if args.head_only and not args.init_from:
+        raise ValueError("--head-only trains only the classifier of loaded weights: add --init-from FILE")
+    from densenet_jax.train.optim import WARMUP_SCHEDULES
+    if args.warmup_epochs and args.schedule not in WARMUP_SCHEDULES:
+        raise ValueError(f"--warmup-epochs {args.warmup_epochs} has no effect with --schedule {args.schedule}: "
+                         f"only {', '.join(WARMUP_SCHEDULES)} warms up")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise ValueError(f"--warmup-epochs {args.warmup_epochs}: must be at least 0 and less than "
+                         f"--epochs {args.epochs}")
+    if args.init_from and args.model:
+        _check_model_matches(args.model, args.init_from)
+    if args.pretrained and (args.model or args.init_from):
+        raise ValueError(f"--pretrained {args.pretrained} names the architecture and its weights: "
+                         "leave --model and --init-from out")
+    _check_distributed_options(args)
+
+
+def _check_model_matches(model: str, weights: str) -> None:
+    """``--model`` names the architecture of the ``--init-from`` file (heads aside), or is refused."""
+    from densenet_jax.train.messages import architecture_name
+    from densenet_jax.weights import read_safetensors
+
+    stored = read_safetensors(weights)[1]
+    if architecture_name(stored) != model:
+        raise ValueError(f"--model {model} contradicts --init-from {weights}, which holds "
+                         f"{architecture_name(stored)}: leave --model out to train the file's architecture")
+
+
+def _check_distributed_options(args) -> None:
+    """Several hosts need all three of --coordinator, --num-processes and --process-id."""
+    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    missing = [name for name, value in given.items() if value is None]
+    if len(missing) == 3:
+        return
+    if missing:
+        raise ValueError(f"several hosts need --coordinator HOST:PORT (process 0's address), --num-processes "
+                         f"and --process-id: {' and '.join(missing)} missing")
+    if not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--process-id {args.process_id}: must be 0 to {args.num_processes - 1} "
+                         f"for --num-processes {args.num_processes}")
+
+
+def _check_devices(args) -> None:
+    """The global batch must split evenly over processes and devices (else a raw sharding error)."""
+    import jax
+
+    processes, devices = jax.process_count(), jax.device_count()
+    if args.batch_size % devices:
+        raise ValueError(f"--batch-size {args.batch_size} does not split over {devices} devices "
+                         f"({processes} process{'es' * (processes > 1)}): use a multiple of {devices}")
+
+
+def _join_processes(args) -> None:
+    """jax.distributed.initialize, saying what it waits for; after ``--distributed-timeout`` seconds
+    without every process, one line and exit 1 (JAX itself would abort with a C++ stack trace)."""
+    import os
+    import threading
+
+    import jax
+
+    log.info("process %d of %d: waiting up to %d s for the others at %s", args.process_id,
+             args.num_processes, args.distributed_timeout, args.coordinator)
+
+    def give_up():
+        print(f"densenet-jax: error: not every one of {args.num_processes} processes joined at "
+              f"{args.coordinator} within {args.distributed_timeout} s: start the same command on every "
+              f"host, each with its --process-id (0 to {args.num_processes - 1})", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(args.distributed_timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    # JAX's own deadline later than ours, so that ours speaks first.
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               initialization_timeout=args.distributed_timeout + 60)
+    timer.cancel()
 
 
 def evaluate(args) -> None:
@@ -354,9 +451,11 @@ def main(argv: list[str] | None = None) -> None:
     import jax
     if getattr(args, "precision", None) == "fp64":
         jax.config.update("jax_enable_x64", True)
-    if getattr(args, "coordinator", None):
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
+        if args.command == "train":
+            _check_train_options(args)
+        if getattr(args, "coordinator", None):
+            _join_processes(args)
         COMMANDS[args.command](args)
     except Interrupted as e:
         print(f"densenet-jax: {e}", file=sys.stderr)

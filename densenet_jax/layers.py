@@ -8,6 +8,7 @@ momentum 0.1 on the torch convention, epsilon 1e-5, unbiased running variance, t
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -121,6 +122,8 @@ class BatchNorm(nnx.Module):
         if self.use_running_average:
             stats, returned = (self.mean[...], self.var[...]), None
         else:
+            if sample_count(x.shape, self.axis_name) == 1:
+                raise SingleValueStatistics(self, tuple(x.shape))
             stats = returned = batch_statistics(x, self.axis_name)
         return normalize(x, *stats, self.scale[...], self.bias[...], self.epsilon), returned
 
@@ -134,6 +137,31 @@ class BatchNorm(nnx.Module):
         # densenet121 train step took (jax 0.10.2, flax 0.12.8).
         self.mean.set_value(((1 - m) * self.mean[...] + m * mean).astype(self.mean.dtype))
         self.var.set_value(((1 - m) * self.var[...] + m * unbiased).astype(self.var.dtype))
+
+
+class SingleValueStatistics(ValueError):
+    """A train-mode BatchNorm got one value per channel (batch 1 reaching a 1x1 map): its batch
+    statistics would normalise every value to exactly 0, silently. torch refuses the same input
+    ("Expected more than 1 value per channel when training"). ``module`` is the BatchNorm at fault;
+    :func:`named_layer_errors` puts its path into the message."""
+
+    def __init__(self, module: BatchNorm, shape: tuple[int, ...], name: str = "a BatchNorm"):
+        self.module, self.shape = module, shape
+        super().__init__(f"{name} in train mode gets input of shape {shape}: one value per channel, "
+                         "which its batch statistics would normalise to 0; train with a larger batch "
+                         "or larger images (or in eval mode)")
+
+
+@contextlib.contextmanager
+def named_layer_errors(root: nnx.Module):
+    """Re-raise a :class:`SingleValueStatistics` from inside ``root`` with the layer's path in
+    ``root`` (e.g. ``features.denseblock4.denselayer1.norm1``), which the layer cannot know."""
+    try:
+        yield
+    except SingleValueStatistics as e:
+        name = next((".".join(map(str, path)) for path, node in nnx.iter_graph(root) if node is e.module),
+                    "a BatchNorm")
+        raise SingleValueStatistics(e.module, e.shape, name) from None
 
 
 def sample_count(shape: tuple[int, ...], axis_name: str | None = None) -> int:

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from densenet_jax.configs import DenseNetConfig
-from densenet_jax.layers import BatchNorm, Conv2d, Linear, avg_pool_2x2, sample_count
+from densenet_jax.layers import BatchNorm, Conv2d, Linear, avg_pool_2x2, named_layer_errors, sample_count
 from densenet_jax.registry import get_config
 from densenet_jax.stem import Pool, pooled_size, stem_layers, stem_pool, transition_pool
 
@@ -212,7 +212,8 @@ class DenseNet(nnx.Module):
         """The final feature map, NHWC (N, H/32, W/32, num_features) for the ImageNet stems, after
         norm5 and ReLU, as timm's ``forward_features``."""
         check_input(x, self.config)
-        return jax.nn.relu(self.features(x))
+        with named_layer_errors(self):
+            return jax.nn.relu(self.features(x))
 
     def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
         """Global average pooling, head dropout (``head_drop_rate``, in training) and the
@@ -237,7 +238,8 @@ class DenseNet(nnx.Module):
         """Backbone features as timm's ``features_only`` gives them (see
         :func:`densenet_jax.feature_info` for the stages, their channels and strides), NHWC."""
         check_input(x, self.config)
-        return self.features.feature_maps(x, check_out_indices(out_indices, self.config))
+        with named_layer_errors(self):
+            return self.features.feature_maps(x, check_out_indices(out_indices, self.config))
 
 
 def check_out_indices(out_indices, config: DenseNetConfig) -> tuple[int, ...]:

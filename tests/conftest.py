@@ -34,10 +34,11 @@ def library_logs_reach_caplog():
 
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory):
-    """The work directory of train_cli.RUN run to its end in one go."""
+    """The work directory of train_cli.RUN run to its end in one go (what it printed beside it,
+    in ``<workdir>.out``)."""
     from train_cli import RUN, train
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    train(workdir, *RUN)
+    workdir.with_name(f"{workdir.name}.out").write_text(train(workdir, *RUN))
     return workdir
 
 

@@ -1,24 +1,49 @@
-"""A run stopped and rerun ends bit for bit where an uninterrupted run ends."""
+"""A run stopped and rerun ends bit for bit where an uninterrupted run ends, and says so."""
 
 import json
 
 from train_cli import RUN, assert_same_weights, train
 
 
+def rows(workdir):
+    return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_stopped_run_resumes_exactly(tmp_path, uninterrupted):
     whole, pieces = uninterrupted, tmp_path / "pieces"
-    train(pieces, *RUN, "--max-steps", "2")  # stops mid-epoch 1, at a checkpoint
+    out = train(pieces, *RUN, "--max-steps", "2")  # stops mid-epoch 1, at a checkpoint
     assert not (pieces / "model.safetensors").exists()
+    assert ("stopped by --max-steps at step 2 of 6 (epoch 1, 2 of its 3 steps), checkpoint saved; "
+            "run the same command again to continue") in out
     out = train(pieces, *RUN, "--max-steps", "3")  # resumes at 2, stops mid-epoch 2
-    assert "resuming" in out and "step 2" in out
+    assert f"work directory: {pieces}; resuming at step 2 (epoch 1, 2 of its 3 steps done)" in out
     train(pieces, *RUN)  # the same command again finishes the run
     assert_same_weights(pieces, whole)
-    rows_a = [json.loads(l) for l in (whole / "metrics.jsonl").read_text().splitlines()]
-    rows_b = [json.loads(l) for l in (pieces / "metrics.jsonl").read_text().splitlines()]
+    rows_a, rows_b = rows(whole), rows(pieces)
     assert [r["epoch"] for r in rows_b] == [1, 2]
-    assert [r["eval_acc"] for r in rows_b] == [r["eval_acc"] for r in rows_a]
-    assert [r["eval_loss"] for r in rows_b] == [r["eval_loss"] for r in rows_a]
+    # Both epochs were resumed mid-way, yet their figures are the uninterrupted run's, train ones included.
+    for key in ("eval_acc", "eval_loss", "train_loss", "train_acc"):
+        assert [r[key] for r in rows_b] == [r[key] for r in rows_a], key
     kept = sorted(int(p.name) for p in (pieces / "checkpoints").iterdir() if p.name.isdigit())
     assert kept[-1] == 6 and len(kept) <= 3  # the last K=3 kept
     for name in ("best.safetensors", "curves.png"):
         assert (pieces / name).stat().st_size > 0
+
+
+def test_a_run_says_what_it_runs_and_how_each_epoch_went(uninterrupted):
+    """The start-up block, and one line per epoch (with --no-progress too) that metrics.jsonl matches;
+    images/s leaves out the first step, which compiles or loads the compiled step."""
+    out = uninterrupted.with_name(f"{uninterrupted.name}.out").read_text()
+    assert "model: densenet_40_k12, 1,019,722 parameters, 10 classes" in out
+    assert "data: digits, 1,437 training and 360 held-out images, 8x8" in out
+    assert "devices: 1 cpu device in 1 process (mesh)" in out
+    assert ("batch 448 (448 per device), 3 steps per epoch, 2 epochs = 6 steps; lr 0.1, cifar schedule; "
+            "precision fp32") in out
+    assert f"work directory: {uninterrupted}; starting at step 0" in out
+    first, second = rows(uninterrupted)
+    assert (f"epoch 1/2: train loss {first['train_loss']:.4f} acc {first['train_acc']:.4f}, held-out loss "
+            f"{first['eval_loss']:.4f} acc {first['eval_acc']:.4f}, {first['images_per_sec']:.0f} images/s, "
+            f"{first['seconds']:.0f} s (first step {first['first_step_seconds']:.1f} s: compiling") in out
+    assert f"epoch 2/2: train loss {second['train_loss']:.4f}" in out and second["first_step_seconds"] is None
+    # Two timed steps in a span that leaves out at least the first step's time.
+    assert first["images_per_sec"] >= 2 * 448 / (first["seconds"] - first["first_step_seconds"])

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -30,6 +31,34 @@ def test_schedules():
         optim.learning_rate("step", 0.1, 10, 1)
 
 
+def test_host_schedules_and_lr_argument_equal_optax_sgd_with_its_schedules():
+    """The rate computed on the host and applied in the step gives optax.sgd's updates with optax's
+    own schedule compiled in (the form it replaced, issue 16.3)."""
+    references = {"cifar": optax.piecewise_constant_schedule(0.1, {50: 0.1, 75: 0.1}),
+                  "imagenet": optax.piecewise_constant_schedule(0.1, {33: 0.1, 66: 0.1}),
+                  "cosine": optax.warmup_cosine_decay_schedule(0.0, 0.1, 20, 100),
+                  "constant": optax.constant_schedule(0.1)}
+    for kind, reference in references.items():
+        ours = optim.learning_rate(kind, 0.1, total_steps=100, steps_per_epoch=10, warmup_epochs=2)
+        np.testing.assert_allclose([ours(s) for s in range(105)], [float(reference(s)) for s in range(105)],
+                                   rtol=1e-6, atol=1e-8, err_msg=kind)  # optax: float32
+    params = {"w": jnp.linspace(-1.0, 1.0, 6)}
+    schedule = optim.learning_rate("cosine", 0.1, 10, 1, warmup_epochs=2)
+    tx = optim.sgd()
+    reference = optax.chain(optax.add_decayed_weights(1e-4),
+                            optax.sgd(optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 10),
+                                      momentum=0.9, nesterov=True))
+    ours, theirs, state, ref_state = params, params, tx.init(params), reference.init(params)
+    for step in range(6):
+        grads = {"w": jnp.cos(ours["w"] * (step + 1))}
+        updates, state = tx.update(grads, state, ours)
+        ours = optim.apply_learning_rate(ours, updates, jnp.float32(schedule(step)))
+        updates, ref_state = reference.update({"w": jnp.cos(theirs["w"] * (step + 1))}, ref_state, theirs)
+        theirs = optax.apply_updates(theirs, updates)
+    np.testing.assert_allclose(ours["w"], theirs["w"], rtol=1e-6)
+    assert not np.allclose(ours["w"], params["w"])  # it moved
+
+
 def batch(rng, n=8, size=16):
     return (rng.standard_normal((n, size, size, 3), dtype=np.float32),
             rng.integers(0, 10, n).astype(np.int32))
@@ -39,24 +68,23 @@ def run_steps(model, tx, rng, steps=2, **options):
     runner = parallel.make("mesh", model, tx, **options)
     state = runner.place_state(runner.steps.initial)
     for _ in range(steps):
-        state, metrics = runner.train(state, *runner.place_batch(*batch(rng)))
+        state, metrics = runner.train(state, *runner.place_batch(*batch(rng)), 0.05)
     return runner, state, runner.fetch(metrics)
 
 
 def test_bf16_computes_in_bfloat16_and_keeps_fp32_state(rng):
     model = tiny(num_classes=10)
-    runner, state, metrics = run_steps(model, optim.sgd(optim.learning_rate("constant", 0.05, 2, 1)),
-                                       rng, compute_dtype=jnp.bfloat16)
+    runner, state, metrics = run_steps(model, optim.sgd(), rng, compute_dtype=jnp.bfloat16)
     assert np.isfinite(metrics["loss"])
     assert {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats))} == {jnp.dtype(jnp.float32)}
-    hlo = runner._train.lower(state, runner.rest, *runner.place_batch(*batch(rng))).as_text()
+    hlo = runner._train.lower(state, runner.rest, *runner.place_batch(*batch(rng)), np.float32(0.05)).as_text()
     assert "bf16" in hlo and "convolution" in hlo
 
 
 def test_head_only_changes_only_the_classifier(rng):
     model = tiny(num_classes=10)
     before = {k: np.asarray(v) for k, v in state_arrays(model).items()}
-    tx = optim.head_only(optim.sgd(optim.learning_rate("constant", 0.1, 2, 1)))
+    tx = optim.head_only(optim.sgd())
     runner, state, _ = run_steps(model, tx, rng, freeze_features=True)
     after = {k: np.asarray(v) for k, v in state_arrays(runner.steps.model(runner.host_state(state))).items()}
     changed = {k for k in before if not np.array_equal(before[k], after[k])}

@@ -24,7 +24,10 @@ from densenet_jax.pretrained import PretrainedCfg
 from densenet_jax.registry import get_config
 from densenet_jax.train import identity, optim, parallel
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
-from densenet_jax.train.report import plot_curves, read_metrics, write_metrics
+from densenet_jax.train.messages import (check_batch_statistics, epoch_line, precision_warning, startup_lines,
+                                         stopped_line)
+from densenet_jax.train.report import (plot_curves, read_metrics, read_partial_epoch, write_metrics,
+                                       write_partial_epoch)
 from densenet_jax.weights import cast, load, state_arrays, write_safetensors
 
 log = logging.getLogger("densenet_jax")
@@ -116,13 +119,18 @@ class Run:
                              "training examples")
         self.total_steps = config.epochs * self.steps_per_epoch
         self.model = build_model(config, self.data.num_classes)
+        if not config.head_only:  # a frozen backbone normalises with its running statistics
+            check_batch_statistics(self.model, config.batch_size, self.data.image_size)
+        if warning := precision_warning(config.precision):
+            log.warning(warning)
+        self.first_step_seconds: float | None = None  # this process's first step: compilation
         if config.precision == "fp64":
             if not jax.config.jax_enable_x64:
                 raise ValueError("--precision fp64 needs jax_enable_x64 (JAX_ENABLE_X64=1)")
             cast(self.model, jnp.float64)
-        schedule = optim.learning_rate(config.schedule, config.lr, self.total_steps,
-                                       self.steps_per_epoch, config.warmup_epochs)
-        tx = optim.sgd(schedule, config.momentum, config.weight_decay)
+        self.schedule = optim.learning_rate(config.schedule, config.lr, self.total_steps,
+                                            self.steps_per_epoch, config.warmup_epochs)
+        tx = optim.sgd(config.momentum, config.weight_decay)
         if config.head_only:
             tx = optim.head_only(tx)
         self.runner = parallel.make(config.parallel, self.model, tx, self._step_store(), seed=config.seed,
@@ -135,10 +143,11 @@ class Run:
         cache = jax.config.jax_compilation_cache_dir
         if not cache:
             return None
-        run_control = {"workdir", "max_steps", "checkpoint_every", "keep", "workers", "progress",
-                       "strict", "data_dir", "init_from"}
-        shaping = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in run_control}
-        key = repr((sorted(shaping.items()), self.model.config, self.steps_per_epoch))
+        # The learning rate is an argument of the step, so its schedule shapes nothing in it.
+        not_in_program = {"workdir", "max_steps", "checkpoint_every", "keep", "workers", "progress",
+                          "strict", "data_dir", "init_from", "lr", "epochs", "schedule", "warmup_epochs"}
+        shaping = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in not_in_program}
+        key = repr((sorted(shaping.items()), self.model.config))
         return Path(cache) / "densenet-jax-steps", key
 
     def fit(self) -> dict:
@@ -172,6 +181,9 @@ class Run:
         c = self.config
         state, start = self._restore(checkpoints)
         self.start_step = start
+        if self.is_main:
+            for line in startup_lines(self, start):
+                log.info(line)
         self.rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
         if start >= self.total_steps:
             log.info("%s: complete at step %d of %d; nothing to do (a larger --epochs continues it, "
@@ -183,18 +195,26 @@ class Run:
             last = min(self.steps_per_epoch, first + stop - step)
             state, step, train_metrics = self._train_epoch(state, epoch, first, last, checkpoints, signals)
             if step % self.steps_per_epoch == 0 and step > epoch * self.steps_per_epoch:  # it ended here
-                self.rows.append({"epoch": epoch + 1, "step": step, **train_metrics, **self.evaluate(state)})
+                first_step = self.first_step_seconds if epoch == start // self.steps_per_epoch else None
+                self.rows.append({"epoch": epoch + 1, "step": step, **train_metrics, **self.evaluate(state),
+                                  "first_step_seconds": first_step})
                 self._report(state, self.rows)
+                if self.is_main:
+                    log.info(epoch_line(self.rows[-1], c.epochs))
             # A stop acknowledged anywhere (data wait, step, device wait, fetch, evaluation, a
             # checkpoint write) ends here, with the last completed step checkpointed.
             if step % self.steps_per_epoch == 0 or step == stop or signals.received:
                 self._checkpoint(checkpoints, step, state)
             if signals.received:
                 raise Interrupted(signals.received, step)
+        if step < self.total_steps and self.is_main:
+            log.info(stopped_line(step, self.steps_per_epoch, self.total_steps))
         return state, step
 
     def _checkpoint(self, checkpoints: Checkpoints, step: int, state) -> None:
         if step != checkpoints.latest_step():
+            if step % self.steps_per_epoch and self.is_main:
+                write_partial_epoch(self.workdir, step, self.totals, self.config.keep + 1)
             checkpoints.save(step, self.runner.host_state(state))
 
     def _restore(self, checkpoints: Checkpoints):
@@ -206,7 +226,6 @@ class Run:
         if restored is None:
             return self.runner.place_state(initial), 0
         host, step = restored
-        log.info("resuming from %s at step %d", checkpoints.directory, step)
         return self.runner.place_state(host), step
 
     def _train_epoch(self, state, epoch, first, last, checkpoints, signals):
@@ -219,26 +238,32 @@ class Run:
                                 process_count=jax.process_count(), workers=c.workers)
         bar = _progress(c.progress and self.is_main, total=self.steps_per_epoch, initial=first,
                         desc=f"epoch {epoch + 1}/{c.epochs}")
-        sums, seen, started = {"loss": 0.0, "correct": 0.0}, 0, time.perf_counter()
-        pending = []
         step = epoch * self.steps_per_epoch + first
+        self.totals = totals = self._epoch_totals(step) if first else dict(EMPTY_TOTALS)
+        timing = _Timing(totals)
+        pending = []
         for i in range(first, last):
             batch = next(batches)
             if signals.received:  # it came during the data wait: no further step
                 break
             images, labels = self.runner.place_batch(batch["image"], batch["label"])
-            state, metrics = self.runner.train(state, images, labels)
+            dispatched = time.perf_counter()
+            state, metrics = self.runner.train(state, images, labels, self.schedule(step))
             step += 1
+            if self.first_step_seconds is None:
+                jax.block_until_ready(metrics)
+                self.first_step_seconds = timing.untimed_step(dispatched)
+            else:
+                timing.timed += 1
             pending.append((step, metrics))
             save = c.checkpoint_every and step % c.checkpoint_every == 0
             # Fetching syncs, so only every few steps; always before a checkpoint, so that no
             # checkpoint ever holds a state that a NaN loss has touched.
             if save or len(pending) == 10 or i + 1 == last:
-                seen += self._fetch_metrics(pending, sums, checkpoints)
-                rate = seen * c.batch_size / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}",
-                                acc=f"{sums['correct'] / (seen * c.batch_size):.4f}",
-                                img_s=f"{rate:.0f}")
+                self._fetch_metrics(pending, timing, checkpoints)
+                bar.set_postfix(loss=f"{totals['loss'] / totals['steps']:.4f}",
+                                acc=f"{totals['correct'] / (totals['steps'] * c.batch_size):.4f}",
+                                img_s=f"{images_per_second(totals, c.batch_size):.0f}")
             bar.update(1)
             if save:
                 self._checkpoint(checkpoints, step, state)
@@ -246,12 +271,35 @@ class Run:
                 break
         # A stop can leave steps unread (it came after this step's fetch): read them before the
         # caller checkpoints this state.
-        seen += self._fetch_metrics(pending, sums, checkpoints)
+        self._fetch_metrics(pending, timing, checkpoints)
         bar.close()
-        seconds = time.perf_counter() - started
-        return state, step, {"train_loss": sums["loss"] / max(seen, 1),
-                             "train_acc": sums["correct"] / max(seen * c.batch_size, 1),
-                             "images_per_sec": seen * c.batch_size / seconds, "seconds": seconds}
+        seen = max(totals["steps"], 1)
+        return state, step, {"train_loss": totals["loss"] / seen,
+                             "train_acc": totals["correct"] / (seen * c.batch_size),
+                             "images_per_sec": images_per_second(totals, c.batch_size),
+                             "seconds": totals["seconds"]}
+
+    def _fetch_metrics(self, pending: list, timing: _Timing, checkpoints: Checkpoints) -> None:
+        """Add the ``(step, metrics)`` in ``pending`` to the epoch's totals and empty it.
+        DivergedError at the first NaN or Inf loss or gradient norm."""
+        totals = timing.totals
+        for at, m in pending:
+            m = self.runner.fetch(m)
+            if not np.isfinite([m["loss"], m["grad_norm"]]).all():
+                raise DivergedError(at, m["loss"], m["grad_norm"], checkpoints.latest_step())
+            totals["loss"] += m["loss"]
+            totals["correct"] += m["correct"]
+        totals["steps"] += len(pending)
+        pending.clear()
+        timing.update(self.config.batch_size)
+
+    def _epoch_totals(self, step: int) -> dict:
+        """The running sums of the epoch that a mid-epoch checkpoint at ``step`` stopped in."""
+        totals = read_partial_epoch(self.workdir, step)
+        if totals is None and self.is_main:
+            log.warning("warning: no record of the steps before %d in this epoch; its train loss and "
+                        "accuracy cover only the steps from %d on", step, step)
+        return totals or dict(EMPTY_TOTALS)
 
     def _fetch_metrics(self, pending: list, sums: dict, checkpoints: Checkpoints) -> int:
         """Add the ``(step, metrics)`` in ``pending`` to ``sums`` and empty it; returns how many.
@@ -281,8 +329,42 @@ class Run:
     def _write_weights(self, state, path: Path):
         model = self.runner.steps.model(self.runner.host_state(state))
         write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
-                          model.config.replace(memory_efficient=False, drop_rate=0.0), path,
+                          model.config.replace(memory_efficient=False, drop_rate=0.0, head_drop_rate=0.0), path,
                           class_names=self.data.class_names, pretrained_cfg=preprocessing_cfg(self.data))
+
+
+# An epoch's running sums: loss and correct predictions over its steps, wall seconds, and the images
+# and seconds of the steps timed for images/s (all but a process's first, which compiles).
+EMPTY_TOTALS = {"loss": 0.0, "correct": 0.0, "steps": 0, "seconds": 0.0, "timed_images": 0, "timed_seconds": 0.0}
+
+
+def images_per_second(totals: dict, batch_size: int) -> float:
+    """Training throughput without compilation; when only the first step ran, with it."""
+    if totals["timed_images"]:
+        return totals["timed_images"] / totals["timed_seconds"]
+    return totals["steps"] * batch_size / max(totals["seconds"], 1e-9)
+
+
+class _Timing:
+    """Keeps an epoch's ``seconds`` and the timed images and seconds (for images/s, all steps but a
+    process's first, which compiles) in ``totals``, on top of what a resumed epoch had."""
+
+    def __init__(self, totals: dict):
+        self.totals, self.base = totals, dict(totals)
+        self.started = self.clock = time.perf_counter()  # clock: where the timed steps begin
+        self.timed = 0
+
+    def untimed_step(self, dispatched: float) -> float:
+        """The first step ended now: timing starts here; returns that step's seconds."""
+        self.clock = time.perf_counter()
+        return self.clock - dispatched
+
+    def update(self, batch_size: int) -> None:
+        """Bring the totals' times up to now."""
+        now = time.perf_counter()
+        self.totals["seconds"] = self.base["seconds"] + now - self.started
+        self.totals["timed_images"] = self.base["timed_images"] + self.timed * batch_size
+        self.totals["timed_seconds"] = self.base["timed_seconds"] + now - self.clock
 
 
 def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int = 0) -> dict:

@@ -29,9 +29,9 @@ class Runner:
     steps: Steps
     rest: object
 
-    def train(self, state, images, labels):
-        """One training step on placed state and batch: (new state, metrics)."""
-        return self._train(state, self.rest, images, labels)
+    def train(self, state, images, labels, lr: float):
+        """One training step at learning rate ``lr`` on placed state and batch: (new state, metrics)."""
+        return self._train(state, self.rest, images, labels, np.asarray(lr, self.steps.lr_dtype))
 
     def eval(self, state, images, labels, weights):
         """Sums of loss, correct predictions and weights over a placed batch."""
@@ -89,7 +89,7 @@ class Pmap(Runner):
         self.steps = Steps(model, tx, axis_name=PMAP_AXIS, **step_options)
         self.devices = jax.local_devices()
         self.rest = self.steps.rest
-        self._train = jax.pmap(self.steps.train, axis_name=PMAP_AXIS, in_axes=(0, None, 0, 0),
+        self._train = jax.pmap(self.steps.train, axis_name=PMAP_AXIS, in_axes=(0, None, 0, 0, None),
                                donate_argnums=0)
         self._eval = jax.pmap(self.steps.eval, axis_name=PMAP_AXIS, in_axes=(0, None, 0, 0, 0))
 

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from densenet_jax.weights import atomic_write_bytes
 
-FIELDS = ("epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "images_per_sec", "seconds")
+# images_per_sec leaves out the process's first step (compilation), timed apart in
+# first_step_seconds on the row of the epoch it fell in (null on the others).
+FIELDS = ("epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "images_per_sec", "seconds",
+          "first_step_seconds")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -19,7 +22,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """Rewrite the whole file atomically (it stays small: one line per epoch)."""
-    text = "".join(json.dumps({k: row[k] for k in FIELDS}) + "\n" for row in rows)
+    text = "".join(json.dumps({k: row.get(k) for k in FIELDS}) + "\n" for row in rows)
     atomic_write_bytes(path, text.encode())
 
 
@@ -43,3 +46,30 @@ def plot_curves(path: Path, rows: list[dict]) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
+
+
+# Beside the checkpoints, the running sums of the epoch each mid-epoch checkpoint stopped in, so that
+# a resumed epoch reports the same train loss and accuracy as an uninterrupted one (issue 16.2).
+PARTIAL = "partial_epochs.json"
+
+
+def write_partial_epoch(workdir: Path, step: int, totals: dict, keep: int) -> None:
+    """Record ``totals`` (the epoch's sums up to checkpoint ``step``), keeping the last ``keep``
+    records. Written before the checkpoint itself, so that a checkpoint never lacks its record."""
+    records = _read_partials(workdir)
+    records[str(step)] = totals
+    kept = sorted(records, key=int)[-keep:]
+    atomic_write_bytes(workdir / PARTIAL, json.dumps({k: records[k] for k in kept}).encode())
+
+
+def read_partial_epoch(workdir: Path, step: int) -> dict | None:
+    """The sums recorded with the mid-epoch checkpoint at ``step``, or None if there are none."""
+    return _read_partials(workdir).get(str(step))
+
+
+def _read_partials(workdir: Path) -> dict:
+    path = workdir / PARTIAL
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:  # damaged: the resumed epoch's figures then cover only its remaining steps
+        return {}

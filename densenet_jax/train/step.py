@@ -8,6 +8,7 @@ import optax
 from flax import nnx, struct
 
 from densenet_jax.models import DenseNet
+from densenet_jax.train.optim import apply_learning_rate
 
 
 @struct.dataclass
@@ -20,6 +21,9 @@ class TrainState:
 
 class Steps:
     """The model's train and eval steps as pure functions of (TrainState, rest, batch).
+
+    ``tx`` gives the update direction; the train step scales it by its ``lr`` argument, a scalar of
+    dtype ``lr_dtype`` (the parameters'), so that no learning rate is compiled into the step.
 
     ``rest`` is what the model holds besides parameters and statistics (dropout's RNG state); it
     never changes, because dropout is reseeded from (seed, step) in every step, which keeps a resumed
@@ -49,9 +53,11 @@ class Steps:
         self.train_def, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         params, batch_stats, self.rest = nnx.as_pure((params, batch_stats, rest))
         self.initial = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+        self.lr_dtype = jax.tree.leaves(params)[0].dtype
 
-    def train(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array):
-        """One SGD step: (new state, {loss, correct, grad_norm}) for the batch."""
+    def train(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array,
+              lr: jax.Array):
+        """One SGD step at learning rate ``lr``: (new state, {loss, correct, grad_norm}) for the batch."""
         def loss_fn(params):
             model = nnx.merge(self.train_def, params, state.batch_stats, rest, copy=True)
             if self.dropout_key is not None:
@@ -69,7 +75,7 @@ class Steps:
             grads, loss = jax.lax.pmean((grads, loss), self.axis_name)
             correct = jax.lax.psum(correct, self.axis_name)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = apply_learning_rate(state.params, updates, lr)
         new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
         # The gradient norm too: a NaN input can leave the loss finite (a ReLU after the NaN batch
         # statistics may give 0) while the gradients of the BatchNorm weights are NaN.

@@ -1,0 +1,99 @@
+"""What a training run tells its user: a start-up block, a line per epoch, where a stopped run
+stands, and the checks that refuse a run before anything compiles."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from densenet_jax.configs import DenseNetConfig
+from densenet_jax.models import DenseNet
+from densenet_jax.registry import get_config, list_models
+
+# What a registered architecture may change and keep its name (as timm names densenet121 with
+# in_chans=1 or another head "densenet121").
+NOT_ARCHITECTURE = ("num_classes", "in_chans", "drop_rate", "head_drop_rate", "memory_efficient")
+
+
+def architecture_name(config: DenseNetConfig) -> str:
+    """The registered name of ``config``'s architecture (the fields in NOT_ARCHITECTURE aside), or
+    its growth rate, blocks and stem when it has none."""
+    kept = {field: getattr(config, field) for field in NOT_ARCHITECTURE}
+    for name in list_models():
+        if get_config(name, **kept) == config:
+            return name
+    return f"DenseNet(k={config.growth_rate}, blocks {config.block_config}, {config.stem} stem)"
+
+
+def parameter_count(model: DenseNet) -> int:
+    """Trainable parameters (BatchNorm running statistics not counted)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def startup_lines(run, start: int) -> list[str]:
+    """The block a run prints before its first step: what trains on what, where, and from where.
+
+    ``run`` is a :class:`densenet_jax.train.loop.Run`; ``start`` the step it starts (or resumes) at.
+    """
+    c, data, model = run.config, run.data, run.model
+    source = f" from {c.init_from}" if c.init_from else ""
+    devices = jax.device_count()
+    epoch, into = divmod(start, run.steps_per_epoch)
+    where = (f"resuming at step {start} (epoch {epoch + 1}, {into} of its {run.steps_per_epoch} steps done)"
+             if start else "starting at step 0")
+    return [
+        f"model: {architecture_name(model.config)}{source}, {parameter_count(model):,} parameters, "
+        f"{model.config.num_classes} classes{', head only' if c.head_only else ''}",
+        f"data: {data.name}, {len(data.train):,} training and {len(data.eval):,} held-out images, "
+        f"{data.image_size}x{data.image_size}",
+        f"devices: {devices} {jax.default_backend()} device{'s' * (devices > 1)} in "
+        f"{jax.process_count()} process{'es' * (jax.process_count() > 1)} ({c.parallel})",
+        f"batch {c.batch_size} ({c.batch_size // devices} per device), {run.steps_per_epoch} steps per "
+        f"epoch, {c.epochs} epochs = {run.total_steps} steps; lr {c.lr}, {c.schedule} schedule; "
+        f"precision {c.precision}",
+        f"work directory: {run.workdir}; {where}",
+    ]
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """One epoch's figures (a metrics.jsonl row), with the process's first step timed apart when it
+    fell in this epoch, because it includes compilation (or loading the compiled step)."""
+    line = (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}, "
+            f"held-out loss {row['eval_loss']:.4f} acc {row['eval_acc']:.4f}, "
+            f"{row['images_per_sec']:.0f} images/s, {row['seconds']:.0f} s")
+    if row.get("first_step_seconds") is not None:
+        line += f" (first step {row['first_step_seconds']:.1f} s: compiling, or loading from the cache)"
+    return line
+
+
+def stopped_line(step: int, steps_per_epoch: int, total_steps: int) -> str:
+    """Where a run that ``--max-steps`` stopped early stands, and how to go on."""
+    epoch, into = divmod(step, steps_per_epoch)
+    at = f"end of epoch {epoch}" if into == 0 else f"epoch {epoch + 1}, {into} of its {steps_per_epoch} steps"
+    return (f"stopped by --max-steps at step {step} of {total_steps} ({at}), checkpoint saved; "
+            "run the same command again to continue")
+
+
+def precision_warning(precision: str) -> str | None:
+    """A warning when ``precision`` is bf16 on a CPU, where XLA has no bf16 convolution or matmul
+    path here: training took about 7x as long as in fp32 on this project's 2-core CPU (measured
+    for issue 16); bf16 pays off on GPUs and TPUs."""
+    if precision == "bf16" and jax.default_backend() == "cpu":
+        return ("warning: --precision bf16 on a CPU is about 7x slower than fp32 (XLA:CPU has no fast "
+                "bf16 path); it is meant for GPUs and TPUs")
+    return None
+
+
+def check_batch_statistics(model: DenseNet, batch_size: int, image_size: int) -> None:
+    """Refuse, before compiling, a train step in which some BatchNorm would average one value per
+    channel (see :class:`densenet_jax.layers.SingleValueStatistics`, raised with the layer's path).
+
+    Only a global batch of 1 can do that (mesh and pmap both average over the global batch), so only
+    then is the forward pass traced, abstractly (``jax.eval_shape``: shapes only, no compilation).
+    """
+    if batch_size != 1:
+        return
+    graphdef, state = nnx.split(model)  # merged anew inside: the trace never touches ``model``
+    spec = jax.ShapeDtypeStruct((1, image_size, image_size, model.config.in_chans), jnp.float32)
+    jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, spec)

@@ -1,0 +1,157 @@
+"""What ``densenet-jax train`` tells its user, and what it refuses before compiling anything."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+from flax import nnx
+
+import densenet_jax as dj
+import train_cli
+from densenet_jax import cli
+from densenet_jax.layers import SingleValueStatistics
+from densenet_jax.train.loop import Run, TrainConfig
+
+
+def tiny_weights(path, block_config=(2, 2, 2)):
+    dj.save(dj.create_model("densenet_bc_100_k12", block_config=block_config, growth_rate=6, num_classes=10),
+            path)
+    return str(path)
+
+
+def refused(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--no-progress", *argv])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--max-steps", "-1"], "--max-steps -1: must be at least 0"),
+    (["--lr", "0"], "--lr 0.0: must be positive"),
+    (["--head-only"], "--head-only trains only the classifier of loaded weights: add --init-from FILE"),
+    (["--warmup-epochs", "2"], "--warmup-epochs 2.0 has no effect with --schedule cifar: only cosine warms up"),
+    (["--schedule", "cosine", "--epochs", "3", "--warmup-epochs", "3"], "--warmup-epochs 3.0: must be at least 0 and less than --epochs 3"),
+    (["--num-processes", "2", "--process-id", "1"], "--coordinator missing"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2"], "--process-id missing"),
+    (["--coordinator", "127.0.0.1:1234", "--process-id", "0"], "--num-processes missing"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+     "--process-id 2: must be 0 to 1 for --num-processes 2"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "0",
+      "--distributed-timeout", "0"], "--distributed-timeout 0: must be at least 1"),
+])
+def test_contradictory_or_out_of_range_options_are_one_line(argv, expected, tmp_path, capsys):
+    line = refused([*argv, "--workdir", str(tmp_path / "run")], capsys)
+    assert expected in line
+    assert not (tmp_path / "run").exists()  # refused before anything started
+
+
+def test_model_that_contradicts_the_init_from_file_is_refused(tmp_path, capsys):
+    weights = tiny_weights(tmp_path / "tiny.safetensors")
+    line = refused(["--model", "densenet121", "--init-from", weights, "--workdir", str(tmp_path / "run")], capsys)
+    assert line == (f"densenet-jax: error: --model densenet121 contradicts --init-from {weights}, which holds "
+                    "DenseNet(k=6, blocks (2, 2, 2), cifar stem): leave --model out to train the file's "
+                    "architecture")
+
+
+def test_batch_norm_over_one_value_per_channel_is_refused_naming_the_layer():
+    """densenet121 on 32x32 reaches a 1x1 map: with batch 1 its last BatchNorms would normalise
+    every value to 0. torch refuses that input; so does the model, while tracing (shown on
+    densenet121's stem and strides with one layer per block, which reaches 1x1 alike)."""
+    reference = torchvision.models.densenet121(weights=None).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        reference(torch.zeros(1, 3, 32, 32))
+
+    def trace(model, batch):
+        graphdef, state = nnx.split(model)
+        spec = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
+        return jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, spec)
+
+    for memory_efficient in (False, True):
+        model = dj.create_model("densenet121", block_config=(1, 1, 1, 1), memory_efficient=memory_efficient)
+        with pytest.raises(SingleValueStatistics) as error:
+            trace(model, 1)
+        assert str(error.value) == (
+            "features.denseblock4.denselayer1.norm1 in train mode gets input of shape (1, 1, 1, 36): one value "
+            "per channel, which its batch statistics would normalise to 0; train with a larger batch or "
+            "larger images (or in eval mode)")
+    assert trace(model, 2).shape == (2, 1000)
+    model.eval()  # running statistics: one image is fine
+    assert trace(model, 1).shape == (1, 1000)
+
+
+def test_the_cli_refuses_one_value_per_channel_before_compiling(tmp_path, capsys):
+    # Four blocks with the CIFAR stem take digits' 8x8 to 1x1 in the last block.
+    weights = tiny_weights(tmp_path / "four.safetensors", block_config=(2, 2, 2, 2))
+    line = refused(["--init-from", weights, "--batch-size", "1", "--workdir", str(tmp_path / "run")], capsys)
+    assert line.startswith("densenet-jax: error: features.denseblock4.denselayer1.norm1 in train mode gets "
+                           "input of shape (1, 1, 1, ")
+
+
+def test_batch_not_divisible_by_the_devices_and_a_process_left_alone(tmp_path):
+    """Both need a fresh process: eight CPU devices, and a wait that ends the process."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "DENSENET_JAX_CACHE": ""}
+    base = [sys.executable, "-m", "densenet_jax", "train", "--no-progress", "--workdir", str(tmp_path / "run")]
+    uneven = subprocess.run([*base, "--batch-size", "100"], env=env, capture_output=True, text=True, timeout=300)
+    assert uneven.returncode == 1
+    assert uneven.stderr.strip().splitlines()[-1] == (
+        "densenet-jax: error: --batch-size 100 does not split over 8 devices (1 process): use a multiple of 8")
+    alone = subprocess.run([*base, "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1",
+                            "--distributed-timeout", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 1
+    lines = [l for l in alone.stderr.strip().splitlines() if not l.startswith("WARNING: Location")]
+    assert lines == ["process 1 of 2: waiting up to 2 s for the others at 127.0.0.1:1",
+                     "densenet-jax: error: not every one of 2 processes joined at 127.0.0.1:1 within 2 s: start "
+                     "the same command on every host, each with its --process-id (0 to 1)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_on_a_cpu_is_said_to_be_slow(tmp_path, caplog, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "on a CPU about 7x slower than fp32" in " ".join(capsys.readouterr().out.split())
+    config = TrainConfig(precision="bf16", batch_size=448, workdir=str(tmp_path / "run"), progress=False,
+                         init_from=tiny_weights(tmp_path / "tiny.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="densenet_jax"):
+        Run(config)
+    assert caplog.messages == ["warning: --precision bf16 on a CPU is about 7x slower than fp32 (XLA:CPU has "
+                               "no fast bf16 path); it is meant for GPUs and TPUs"]
+
+
+def test_another_lr_epochs_and_schedule_reuse_the_compiled_step(tmp_path, monkeypatch):
+    """The learning rate is an argument of the step: a run with another --lr, --epochs and --schedule
+    loads the traced step and XLA's compiled program instead of tracing and compiling again (counted
+    through JAX's compile log, JAX_LOG_COMPILES). The session's cache is shared on purpose: the
+    program is train_cli.RUN's, which the uninterrupted run may already have compiled."""
+    monkeypatch.setenv("JAX_LOG_COMPILES", "1")
+    traced = "Finished tracing flat for jit"  # StoredJit traces the train step as ``flat``
+    hit = "Persistent compilation cache hit for 'jit_call'"  # the stored step, compiled
+    first = train_cli.train(tmp_path / "a", *train_cli.RUN, "--max-steps", "1")
+    assert first.count(traced) + first.count(hit) == 1  # traced and compiled, or found in the cache
+    again = train_cli.train(tmp_path / "b", *train_cli.RUN, "--max-steps", "1", "--lr", "0.03",
+                            "--epochs", "5", "--schedule", "cosine", "--warmup-epochs", "1")
+    assert again.count(traced) == 0 and again.count(hit) == 1
+
+
+def test_the_summary_names_the_architecture_that_trained():
+    """After --init-from the summary names the file's architecture, not the default --model."""
+    from densenet_jax.registry import get_config
+    from densenet_jax.train.messages import architecture_name
+
+    assert architecture_name(get_config("densenet121", num_classes=10, drop_rate=0.2)) == "densenet121"
+    assert architecture_name(get_config("densenet121", in_chans=1, head_drop_rate=0.1)) == "densenet121"
+    assert architecture_name(get_config("densenet_bc_100_k12")) == "densenet_bc_100_k12"
+    assert architecture_name(get_config("densenet121", block_config=(1, 2))) == (
+        "DenseNet(k=32, blocks (1, 2), imagenet stem)")
