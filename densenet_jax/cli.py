@@ -110,12 +110,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_config(args: argparse.Namespace):
+    """The ``TrainConfig`` that parsed ``train`` options describe (each option sets the field of its
+    name; the distributed ones are not part of it)."""
+    from densenet_jax.train.loop import TrainConfig
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
 def train(args) -> None:
     """``densenet-jax train``: train or resume in ``--workdir``, then print a summary."""
-    from densenet_jax.train.loop import Run, TrainConfig
+    from densenet_jax.train.loop import Run
 
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config = train_config(args)
     started = time.perf_counter()
     run = Run(config)
     result = run.fit()

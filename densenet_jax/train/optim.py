@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import optax
 
 Schedule = Literal["cifar", "imagenet", "cosine", "constant"]
@@ -13,7 +14,16 @@ Schedule = Literal["cifar", "imagenet", "cosine", "constant"]
 def learning_rate(kind: Schedule, base_lr: float, total_steps: int, steps_per_epoch: int,
                   warmup_epochs: float = 0.0) -> optax.Schedule:
     """``cifar``: lr/10 at 50% and 75% of training; ``imagenet``: lr/10 at epochs 30 and 60 (of 90,
-    scaled to the run's length); ``cosine``: linear warm-up then cosine decay to 0."""
+    scaled to the run's length); ``cosine``: linear warm-up then cosine decay to 0.
+
+    The schedule takes the step count (optax's int32) and gives the rate in JAX's default float
+    dtype: float64 under ``jax_enable_x64``, so that an fp64 reference run has an fp64 rate."""
+    schedule = _schedule(kind, base_lr, total_steps, steps_per_epoch, warmup_epochs)
+    # optax's warm-up divides the int32 count, which gives float32 even under jax_enable_x64.
+    return lambda count: schedule(jnp.asarray(count, float))
+
+
+def _schedule(kind, base_lr, total_steps, steps_per_epoch, warmup_epochs) -> optax.Schedule:
     if kind == "cifar":
         return optax.piecewise_constant_schedule(
             base_lr, {int(total_steps * 0.5): 0.1, int(total_steps * 0.75): 0.1})
