@@ -79,8 +79,9 @@ def _evaluate_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", required=True, help="a densenet_jax .safetensors")
     _dataset_options(p)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp64"])
+    p.add_argument("--batch-size", type=int, default=128, help="images per evaluation step")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp64"],
+                   help="bf16: compute in bfloat16; fp64: in float64")
 
 
 def _predict_parser(sub) -> None:
@@ -92,7 +93,7 @@ def _predict_parser(sub) -> None:
                    help="class names, one per line (default: those the weights were trained with, "
                         "ImageNet's for 1000 classes, else numbers)")
     p.add_argument("--top", type=int, default=5, help="classes to show per image")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop")
     p.add_argument("--crop", type=int, default=224, help="centre crop size")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
