@@ -167,3 +167,86 @@ def test_a_class_of_only_unreadable_images_is_an_error(tmp_path):
     (root / "val" / "dog" / "0.png").write_bytes(b"\x89PNG\r\n")
     with pytest.raises(DataError, match="val/dog: no readable images"):
         load_dataset("folder", root)
+
+
+class _Unchecked:
+    """torchvision's CIFAR readers on a generated folder: its MD5 checks would refuse the files."""
+
+    def __init__(self, monkeypatch):
+        import torchvision.datasets.cifar as cifar
+        monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+        monkeypatch.setattr(cifar.CIFAR10, "_check_integrity", lambda self: True)
+        self.cifar = cifar
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_reader_equals_torchvision(tmp_path, monkeypatch, name):
+    """Pixels (HWC, RGB order), labels and class names as torchvision.datasets reads them."""
+    tv = _Unchecked(monkeypatch).cifar
+    if name == "cifar10":
+        folder, reader = write_cifar10(tmp_path / "cifar-10-batches-py", seed=4), tv.CIFAR10
+    else:
+        folder, reader = write_cifar100(tmp_path / "cifar-100-python", seed=4), tv.CIFAR100
+    ours = load_dataset(name, folder)
+    for split, train in ((ours.train, True), (ours.eval, False)):
+        reference = reader(str(tmp_path), train=train, download=False)
+        np.testing.assert_array_equal(split.images, reference.data)
+        np.testing.assert_array_equal(split.labels, reference.targets)
+    assert ours.class_names == reference.classes
+
+
+def test_every_image_reaches_the_pipeline_with_its_label(tmp_path):
+    """Each CIFAR image is one colour that encodes its label (and its channel: R, G, B differ): after
+    shuffling, pad-crop-flip, normalisation and batching, every image's centre still names its label."""
+    root = write_cifar10(tmp_path / "c10")
+    for path in sorted(root.glob("*_batch*")):
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        labels = np.asarray(batch[b"labels"], np.uint8)
+        planes = [np.repeat((20 * labels + c)[:, None], 1024, axis=1) for c in range(3)]  # CHW rows
+        batch[b"data"] = np.concatenate(planes, axis=1).astype(np.uint8)
+        with open(path, "wb") as f:
+            pickle.dump(batch, f)
+    data = load_dataset("cifar10", root)
+    mean, std = data.augment.transforms[-1].mean, data.augment.transforms[-1].std
+    seen = 0
+    for batch in train_batches(data.train, data.augment, seed=0, epoch=1, global_batch=25):
+        pixels = np.rint((batch["image"][:, 16, 16] * std + mean) * 255)
+        np.testing.assert_array_equal(pixels, 20 * batch["label"][:, None] + np.arange(3))
+        seen += len(batch["label"])
+    assert seen == 100
+    for batch in eval_batches(data.eval, data.preprocess, global_batch=8):
+        pixels = np.rint((batch["image"][:, 16, 16] * std + mean) * 255)
+        np.testing.assert_array_equal(pixels, 20 * batch["label"][:, None] + np.arange(3))
+
+
+def test_random_crops_equal_torchvision_at_the_same_parameters(monkeypatch):
+    """PadCrop is torchvision's RandomCrop(32, padding=4) and RandomResizedCrop torchvision's at the
+    place and size each drew (read back from the crop: by search, and from the box it cut)."""
+    import torchvision.transforms.functional as TF
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    padded = TF.pad(torch.from_numpy(image).permute(2, 0, 1), 4)
+    for _ in range(10):
+        crop = T.PadCrop(4)({"image": image}, rng)["image"]
+        matches = [(top, left) for top in range(9) for left in range(9)
+                   if np.array_equal(TF.crop(padded, top, left, 32, 32).permute(1, 2, 0).numpy(), crop)]
+        assert len(matches) == 1
+
+    boxes = []
+    photo = Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    crop_at = Image.Image.crop
+
+    def recording(self, box=None):
+        boxes.append(box)
+        return crop_at(self, box)
+
+    monkeypatch.setattr(Image.Image, "crop", recording)
+    crops = [np.asarray(T.RandomResizedCrop(48)({"image": photo}, rng)["image"]) for _ in range(5)]
+    monkeypatch.setattr(Image.Image, "crop", crop_at)
+    assert len(boxes) == len(crops)
+    for crop, (left, top, right, bottom) in zip(crops, boxes):
+        reference = TF.resized_crop(photo, top, left, bottom - top, right - left, [48, 48],
+                                    TT.InterpolationMode.BILINEAR, antialias=True)
+        np.testing.assert_array_equal(crop, np.asarray(reference), err_msg=str((left, top, right, bottom)))
