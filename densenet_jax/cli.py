@@ -51,6 +51,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
     p.add_argument("--max-steps", type=int, default=d.max_steps,
                    help="stop after this many steps, checkpointed (0: no limit); rerun to continue")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _distributed_options(p)
 
 
@@ -64,7 +65,6 @@ def _dataset_options(p) -> None:
                    help="folder: stop at an unreadable image instead of skipping it with a warning")
     p.add_argument("--image-size", type=int, default=224,
                    help="folder: training crop; eval resizes to 8/7 of it and centre-crops")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _distributed_options(p) -> None:

@@ -43,3 +43,13 @@ def uninterrupted(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def grain_workers():
+    """Grain 0.2.18 reads an absl flag when it starts worker processes, which absl refuses before the
+    flags are parsed (google/grain#1355); the library marks them parsed once issue 13's data branch is
+    in, and this fixture goes (tests using --workers in this process take it until then)."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
