@@ -57,6 +57,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=d.max_steps,
                    help="stop after this many steps, checkpointed (0: no limit); rerun to continue")
     _pretrained_train_options(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _distributed_options(p)
 
 
@@ -79,7 +80,6 @@ def _dataset_options(p) -> None:
                    help="folder: stop at an unreadable image instead of skipping it with a warning")
     p.add_argument("--image-size", type=int, default=224,
                    help="folder: training crop; eval resizes to 8/7 of it and centre-crops")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _distributed_options(p) -> None:
@@ -96,8 +96,9 @@ def _evaluate_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", required=True, help="a densenet_jax .safetensors")
     _dataset_options(p)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp64"])
+    p.add_argument("--batch-size", type=int, default=128, help="images per evaluation step")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp64"],
+                   help="bf16: compute in bfloat16; fp64: in float64")
 
 
 def _predict_parser(sub) -> None:
@@ -112,7 +113,7 @@ def _predict_parser(sub) -> None:
                    help="class names, one per line (default: those the weights were trained with, "
                         "ImageNet's for 1000 classes, else numbers)")
     p.add_argument("--top", type=int, default=5, help="classes to show per image")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--resize", type=int, default=256,
                    help="torchvision preprocessing (or weights that carry none): shorter side before the crop")
     p.add_argument("--crop", type=int, default=224, help="torchvision preprocessing: centre crop size")
@@ -189,14 +190,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_config(args: argparse.Namespace):
+    """The ``TrainConfig`` that parsed ``train`` options describe (each option sets the field of its
+    name, unless left at None for the config's default; the distributed ones are not part of it)."""
+    from densenet_jax.train.loop import TrainConfig
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+
+
 def train(args) -> None:
     """``densenet-jax train``: train or resume in ``--workdir``, then print a summary."""
-    from densenet_jax.train.loop import Run, TrainConfig
+    from densenet_jax.train.loop import Run
     from densenet_jax.train.messages import architecture_name
 
     _check_devices(args)
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    config = train_config(args)
     started = time.perf_counter()
     run = Run(config)
     result = run.fit()

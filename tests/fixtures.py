@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2's ``str`` opcodes, as CIFAR's python-format files were written: read
+    with ``encoding="bytes"`` they are bytes, with ``encoding="latin1"`` (torchvision) str."""
+
+    def save_bytes(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+
+def _dump(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        _Python2Pickler(f, protocol=2).dump(obj)
 
 
 def write_cifar10(root: Path, per_batch: int = 20, seed: int = 0) -> Path:
@@ -15,16 +35,13 @@ def write_cifar10(root: Path, per_batch: int = 20, seed: int = 0) -> Path:
     root.mkdir(parents=True, exist_ok=True)
 
     def batch(name, n):
-        data = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                b"labels": rng.integers(0, 10, n).tolist(), b"batch_label": name.encode()}
-        with open(root / name, "wb") as f:
-            pickle.dump(data, f)
+        _dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+               b"labels": rng.integers(0, 10, n).tolist(), b"batch_label": name.encode()}, root / name)
 
     for i in range(1, 6):
         batch(f"data_batch_{i}", per_batch)
     batch("test_batch", per_batch)
-    with open(root / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f)
+    _dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, root / "batches.meta")
     return root
 
 
@@ -32,9 +49,9 @@ def write_cifar100(root: Path, n: int = 40, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     for name in ("train", "test"):
-        with open(root / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         b"fine_labels": rng.integers(0, 100, n).tolist()}, f)
+        _dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+               b"fine_labels": rng.integers(0, 100, n).tolist()}, root / name)
+    _dump({b"fine_label_names": [f"fine{i}".encode() for i in range(100)]}, root / "meta")
     return root
 
 

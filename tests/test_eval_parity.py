@@ -18,6 +18,8 @@ def relative_error(ours, reference):
 
 @pytest.mark.parametrize("name", TORCHVISION_MODELS)
 def test_torchvision_models_match(name, rng):
+    """README, Models: converted torchvision weights give torchvision's logits to within 1e-5 of the
+    largest logit (fp32, CPU)."""
     torch_model = torchvision_model(name, seed=len(name)).eval()
     model = flax_twin(torch_model)
     model.eval()
@@ -35,6 +37,7 @@ def test_torchvision_models_match(name, rng):
 
 
 def test_paper_cifar_model_matches(rng):
+    """README, Models: the paper's CIFAR models are torchvision's DenseNet with a 3x3 stem."""
     torch_model = cifar_bc_model(100, 12, num_classes=10).eval()
     model = flax_twin(torch_model)
     model.eval()

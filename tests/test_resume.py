@@ -1,7 +1,11 @@
-"""A run stopped and rerun ends bit for bit where an uninterrupted run ends, and says so."""
+"""A run stopped and rerun ends bit for bit where an uninterrupted run ends; reruns reuse the
+compiled programs (README, Training: checkpoints and the compilation cache)."""
 
 import json
 
+import jax
+
+from densenet_jax import cli
 from train_cli import RUN, assert_same_weights, train
 
 
@@ -10,14 +14,17 @@ def rows(workdir):
 
 
 def test_stopped_run_resumes_exactly(tmp_path, uninterrupted):
-    whole, pieces = uninterrupted, tmp_path / "pieces"
-    out = train(pieces, *RUN, "--max-steps", "2")  # stops mid-epoch 1, at a checkpoint
+    whole, pieces, cache = uninterrupted, tmp_path / "pieces", tmp_path / "cache"
+    out = train(pieces, *RUN, "--max-steps", "2", cache=cache)  # stops mid-epoch 1, at a checkpoint
     assert not (pieces / "model.safetensors").exists()
     assert ("stopped by --max-steps at step 2 of 6 (epoch 1, 2 of its 3 steps), checkpoint saved; "
             "run the same command again to continue") in out
-    out = train(pieces, *RUN, "--max-steps", "3")  # resumes at 2, stops mid-epoch 2
+    stored = sorted((cache / "densenet-jax-steps").glob("*.jaxexport"))
+    assert len(stored) == 1 and len(list(cache.iterdir())) > 1  # the traced step, and XLA's programs
+    out = train(pieces, *RUN, "--max-steps", "3", cache=cache)  # resumes at 2, stops mid-epoch 2
     assert f"work directory: {pieces}; resuming at step 2 (epoch 1, 2 of its 3 steps done)" in out
-    train(pieces, *RUN)  # the same command again finishes the run
+    train(pieces, *RUN, cache=cache)  # the same command again finishes the run
+    assert sorted((cache / "densenet-jax-steps").glob("*.jaxexport")) == stored  # loaded, not traced again
     assert_same_weights(pieces, whole)
     rows_a, rows_b = rows(whole), rows(pieces)
     assert [r["epoch"] for r in rows_b] == [1, 2]
@@ -47,3 +54,22 @@ def test_a_run_says_what_it_runs_and_how_each_epoch_went(uninterrupted):
     assert f"epoch 2/2: train loss {second['train_loss']:.4f}" in out and second["first_step_seconds"] is None
     # Two timed steps in a span that leaves out at least the first step's time.
     assert first["images_per_sec"] >= 2 * 448 / (first["seconds"] - first["first_step_seconds"])
+
+
+def test_compilation_cache_folder(tmp_path, monkeypatch):
+    """~/.cache/densenet-jax/xla by default; DENSENET_JAX_CACHE moves it, and empty turns it off."""
+    previous = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    monkeypatch.setenv("HOME", str(tmp_path))
+    try:
+        for value, expected in ((None, str(tmp_path / ".cache" / "densenet-jax" / "xla")),
+                                (str(tmp_path / "elsewhere"), str(tmp_path / "elsewhere")), ("", None)):
+            jax.config.update("jax_compilation_cache_dir", None)
+            if value is None:
+                monkeypatch.delenv("DENSENET_JAX_CACHE", raising=False)
+            else:
+                monkeypatch.setenv("DENSENET_JAX_CACHE", value)
+            cli._enable_compilation_cache()
+            assert jax.config.jax_compilation_cache_dir == expected, value
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])

@@ -1,5 +1,7 @@
 """Training pieces: schedules, mixed precision, fine-tuning, head-only, the command's surface."""
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,16 @@ from densenet_jax import cli
 from densenet_jax.train import optim, parallel
 from densenet_jax.train.loop import Run, TrainConfig
 from densenet_jax.weights import state_arrays
+
+
+# bf16 against fp32, three steps of the tiny model from the same weights on the same batches
+# (README, Training): the relative loss difference per step (measured 6e-4), and the worst relative L2
+# difference of a kernel or a BN running statistic after them (measured 7e-3).
+BF16_LOSS, BF16_STATE = 5e-3, 2e-2
+
+
+def relative_l2(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def tiny(**overrides):
@@ -65,20 +77,62 @@ def batch(rng, n=8, size=16):
 
 
 def run_steps(model, tx, rng, steps=2, **options):
+    """``steps`` train steps on random batches: the runner, the final state, each step's metrics."""
     runner = parallel.make("mesh", model, tx, **options)
     state = runner.place_state(runner.steps.initial)
+    history = []
     for _ in range(steps):
         state, metrics = runner.train(state, *runner.place_batch(*batch(rng)), 0.05)
-    return runner, state, runner.fetch(metrics)
+        history.append(metrics)
+    return runner, state, history
+
+
+def equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the programs nested in it (jit, custom VJP, checkpoint,
+    the backward pass's transposes)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from equations(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from equations(sub)
 
 
 def test_bf16_computes_in_bfloat16_and_keeps_fp32_state(rng):
-    model = tiny(num_classes=10)
-    runner, state, metrics = run_steps(model, optim.sgd(), rng, compute_dtype=jnp.bfloat16)
-    assert np.isfinite(metrics["loss"])
+    """README, Training: "`--precision bf16` computes in bfloat16 with fp32 parameters, BN statistics
+    and loss": every convolution and matrix product of the train step (forward and backward) takes
+    bfloat16 operands; and three bf16 steps track fp32's within BF16_LOSS and BF16_STATE."""
+    steps = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        tx = optim.sgd()
+        steps[dtype] = run_steps(tiny(num_classes=10, rngs=nnx.Rngs(0)), tx, np.random.default_rng(5),
+                                 steps=3, compute_dtype=dtype)
+    runner, state, history = steps[jnp.bfloat16]
     assert {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats))} == {jnp.dtype(jnp.float32)}
-    hlo = runner._train.lower(state, runner.rest, *runner.place_batch(*batch(rng)), np.float32(0.05)).as_text()
-    assert "bf16" in hlo and "convolution" in hlo
+    assert history[-1]["loss"].dtype == jnp.float32
+
+    jaxpr = jax.make_jaxpr(runner.steps.train)(state, runner.rest, *batch(rng), np.float32(0.05)).jaxpr
+    products = [e for e in equations(jaxpr) if e.primitive.name in ("conv_general_dilated", "dot_general")]
+    convs = [e for e in products if e.primitive.name == "conv_general_dilated"]
+    # Convolutions: conv0 (forward, kernel gradient) and six 3x3 (forward, input and kernel
+    # gradients). Dots: six bottleneck and two transition 1x1 convolutions and the head, three each.
+    assert len(convs) >= 2 + 3 * 6 and len(products) - len(convs) >= 3 * (6 + 2 + 1)
+    wrong = {(e.primitive.name, tuple(str(v.aval.dtype) for v in e.invars)) for e in products
+             if any(v.aval.dtype != jnp.bfloat16 for v in e.invars)}
+    assert not wrong, wrong
+
+    losses = {dtype: np.array([float(m["loss"]) for m in steps[dtype][2]]) for dtype in steps}
+    drift = np.abs(losses[jnp.bfloat16] - losses[jnp.float32]) / losses[jnp.float32]
+    fp32, bf16 = ({k: np.asarray(v) for k, v in state_arrays(r.steps.model(r.host_state(s))).items()}
+                  for r, s, _ in steps.values())
+    # BN's scale and bias are left out: their gradients are ill-conditioned on random batches, and
+    # differ by tens of percent between any two reduction orders (porting-notes 9b).
+    tracked = [k for k in fp32 if k.endswith((".kernel", ".mean", ".var"))]
+    worst = max(relative_l2(bf16[k], fp32[k]) for k in tracked)
+    print(f"bf16 vs fp32: loss per step {drift}, worst kernel or BN statistic {worst:.2e}")
+    assert drift.max() <= BF16_LOSS and worst <= BF16_STATE
 
 
 def test_head_only_changes_only_the_classifier(rng):
@@ -101,6 +155,13 @@ def test_fine_tune_from_weights_with_a_new_head(tmp_path, capsys):
     tuned = dj.load(tmp_path / "run" / "model.safetensors")
     assert tuned.config.num_classes == 10
     assert tuned.config.block_config == (2, 2, 2)
+    # The backbone started from the file's weights (3 steps at lr 0.01 move them little; a fresh
+    # initialisation would differ by about 140%), and the head is new.
+    start = {k: np.asarray(v) for k, v in state_arrays(source).items()}
+    weights = {k: np.asarray(v) for k, v in state_arrays(tuned).items()}
+    kernels = [k for k in start if k.startswith("features.") and k.endswith(".kernel")]
+    assert max(relative_l2(weights[k], start[k]) for k in kernels) < 0.05
+    assert weights["classifier.kernel"].shape == (start["classifier.kernel"].shape[0], 10)
     cli.main(["evaluate", "--weights", str(tmp_path / "run" / "model.safetensors"), "--dataset", "digits"])
     out = capsys.readouterr().out
     accuracy = float(out.rsplit("accuracy ", 1)[1])
@@ -108,12 +169,17 @@ def test_fine_tune_from_weights_with_a_new_head(tmp_path, capsys):
 
 
 def test_help_explains_every_option(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--help"])
-    text = capsys.readouterr().out
-    for option in ("--model", "--dataset", "--data-dir", "--epochs", "--batch-size", "--workdir",
-                   "--init-from", "--precision", "--parallel", "--seed", "--coordinator"):
-        assert option in text
+    """Every option of every subcommand has a help text of its own, and `--help` shows it."""
+    subcommands = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subcommands.choices.items():
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        options = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+        assert options, name
+        for action in options:
+            assert action.help and len(action.help) > 8, (name, action.option_strings)
+            assert " ".join(action.help.replace("%%", "%").split()) in text, (name, action.option_strings)
 
 
 def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""1 device, 8 devices over a mesh, 8 devices with pmap, and 2 processes give the same training.
+"""1 device, 8 devices over a mesh, 8 devices with pmap, and 2 processes give the same training
+(README, One device, all devices, several hosts: "train alike (float64, every weight to 1e-9)").
 
 Each run is three SGD steps of densenet_40_k12 on the digits through the real command, in float64:
 in fp32 the BN biases' tiny gradients differ by 1e-3 relative between reduction orders (porting-notes
@@ -6,11 +7,16 @@ in fp32 the BN biases' tiny gradients differ by 1e-3 relative between reduction 
 """
 
 import json
+import re
 import socket
 
+import numpy as np
 import pytest
+from flax import nnx
 
-from train_cli import finish, relative_l2, train, weights
+import densenet_jax as dj
+from densenet_jax.weights import state_arrays
+from train_cli import QUICK, finish, relative_l2, train, weights
 
 TOLERANCE = 1e-9
 FP64 = ["--epochs", "1", "--precision", "fp64"]
@@ -34,8 +40,10 @@ def assert_same_training(workdir, reference):
     assert abs(loss - ref_loss) <= TOLERANCE * abs(ref_loss)
     assert worst <= TOLERANCE
     # The steps did change the weights: this is not a comparison of two initialisations.
-    initial = "features.denseblock1.denselayer1.conv1.kernel"
-    assert relative_l2(ours[initial], ref[initial]) <= TOLERANCE
+    seed = int(QUICK[QUICK.index("--seed") + 1])
+    initial = state_arrays(dj.create_model("densenet_40_k12", num_classes=10, rngs=nnx.Rngs(seed)))
+    for key in ("features.conv0.kernel", "features.denseblock1.denselayer1.conv1.kernel", "classifier.kernel"):
+        assert relative_l2(ref[key], np.asarray(initial[key], np.float64)) > 1e-4, key
 
 
 @pytest.mark.parametrize("mode", ["mesh", "pmap"])
@@ -50,10 +58,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What the coordinator says when another program took the port between free_port() and its bind.
+PORT_TAKEN = re.compile(r"address already in use|failed to add port|(failed|unable) to bind", re.IGNORECASE)
+
+
+def train_two_processes(root, attempts: int = 3):
+    """The work directory of a run by processes 0 and 1; a port taken by someone else in between
+    means another port (and a fresh directory). On any failure the other process is killed."""
+    for attempt in range(attempts):
+        port, workdir = free_port(), root / f"attempt{attempt}"
+        procs = [train(workdir, *FP64, devices=4, process=(i, 2), port=port, wait=False)
+                 for i in range(2)]
+        try:
+            for proc in procs:
+                finish(proc)
+            return workdir
+        except AssertionError as e:
+            if attempt + 1 == attempts or not PORT_TAKEN.search(str(e)):
+                raise
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+
+
 def test_two_processes_match_one(tmp_path, single_device):
-    port = free_port()
-    procs = [train(tmp_path, *FP64, devices=4, process=(i, 2), port=port, wait=False)
-             for i in range(2)]
-    for proc in procs:
-        finish(proc)
-    assert_same_training(tmp_path, single_device)
+    assert_same_training(train_two_processes(tmp_path), single_device)

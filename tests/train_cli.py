@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,15 +25,24 @@ HERE = Path(__file__).resolve().parent
 # run that the resume and fault tests stop, restart, and compare with an uninterrupted one.
 RUN = ["--epochs", "2", "--drop-rate", "0.2", "--checkpoint-every", "2"]
 
-# One compilation cache for the session's runs, as a user's repeated runs would share theirs.
-CACHE = tempfile.mkdtemp(prefix="densenet-jax-test-cache-")
+CACHES = Path(tempfile.mkdtemp(prefix="densenet-jax-test-caches-"))
+
+
+def cache_of_this_test() -> Path:
+    """The compilation cache and traced-step store of the test running now: a test's reruns share
+    theirs, as a user's would, but no test loads what another one compiled."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "outside a test").rsplit(" (", 1)[0]
+    return CACHES / re.sub(r"[^\w.-]+", "_", test)
 
 
 def train(workdir: Path, *args, devices: int = 1, process: tuple[int, int] | None = None,
-          port: int = 0, wait: bool = True, fault: tuple[str, int] | None = None, expect: int = 0):
-    """Train in a fresh process; ``fault``: (point, n) for faults.py; ``expect``: its exit status."""
+          port: int = 0, wait: bool = True, fault: tuple[str, int] | None = None, expect: int = 0,
+          cache: str | Path | None = None):
+    """Train in a fresh process; ``fault``: (point, n) for faults.py; ``expect``: its exit status;
+    ``cache``: DENSENET_JAX_CACHE ("" turns it off; by default the test's own, see cache_of_this_test)."""
+    cache = cache_of_this_test() if cache is None else cache
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu", "DENSENET_JAX_CACHE": CACHE}
+           "JAX_PLATFORMS": "cpu", "DENSENET_JAX_CACHE": str(cache)}
     launcher = ["-m", "densenet_jax"] if fault is None else [str(HERE / "faults.py"), fault[0], str(fault[1])]
     command = [sys.executable, *launcher, "train", *QUICK, "--workdir", str(workdir), *args]
     if process is not None:
@@ -45,7 +55,13 @@ def train(workdir: Path, *args, devices: int = 1, process: tuple[int, int] | Non
 
 
 def finish(proc, timeout: float = 600, expect: int = 0):
-    out, err = proc.communicate(timeout=timeout)
+    """The output of ``proc`` once it exits with ``expect``; killed if it runs past ``timeout``."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"killed after {timeout} s: {err[-3000:]}") from None
     assert proc.returncode == expect, err[-3000:]
     return out + err
 

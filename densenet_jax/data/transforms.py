@@ -91,8 +91,10 @@ class RandomResizedCrop:
                 break
         else:
             w, h, top, left = self._central(width, height)
+        # Crop, then resize, as torchvision does: resizing with box= would blend in pixels from
+        # outside the box at its edges.
         box = (left, top, left + w, top + h)
-        return {**example, "image": image.resize((self.size, self.size), Image.BILINEAR, box=box)}
+        return {**example, "image": image.crop(box).resize((self.size, self.size), Image.BILINEAR)}
 
     def _central(self, width, height):
         low, high = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])

@@ -12,6 +12,7 @@ import math
 from typing import Callable, Literal
 
 import jax
+import jax.numpy as jnp
 import optax
 
 Schedule = Literal["cifar", "imagenet", "cosine", "constant"]

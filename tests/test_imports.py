@@ -1,0 +1,23 @@
+"""README, Layout: "densenet_jax/ the library (never imports torch)"."""
+
+import subprocess
+import sys
+
+# Every module of the package imported (the command's entry module aside: importing it runs it),
+# and the command's parser built, in a fresh process; then the torch family must be absent.
+CODE = """
+import importlib, pkgutil, sys
+import densenet_jax
+for module in pkgutil.walk_packages(densenet_jax.__path__, "densenet_jax."):
+    if module.name != "densenet_jax.__main__":
+        importlib.import_module(module.name)
+from densenet_jax import cli
+cli.parser()
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "timm")))
+"""
+
+
+def test_the_library_never_imports_torch():
+    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out[-2000:]
