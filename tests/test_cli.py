@@ -39,13 +39,15 @@ _RUN = "test_cli.py::test_train_options_build_the_run"
 _PARITY = "test_train_parity.py::test_trainer_matches_torch_sgd_in_float64"
 _EVALUATE = "test_cli.py::test_evaluate_options"
 _PREDICT = "test_cli.py::test_predict_options"
+_HUB_PREDICT = "test_hub.py::test_predict_model_tag_gives_timms_probabilities"
+_EXPORT_ONNX = "test_export.py::test_onnx_densenet121_nchw_from_the_cli"
 OPTION_TESTS: dict[str, dict[str, list[str]]] = {
     "train": {
         "--model": [_RUN],
         "--dataset": [_RUN],
         "--data-dir": [_RUN],
-        "--workers": [_PARITY],
-        "--strict": [_RUN, "test_data.py::test_strict_stops_at_the_first_unreadable_image"],
+        "--workers": [_PARITY, "test_folder.py::test_train_cli_with_workers"],
+        "--strict": [_RUN, "test_folder.py::test_strict_stops_in_one_line_when_the_image_is_read"],
         "--image-size": [_RUN],
         "--no-progress": [_PARITY],
         "--epochs": [_RUN, _PARITY],
@@ -69,6 +71,10 @@ OPTION_TESTS: dict[str, dict[str, list[str]]] = {
         "--coordinator": ["test_train_parallel.py::test_two_processes_match_one"],
         "--num-processes": ["test_train_parallel.py::test_two_processes_match_one"],
         "--process-id": ["test_train_parallel.py::test_two_processes_match_one"],
+        "--distributed-timeout": [
+            "test_train_messages.py::test_batch_not_divisible_by_the_devices_and_a_process_left_alone"],
+        "--pretrained": ["test_hub.py::test_train_pretrained_fine_tunes_with_a_new_head_on_grey_images"],
+        "--in-chans": ["test_hub.py::test_train_pretrained_fine_tunes_with_a_new_head_on_grey_images"],
     },
     "evaluate": {
         "--weights": [_EVALUATE, "test_train.py::test_fine_tune_from_weights_with_a_new_head"],
@@ -90,6 +96,26 @@ OPTION_TESTS: dict[str, dict[str, list[str]]] = {
         "--json": [_PREDICT, "test_predict.py::test_predict_gives_torchvision_top5"],
         "--strict": [_PREDICT],
         "--no-progress": [_PREDICT],
+        "--model": [_HUB_PREDICT, "test_hub.py::test_offline_without_a_cached_copy_says_what_to_fetch"],
+        "--preprocess": [_HUB_PREDICT],
+        "--test-size": [_HUB_PREDICT],
+        "--in-chans": [_HUB_PREDICT],
+    },
+    "models": {
+        "--pretrained": ["test_hub.py::test_models_command_lists_names_params_tags_and_top1"],
+    },
+    "convert": {
+        "--to": ["test_torch_files.py::test_a_checkpoint_without_classifier_converts_as_a_backbone",
+                 "test_torch_files.py::test_conversions_give_the_same_bytes_every_time"],
+        "--prefix": ["test_torch_files.py::test_prefix_picks_the_ema_copy_and_safetensors_need_no_container"],
+        "--force": ["test_bad_input.py::test_outputs_are_never_clobbered_or_half_written"],
+    },
+    "export": {
+        "--weights": [_EXPORT_ONNX, "test_export.py::test_stablehlo_runs_without_densenet_jax_bit_for_bit"],
+        "--format": [_EXPORT_ONNX, "test_export.py::test_timm_loads_the_folder_as_pretrained"],
+        "--image-size": [_EXPORT_ONNX, "test_export.py::test_bad_input_is_one_line_exit_1_and_no_output"],
+        "--layout": [_EXPORT_ONNX],
+        "--force": ["test_export.py::test_force_replaces_an_existing_output"],
     },
 }
 
