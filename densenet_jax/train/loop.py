@@ -301,19 +301,6 @@ class Run:
                         "accuracy cover only the steps from %d on", step, step)
         return totals or dict(EMPTY_TOTALS)
 
-    def _fetch_metrics(self, pending: list, sums: dict, checkpoints: Checkpoints) -> int:
-        """Add the ``(step, metrics)`` in ``pending`` to ``sums`` and empty it; returns how many.
-        DivergedError at the first NaN or Inf loss or gradient norm."""
-        for at, m in pending:
-            m = self.runner.fetch(m)
-            if not np.isfinite([m["loss"], m["grad_norm"]]).all():
-                raise DivergedError(at, m["loss"], m["grad_norm"], checkpoints.latest_step())
-            sums["loss"] += m["loss"]
-            sums["correct"] += m["correct"]
-        count = len(pending)
-        pending.clear()
-        return count
-
     def evaluate(self, state) -> dict:
         """Loss and accuracy on the held-out split."""
         return evaluate_state(self.runner, state, self.data, self.config.batch_size, self.config.workers)
