@@ -310,8 +310,17 @@ def _join_processes(args) -> None:
     timer.cancel()
 
 
+def _check_at_least_one(args, *options: str) -> None:
+    """ValueError naming the first of ``options`` (``--batch-size`` ...) whose value is below 1."""
+    for option in options:
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value < 1:
+            raise ValueError(f"{option} {value}: must be at least 1")
+
+
 def evaluate(args) -> None:
     """``densenet-jax evaluate``: held-out loss and accuracy of a weights file."""
+    _check_at_least_one(args, "--batch-size", "--image-size")
     import optax
 
     from densenet_jax.data import load_dataset
@@ -337,6 +346,8 @@ def predict(args) -> None:
 
     from densenet_jax.predict import model_transform, predict as classify
     from densenet_jax.weights import stored_class_names
+
+    _check_at_least_one(args, "--top", "--batch-size", "--resize", "--crop")
 
     model = _predict_model(args)
     labels = args.labels or (stored_class_names(args.weights) if args.weights else None)

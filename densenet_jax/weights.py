@@ -135,6 +135,9 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     would survive the rename and hide the file from colleagues sharing a runs folder). It is
     fsynced before the rename, so a power cut leaves the old file or the new one, never an empty one.
     """
+    path = Path(path)
+    if path.is_dir():  # os.replace would fail after the write; say so first, in one line
+        raise CheckpointError(f"{path}: is a folder; name a file to write")
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

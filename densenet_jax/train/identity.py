@@ -89,7 +89,8 @@ def _file_identity(path: str) -> str:
 def check(workdir: Path, record: dict, has_checkpoints: bool) -> None:
     """Check that ``workdir`` belongs to the run ``record`` describes, or to none.
 
-    Raises WorkdirError when the folder's ``run.json`` names another run, or when the folder holds
+    Raises WorkdirError when the folder's ``run.json`` names another run that reached a checkpoint
+    or wrote results (one that stopped before either leaves nothing to keep), or when the folder holds
     an earlier run's results without a ``run.json`` or a checkpoint (nothing tells what they belong
     to, and a fresh start would overwrite them). A folder of an older version (checkpoints, no
     ``run.json``) passes: its checkpoints' shapes are checked against the model when restored.
@@ -103,7 +104,11 @@ def check(workdir: Path, record: dict, has_checkpoints: bool) -> None:
                                f"{FILE} or checkpoint to tell what they belong to; {NEW_RUN}")
     else:
         differences = _differences(recorded.get("identity", {}), record["identity"])
-        if differences:
+        trained = has_checkpoints or any((workdir / name).exists() for name in RESULTS)
+        if differences and not trained:  # it stopped before its first checkpoint: nothing to keep
+            log.info("%s: the run recorded there (%s) never reached a checkpoint; this one takes the folder",
+                     workdir, "; ".join(differences))
+        elif differences:
             raise WorkdirError(f"{workdir}: belongs to another run ({'; '.join(differences)}); {OR_CONTINUE}")
         changed = _differences(recorded.get("optimizer", {}), record["optimizer"])
         if changed and has_checkpoints:

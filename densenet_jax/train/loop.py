@@ -19,13 +19,13 @@ from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import steps_per_epoch
 from densenet_jax.errors import DivergedError, Interrupted
 from densenet_jax.factory import create_model
-from densenet_jax.models import DenseNet
+from densenet_jax.models import DenseNet, smallest_input
 from densenet_jax.pretrained import PretrainedCfg
 from densenet_jax.registry import get_config
 from densenet_jax.train import identity, optim, parallel
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
-from densenet_jax.train.messages import (check_batch_statistics, epoch_line, precision_warning, startup_lines,
-                                         stopped_line)
+from densenet_jax.train.messages import (architecture_name, check_batch_statistics, epoch_line,
+                                         precision_warning, startup_lines, stopped_line)
 from densenet_jax.train.report import (plot_curves, read_metrics, read_partial_epoch, write_metrics,
                                        write_partial_epoch)
 from densenet_jax.weights import cast, load, state_arrays, write_safetensors
@@ -119,6 +119,11 @@ class Run:
                              "training examples")
         self.total_steps = config.epochs * self.steps_per_epoch
         self.model = build_model(config, self.data.num_classes)
+        minimum = smallest_input(self.model.config)
+        if self.data.image_size < minimum:  # said before the work directory is touched
+            raise ValueError(f"images of {self.data.image_size}x{self.data.image_size} are too small for "
+                             f"{architecture_name(self.model.config)}: at least {minimum}x{minimum}"
+                             + (" (--image-size)" if config.dataset == "folder" else ""))
         if not config.head_only:  # a frozen backbone normalises with its running statistics
             check_batch_statistics(self.model, config.batch_size, self.data.image_size)
         if warning := precision_warning(config.precision):

@@ -1,0 +1,81 @@
+"""Mistakes a new user made while trying the README (a review of this round's work): each is
+refused in one line, and none of them deletes or claims anything of the user's."""
+
+import json
+
+import pytest
+from flax import nnx
+
+import densenet_jax as dj
+from densenet_jax import cli
+from densenet_jax.errors import CheckpointError, WorkdirError
+from densenet_jax.export import write_folder
+from densenet_jax.train.identity import FILE, check
+from densenet_jax.train.loop import Run, TrainConfig
+from densenet_jax.weights import atomic_write_bytes
+from fixtures import tiny_weights_file
+
+
+def test_export_force_never_deletes_a_folder_of_other_files(tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "keep.txt").write_text("precious")
+    files = {"config.json": b"{}", "model.safetensors": b"x"}
+    with pytest.raises(CheckpointError, match=r"victim: holds keep.txt and 1 more, not only config.json"):
+        write_folder(victim, files, force=True)
+    assert (victim / "keep.txt").read_text() == "precious" and (victim / "sub").is_dir()
+    earlier = tmp_path / "earlier"  # an earlier export is what --force replaces
+    write_folder(earlier, {"config.json": b"old"})
+    write_folder(earlier, files, force=True)
+    assert sorted(p.name for p in earlier.iterdir()) == sorted(files)
+
+
+def test_a_folder_in_the_way_of_a_file_output_is_one_line(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CheckpointError, match=r"out: is a folder; name a file to write"):
+        atomic_write_bytes(tmp_path / "out", b"x")
+    weights = tiny_weights_file(tmp_path / "tiny.safetensors")
+    (tmp_path / "v4").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--weights", str(weights), "--format", "stablehlo", "--image-size", "16",
+                  "--force", str(tmp_path / "v4")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and lines == [f"densenet-jax: error: {tmp_path / 'v4'}: is a folder; "
+                                                   "name a file to write"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.safetensors", "v4"]  # no temporary left
+
+
+def test_a_tag_refuses_a_local_file_of_another_architecture(tmp_path):
+    weights = tiny_weights_file(tmp_path / "tiny.safetensors")
+    with pytest.raises(CheckpointError, match=r"tiny.safetensors: holds a DenseNet of another architecture, "
+                                              r"not the densenet169 that densenet169.tv_in1k names"):
+        dj.create_model("densenet169.tv_in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+
+
+@pytest.mark.parametrize("command", [["predict", "--batch-size", "0"], ["predict", "--top", "0"],
+                                     ["predict", "--crop", "0"], ["evaluate", "--batch-size", "0"]])
+def test_counts_below_one_are_one_line(tmp_path, capsys, command):
+    weights = tiny_weights_file(tmp_path / "tiny.safetensors")
+    extra = [str(tmp_path)] if command[0] == "predict" else []
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--weights", str(weights), *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and lines == [f"densenet-jax: error: {command[1]} 0: must be at least 1"]
+
+
+def test_images_too_small_are_refused_before_the_work_directory_is_touched(tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"images of 8x8 are too small for densenet121: at least 29x29"):
+        Run(TrainConfig(model="densenet121", dataset="digits", workdir=str(workdir))).fit()
+    assert not workdir.exists()
+
+
+def test_a_run_that_never_checkpointed_does_not_claim_its_folder(tmp_path):
+    record = {"identity": {"batch_size": 8}, "optimizer": {}}
+    (tmp_path / FILE).write_text(json.dumps({"identity": {"batch_size": 16}, "optimizer": {}}))
+    check(tmp_path, record, has_checkpoints=False)  # nothing trained there: the new run takes it
+    with pytest.raises(WorkdirError, match=r"belongs to another run \(--batch-size 16 there, 8 here\)"):
+        check(tmp_path, record, has_checkpoints=True)
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(WorkdirError, match="belongs to another run"):
+        check(tmp_path, record, has_checkpoints=False)
