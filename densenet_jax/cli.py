@@ -231,7 +231,7 @@ def _check_train_options(args) -> None:
             raise ValueError(f"{option} {value}: must be at least {least}")
     if args.lr <= 0:
         raise ValueError(f"--lr {args.lr}: must be positive")
-    if args.head_only and not args.init_from:
+    if args.head_only and not (args.init_from or args.pretrained):
         raise ValueError("--head-only trains only the classifier of loaded weights: add --init-from FILE")
     from densenet_jax.train.optim import WARMUP_SCHEDULES
     if args.warmup_epochs and args.schedule not in WARMUP_SCHEDULES:

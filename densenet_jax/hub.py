@@ -44,23 +44,10 @@ def pretrained_model(name: str, *, pretrained_cfg_overlay: dict | None = None,
     if cfg.file:
         arrays, config = weights_file(cfg.file)
         source = str(cfg.file)
-        _check_architecture(name, config, source)
     else:
         source = f"{name} (hf-hub:{cfg.hf_hub_id})"
         arrays, config = hub_weights(cfg.hf_hub_id, name)
     return build(arrays, config, source, rngs=rngs, pretrained_cfg=cfg, **overrides)
-
-
-def _check_architecture(name: str, config: DenseNetConfig, source: str) -> None:
-    """CheckpointError unless the weights at ``source`` are the architecture tag ``name`` names."""
-    from densenet_jax.interop import registered_name
-    from densenet_jax.pretrained import split_name
-
-    expected, held = split_name(name)[0], registered_name(config)
-    if held != expected:
-        raise CheckpointError(f"{source}: holds {held or 'a DenseNet of another architecture'}, not the "
-                              f"{expected} that {name} names; pass the weights of {name}, or load the file "
-                              "with --weights alone")
 
 
 def load_hub(repo_id: str, *, rngs: nnx.Rngs | None = None, **overrides):

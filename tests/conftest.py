@@ -72,12 +72,12 @@ def tiny_run(tiny_weights):
 
 
 @pytest.fixture(scope="module")
-def compilation_cache():
-    """In-process training runs use the session's compilation cache (the one the CLI runs share),
-    so that each shape of the tiny model compiles once per session, not once per run."""
+def compilation_cache(tmp_path_factory):
+    """In-process training runs of one test module share a compilation cache of their own, so that
+    each shape of the tiny model compiles once per module, not once per run."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
-    from train_cli import CACHE
+    CACHE = str(tmp_path_factory.mktemp("compilation-cache"))
     before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_compilation_cache_dir", CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

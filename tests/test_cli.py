@@ -207,8 +207,10 @@ def test_train_options_build_the_run(tmp_path):
     root = write_image_folder(tmp_path / "images")
     broken = root / "train" / "dog" / "0.jpg"
     broken.write_bytes(b"not an image")
-    with pytest.raises(DataError, match="dog/0.jpg: unreadable image"):
-        parse_train("--dataset", "folder", "--data-dir", root, "--strict")
+    strict = parse_train("--dataset", "folder", "--data-dir", root, "--strict", "--batch-size", 4,
+                         "--workdir", tmp_path / "strict")
+    with pytest.raises(DataError, match="dog/0.jpg: unreadable image"):  # found when read (issue 13)
+        strict.data.train[4]
     run = parse_train("--model", "densenet_bc_100_k12", "--dataset", "folder", "--data-dir", root,
                       "--image-size", 40, "--drop-rate", 0.1, "--memory-efficient", "--seed", 7,
                       "--epochs", 4, "--batch-size", 4, "--parallel", "pmap", "--precision", "bf16",
@@ -218,7 +220,7 @@ def test_train_options_build_the_run(tmp_path):
     assert run.model.config == expected.config
     ours, seeded = state_arrays(run.model), state_arrays(expected)
     assert all(np.array_equal(ours[k], seeded[k]) for k in seeded)  # --seed 7 made the weights
-    assert len(run.data.train) == 11 and run.total_steps == 4 * (11 // 4)  # the broken one skipped
+    assert len(run.data.train) == 12 and run.total_steps == 4 * (12 // 4)  # the broken one is replaced when read
     image = run.data.augment(run.data.train[0], np.random.default_rng(0))["image"]
     assert image.shape == (40, 40, 3)
     assert isinstance(run.runner, parallel.Pmap) and run.runner.steps.compute_dtype == jnp.bfloat16
@@ -257,7 +259,8 @@ def evaluate(capsys, *argv, expect: int = 0) -> tuple[float, float, str]:
 
 def direct(model, data) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` over ``data``'s held-out split, in one batch."""
-    examples = [data.preprocess(data.eval[i]) for i in range(len(data.eval))]
+    # An unreadable image's stand-in counts for nothing in evaluation (weight 0, issue 13).
+    examples = [data.preprocess(e) for e in (data.eval[i] for i in range(len(data.eval))) if not e.get("skipped")]
     images = np.stack([e["image"] for e in examples])
     labels = np.array([e["label"] for e in examples])
     model.eval()
@@ -293,7 +296,7 @@ def test_evaluate_options(tmp_path, capsys):
     reference = direct(dj.load(three), load_dataset("folder", folder, image_size=36))
     loss, accuracy, line = evaluate(capsys, "--weights", three, "--dataset", "folder", "--data-dir", folder,
                                     "--image-size", 36)
-    assert "held-out, 11 images" in line  # the unreadable one skipped
+    assert "held-out, 12 images" in line  # the unreadable one's stand-in is weighed 0
     assert loss == pytest.approx(reference[0], abs=5e-5) and accuracy == pytest.approx(reference[1], abs=5e-5)
 
 

@@ -275,6 +275,11 @@ def test_a_folder_output_is_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(CheckpointError, match="already exists"):
         write_folder(out, {"config.json": b"{}"})
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    with pytest.raises(CheckpointError, match="holds mine.txt, not only config.json"):
+        write_folder(out, {"config.json": b"{}"}, force=True)  # --force replaces an export, not this
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    (out / "mine.txt").unlink()
+    write_folder(out, {"config.json": b"[]"}, force=True)  # an empty folder is replaced
     write_folder(out, {"config.json": b"{}"}, force=True)
-    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_bytes() == b"{}"
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]  # no temporary or old folder left

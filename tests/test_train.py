@@ -174,12 +174,12 @@ def test_help_explains_every_option(capsys):
     for name, sub in subcommands.choices.items():
         with pytest.raises(SystemExit):
             cli.main([name, "--help"])
-        text = " ".join(capsys.readouterr().out.split())
+        text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
         options = [a for a in sub._actions if a.option_strings and a.dest != "help"]
         assert options, name
         for action in options:
             assert action.help and len(action.help) > 8, (name, action.option_strings)
-            assert " ".join(action.help.replace("%%", "%").split()) in text, (name, action.option_strings)
+            assert "".join(action.help.replace("%%", "%").split()) in text, (name, action.option_strings)
 
 
 def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys):

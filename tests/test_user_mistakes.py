@@ -45,13 +45,6 @@ def test_a_folder_in_the_way_of_a_file_output_is_one_line(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.safetensors", "v4"]  # no temporary left
 
 
-def test_a_tag_refuses_a_local_file_of_another_architecture(tmp_path):
-    weights = tiny_weights_file(tmp_path / "tiny.safetensors")
-    with pytest.raises(CheckpointError, match=r"tiny.safetensors: holds a DenseNet of another architecture, "
-                                              r"not the densenet169 that densenet169.tv_in1k names"):
-        dj.create_model("densenet169.tv_in1k", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
-
-
 @pytest.mark.parametrize("command", [["predict", "--batch-size", "0"], ["predict", "--top", "0"],
                                      ["predict", "--crop", "0"], ["evaluate", "--batch-size", "0"]])
 def test_counts_below_one_are_one_line(tmp_path, capsys, command):

@@ -44,7 +44,8 @@ def train(workdir: Path, *args, devices: int = 1, process: tuple[int, int] | Non
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu", "DENSENET_JAX_CACHE": str(cache)}
     launcher = ["-m", "densenet_jax"] if fault is None else [str(HERE / "faults.py"), fault[0], str(fault[1])]
-    command = [sys.executable, *launcher, "train", *QUICK, "--workdir", str(workdir), *args]
+    quick = QUICK[2:] if "--init-from" in map(str, args) else QUICK  # the file names the architecture
+    command = [sys.executable, *launcher, "train", *quick, "--workdir", str(workdir), *args]
     if process is not None:
         command += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(process[1]),
                     "--process-id", str(process[0])]

@@ -231,6 +231,7 @@ class Run:
         if restored is None:
             return self.runner.place_state(initial), 0
         host, step = restored
+        log.info("resuming from %s at step %d", checkpoints.directory, step)
         return self.runner.place_state(host), step
 
     def _train_epoch(self, state, epoch, first, last, checkpoints, signals):
