@@ -254,10 +254,15 @@ def main():
         report += ["Keras-JAX: not installed here, not measured.", ""]
     if extra:
         report += ["```json", json.dumps(extra, indent=2), "```", ""]
-    text = "\n".join(report)
+    write_report(args.out, report)
+
+
+def write_report(path, lines: list[str]) -> None:
+    """Print the results file's ``lines`` and write them to ``path`` (its folder made)."""
+    text = "\n".join(lines)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 if __name__ == "__main__":

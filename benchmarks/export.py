@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import REFERENCE, machine_name, table, throughput, versions  # noqa: E402
+from bench import REFERENCE, machine_name, table, throughput, versions, write_report  # noqa: E402
 from contenders import Task, _data, jax_split, torch_eager  # noqa: E402
 
 EXPORT_SECONDS = {}
@@ -69,10 +69,7 @@ def main():
               f"Load average (1 min) {load_before:.1f} before, {load_after:.1f} after: above the core "
               "count, other work shared the CPUs and the figures are lower and noisier than alone.",
               "", table(results), ""]
-    text = "\n".join(report)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":
