@@ -248,6 +248,11 @@ def test_bad_images_are_replaced_counted_and_reproducible(tmp_path, caplog):
     # val: cat 0-3, dog 0-3, fox 0-3; dog/2.png (index 6) stands in for nothing, padding for nothing
     assert weights.tolist() == [1] * 6 + [0] + [1] * 5 + [0] * 4
     assert "dog/2.png: unreadable image, skipped (DecompressionBombError" in caplog.text
+    # Iterating a split reads each index once and ends (the wrap-around once made it endless).
+    labels = [int(example["label"]) for example in data.train]
+    assert len(labels) == len(data.train) == 12 and labels[1] == labels[2] == 0
+    with pytest.raises(IndexError, match="index 12 out of range for 12 images"):
+        data.train[12]
 
 
 def test_strict_stops_in_one_line_when_the_image_is_read(tmp_path, capsys):

@@ -89,6 +89,10 @@ class FileSource(Sequence):
         return len(self.paths)
 
     def __getitem__(self, index):
+        if not -len(self.paths) <= index < len(self.paths):
+            # Also ends iteration: Sequence's __iter__ reads until IndexError, and the wrap-around
+            # below would otherwise read forever.
+            raise IndexError(f"index {index} out of range for {len(self.paths)} images")
         for offset in range(len(self.paths)):
             i = (index + offset) % len(self.paths)
             try:
