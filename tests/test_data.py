@@ -11,6 +11,7 @@ from PIL import Image
 from densenet_jax import DataError
 from densenet_jax.data import eval_batches, load_dataset, train_batches
 from densenet_jax.data import transforms as T
+from densenet_jax.data.pipeline import _Padded
 from fixtures import write_cifar10, write_cifar100, write_image_folder
 
 
@@ -47,6 +48,8 @@ def test_eval_batches_pad_with_zero_weight():
     assert [len(b["label"]) for b in batches] == [128, 128, 128]
     assert sum(b["weight"].sum() for b in batches) == 360
     assert batches[-1]["weight"][104:].sum() == 0
+    padded = _Padded(data.eval, 128)  # iterating ends after the padding (the wrap-around once did not)
+    assert [float(ex["weight"]) for ex in padded] == [1.0] * 360 + [0.0] * 24
 
 
 def test_cifar10_and_100_folders(tmp_path):

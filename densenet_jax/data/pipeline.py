@@ -64,6 +64,8 @@ class _Padded(Sequence):
         return self.length
 
     def __getitem__(self, index):
+        if not 0 <= index < self.length:  # also ends iteration, which the wrap-around would not
+            raise IndexError(f"index {index} out of range for {self.length} padded examples")
         real = index < len(self.source)
         return {"example": self.source[index if real else index % len(self.source)],
                 "weight": np.float32(real)}
