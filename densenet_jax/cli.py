@@ -15,15 +15,36 @@ _HANDLER = logging.StreamHandler()
 _HANDLER.setFormatter(logging.Formatter("%(message)s"))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown for options that take a value; not for flags, where ``--no-progress``
+    would read "(default: True)"."""
+
+    def _get_help_string(self, action):
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
+def _model_name(name: str) -> str:
+    """``--model``: a name get_config knows (argparse says why not, in one line)."""
+    from densenet_jax.registry import get_config
+
+    try:
+        get_config(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
 def _train_parser(sub) -> None:
     from densenet_jax.registry import list_models
     from densenet_jax.train.loop import TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train or fine-tune a DenseNet; rerun to resume",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, choices=list_models(),
-                   help=f"architecture to train from scratch (default {d.model}; with --init-from, the file's)")
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--model", default=None, type=_model_name, metavar="NAME",
+                   help=f"architecture to train from scratch: {', '.join(list_models())}, or any "
+                        f"densenet_<L>_k<k> / densenet_bc_<L>_k<k> of the paper's family (default "
+                        f"{d.model}; with --init-from, the file's)")
     _dataset_options(p)
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, over all devices and hosts")
@@ -93,7 +114,7 @@ def _distributed_options(p) -> None:
 
 def _evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="held-out loss and accuracy of a weights file",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--weights", required=True, help="a densenet_jax .safetensors")
     _dataset_options(p)
     p.add_argument("--batch-size", type=int, default=128, help="images per evaluation step")
@@ -103,7 +124,7 @@ def _evaluate_parser(sub) -> None:
 
 def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="top-5 classes of image files, prepared as the weights want",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
     p.add_argument("--weights", default=None,
                    help="a densenet_jax .safetensors (e.g. converted torchvision); with --model, a "
@@ -146,7 +167,7 @@ _CONVERT_HELP = "a torchvision or timm checkpoint (.pth, .pt, .safetensors) to d
 
 def _convert_parser(sub) -> None:
     _convert_options(sub.add_parser("convert", help=_CONVERT_HELP,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+                                    formatter_class=_HelpFormatter))
 
 
 def _convert_options(p) -> None:
@@ -164,7 +185,7 @@ def _convert_options(p) -> None:
 
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="a weights file as ONNX, a StableHLO artifact or timm's Hub folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("output", metavar="OUT", help="the file (onnx, stablehlo) or folder (timm) to write")
     p.add_argument("--weights", required=True, help="a densenet_jax .safetensors")
     p.add_argument("--format", required=True, metavar="{onnx,stablehlo,timm}",
@@ -226,11 +247,16 @@ def _check_train_options(args) -> None:
     for option, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                                  ("--max-steps", args.max_steps, 0), ("--keep", args.keep, 1),
                                  ("--checkpoint-every", args.checkpoint_every, 0),
-                                 ("--distributed-timeout", args.distributed_timeout, 1)):
+                                 ("--distributed-timeout", args.distributed_timeout, 1),
+                                 ("--in-chans", args.in_chans, 1), ("--weight-decay", args.weight_decay, 0)):
         if value < least:
             raise ValueError(f"{option} {value}: must be at least {least}")
     if args.lr <= 0:
         raise ValueError(f"--lr {args.lr}: must be positive")
+    for option, value in (("--momentum", args.momentum), ("--drop-rate", args.drop_rate)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{option} {value}: must be at least 0 and less than 1")
+    _check_dataset_options(args)
     if args.head_only and not (args.init_from or args.pretrained):
         raise ValueError("--head-only trains only the classifier of loaded weights: add --init-from FILE")
     from densenet_jax.train.optim import WARMUP_SCHEDULES
@@ -246,6 +272,18 @@ def _check_train_options(args) -> None:
         raise ValueError(f"--pretrained {args.pretrained} names the architecture and its weights: "
                          "leave --model and --init-from out")
     _check_distributed_options(args)
+
+
+def _check_dataset_options(args) -> None:
+    """The options train and evaluate share, in range; a --data-dir beside the bundled digits would
+    be ignored, so it is refused."""
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: must be at least 0")
+    if args.image_size < 1:
+        raise ValueError(f"--image-size {args.image_size}: must be at least 1")
+    if args.dataset == "digits" and args.data_dir is not None:
+        raise ValueError(f"--data-dir {args.data_dir} is read by --dataset cifar10, cifar100 or folder; "
+                         "digits ships with scikit-learn")
 
 
 def _check_model_matches(model: str, weights: str) -> None:
@@ -320,7 +358,8 @@ def _check_at_least_one(args, *options: str) -> None:
 
 def evaluate(args) -> None:
     """``densenet-jax evaluate``: held-out loss and accuracy of a weights file."""
-    _check_at_least_one(args, "--batch-size", "--image-size")
+    _check_at_least_one(args, "--batch-size")
+    _check_dataset_options(args)
     import optax
 
     from densenet_jax.data import load_dataset
@@ -349,7 +388,11 @@ def predict(args) -> None:
 
     _check_at_least_one(args, "--top", "--batch-size", "--resize", "--crop")
 
+    if args.crop > args.resize:
+        raise ValueError(f"--crop {args.crop} is larger than --resize {args.resize}: the centre crop "
+                         "is taken from the resized image")
     model = _predict_model(args)
+    _check_test_size(args, model)
     labels = args.labels or (stored_class_names(args.weights) if args.weights else None)
     transform = model_transform(model, args.preprocess, args.test_size, args.resize, args.crop)
     if not model.config.num_classes:
@@ -367,6 +410,14 @@ def predict(args) -> None:
                 print(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['class']})")
     if not any("top" in r for r in results):
         raise DataError(f"none of the {len(results)} image(s) could be classified (all unreadable)")
+
+
+def _check_test_size(args, model) -> None:
+    """``--test-size`` only where the preprocessing comes from weights that have a test size."""
+    cfg = model.pretrained_cfg
+    if args.test_size and (args.preprocess != "weights" or cfg is None or cfg.test_input_size is None):
+        source = "--preprocess torchvision" if args.preprocess != "weights" else (args.model or args.weights)
+        raise ValueError(f"--test-size: {source} has no larger test size (the ra tags have one)")
 
 
 def _predict_model(args):
@@ -398,6 +449,8 @@ def models(args) -> None:
         for name in list_models():
             tags = [split_name(t)[1] for t in TAGS if split_name(t)[0] == name]
             print(f"{name:22s} {count_params(get_config(name)):>12,d}  {', '.join(tags)}")
+        print("and any densenet_<L>_k<k> or densenet_bc_<L>_k<k>: the paper's CIFAR family at depth L, "
+              "growth rate k")
         return
     for tag, cfg in TAGS.items():
         size = f"{cfg.input_size[1]}/{cfg.crop_pct}" + (
@@ -452,7 +505,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"]:
         p = argparse.ArgumentParser(prog="densenet-jax convert", description=_CONVERT_HELP,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    formatter_class=_HelpFormatter)
         _convert_options(p)
         return argparse.Namespace(command="convert", **vars(p.parse_args(argv[1:])))
     return parser().parse_args(argv)

@@ -91,9 +91,9 @@ def stablehlo_bytes(model: DenseNet, *, image_size: int = 224) -> bytes:
 
 def timm_architecture(config: DenseNetConfig) -> str:
     """timm's model name for ``config``'s architecture; ValueError for one timm does not have."""
-    from densenet_jax.interop import registered_name
+    from densenet_jax.registry import model_name
 
-    name = registered_name(config)
+    name = model_name(config)
     if name not in TIMM_ARCHITECTURES:
         raise ValueError(f"timm has no {name or 'custom DenseNet'} architecture "
                          f"(it has {', '.join(TIMM_ARCHITECTURES)}); export it as onnx or stablehlo")
@@ -106,6 +106,17 @@ def torchvision_preprocessing(image_size: int = 224) -> dict:
     crop, ImageNet mean and std on the [0, 1] scale."""
     return {"input_size": (3, image_size, image_size), "interpolation": "bilinear",
             "crop_pct": 0.875, "crop_mode": "center", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+def weights_preprocessing(model: DenseNet, image_size: int = 224) -> dict:
+    """The weights' own preprocessing where they carry one (a pretrained tag's, a training
+    run's), with its larger test size and crop where it has one (timm's ``test_input_size``,
+    ``test_crop_pct``: the ra tags'); else torchvision's at ``image_size``."""
+    cfg = model.pretrained_cfg
+    if cfg is None:
+        return torchvision_preprocessing(image_size)
+    test = {"test_input_size": cfg.test_input_size, "test_crop_pct": cfg.test_crop_pct}
+    return {**cfg.eval_config(), **{k: v for k, v in test.items() if v is not None}}
 
 
 def timm_config(config: DenseNetConfig, preprocessing: dict,
@@ -141,9 +152,7 @@ def timm_files(model: DenseNet, *, image_size: int = 224,
     from densenet_jax.weights import state_arrays
 
     check_image_size(model.config, image_size)
-    # The weights' own preprocessing where they carry one (a pretrained tag's, a training run's).
-    preprocessing = (model.pretrained_cfg.eval_config() if model.pretrained_cfg is not None
-                     else torchvision_preprocessing(image_size))
+    preprocessing = weights_preprocessing(model, image_size)
     cfg = timm_config(model.config, preprocessing, class_names)
     arrays = {k: np.asarray(v) for k, v in state_arrays(model).items()}
     state_dict = to_torchvision(arrays, model.config)

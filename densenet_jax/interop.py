@@ -19,7 +19,7 @@ from flax import nnx
 from densenet_jax.configs import DenseNetConfig, kept_channels
 from densenet_jax.errors import CheckpointError
 from densenet_jax.models import DenseNet
-from densenet_jax.registry import get_config, list_models
+from densenet_jax.registry import get_config, list_models, model_name
 from densenet_jax.weights import check_arrays, state_arrays
 
 # Our leaf name -> torchvision's, by the rank of the array (a rank-2 kernel is the Linear layer).
@@ -275,16 +275,6 @@ def _compression(shapes, num_blocks: int, check) -> float:
     return compression
 
 
-def registered_name(config: DenseNetConfig) -> str | None:
-    """The registered model whose architecture ``config`` is (ignoring classes, input channels,
-    dropout and recomputation; anti-aliasing counts)."""
-    general = ("num_classes", "in_chans", "drop_rate", "head_drop_rate", "memory_efficient")
-    for name in list_models():
-        if get_config(name, **{field: getattr(config, field) for field in general}) == config:
-            return name
-    return None
-
-
 def from_torchvision(state_dict: dict[str, np.ndarray], source: str, prefix: str | None = None,
                      **overrides) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
     """Our arrays and config from a torchvision-style DenseNet state dict (numpy values), under any
@@ -297,7 +287,7 @@ def from_torchvision(state_dict: dict[str, np.ndarray], source: str, prefix: str
     extra = sorted(state_dict.keys() - expected)
     if extra:
         raise CheckpointError(f"{source}: unexpected key {extra[0]} for the inferred "
-                              f"{registered_name(config) or 'DenseNet'} ({len(extra)} in all)")
+                              f"{model_name(config) or 'DenseNet'} ({len(extra)} in all)")
     arrays = {}
     for entry in table:
         if entry.torch_key not in state_dict:

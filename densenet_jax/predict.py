@@ -27,8 +27,7 @@ def class_names(num_classes: int, labels: str | Path | list[str] | None = None) 
     """Names for the model's classes: ``labels`` (a list, or a file with one per line); ImageNet's
     1000 (shipped with the package) for a 1000-class model; otherwise the class numbers."""
     if labels is not None:
-        names = labels if isinstance(labels, list) else [
-            l.strip() for l in Path(labels).read_text().splitlines() if l.strip()]
+        names = labels if isinstance(labels, list) else _read_labels(Path(labels))
         if len(names) != num_classes:
             raise DataError(f"{labels if not isinstance(labels, list) else 'class names'}: "
                             f"{len(names)} names for a model of {num_classes} classes")
@@ -37,6 +36,14 @@ def class_names(num_classes: int, labels: str | Path | list[str] | None = None) 
         text = resources.files("densenet_jax.data").joinpath("imagenet_classes.txt").read_text()
         return text.splitlines()
     return [str(i) for i in range(num_classes)]
+
+
+def _read_labels(path: Path) -> list[str]:
+    """The non-empty lines of a labels file; DataError naming the file when it cannot be read."""
+    try:
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the labels file ({getattr(e, 'strerror', None) or e})") from None
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:

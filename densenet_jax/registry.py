@@ -4,6 +4,7 @@ apart from the architectures they fit."""
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from densenet_jax.configs import DenseNetConfig
@@ -17,13 +18,31 @@ _REGISTRY: dict[str, Callable[[], DenseNetConfig]] = {
     "densenetblur121d": lambda: DenseNetConfig.imagenet(32, (6, 12, 24, 16), 64, stem="deep",
                                                         aa_layer="blur"),
     "densenet264d": lambda: DenseNetConfig.imagenet(48, (6, 12, 64, 48), 96, stem="deep"),
-    "densenet_40_k12": lambda: DenseNetConfig.cifar(40, 12, bottleneck=False, compression=1.0),
-    "densenet_100_k12": lambda: DenseNetConfig.cifar(100, 12, bottleneck=False, compression=1.0),
-    "densenet_100_k24": lambda: DenseNetConfig.cifar(100, 24, bottleneck=False, compression=1.0),
-    "densenet_bc_100_k12": lambda: DenseNetConfig.cifar(100, 12, bottleneck=True, compression=0.5),
-    "densenet_bc_250_k24": lambda: DenseNetConfig.cifar(250, 24, bottleneck=True, compression=0.5),
-    "densenet_bc_190_k40": lambda: DenseNetConfig.cifar(190, 40, bottleneck=True, compression=0.5),
 }
+# The paper's Table 2 (CIFAR/SVHN); any other depth and growth rate of the family is named alike.
+_PAPER_TABLE_2 = ("densenet_40_k12", "densenet_100_k12", "densenet_100_k24", "densenet_bc_100_k12",
+                  "densenet_bc_250_k24", "densenet_bc_190_k40")
+_PAPER_FAMILY = re.compile(r"densenet(_bc)?_(\d+)_k(\d+)")
+# Fields that do not make another architecture: a name covers every value of them.
+NOT_ARCHITECTURE = ("num_classes", "in_chans", "drop_rate", "head_drop_rate", "memory_efficient")
+
+
+def paper_config(name: str) -> DenseNetConfig | None:
+    """The paper's CIFAR/SVHN DenseNet that ``name`` spells (Huang et al. 2017, Sections 3-4):
+    ``densenet_<L>_k<k>`` (no bottleneck, no compression) or ``densenet_bc_<L>_k<k>`` (bottleneck
+    4k, compression 0.5), of depth L and growth rate k; None for a name of another form.
+
+    Raises ValueError naming the model when L gives no three equal dense blocks."""
+    match = _PAPER_FAMILY.fullmatch(name)
+    if match is None:
+        return None
+    bottleneck, depth, growth_rate = bool(match[1]), int(match[2]), int(match[3])
+    try:
+        return DenseNetConfig.cifar(depth, growth_rate, bottleneck=bottleneck,
+                                    compression=0.5 if bottleneck else 1.0)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
 
 # The names timm registers (timm 1.0.31, timm/models/densenet.py): create_model reads their dropout
 # keywords with timm's meaning.
@@ -32,21 +51,39 @@ TIMM_NAMES = frozenset({"densenet121", "densenet169", "densenet201", "densenet16
 
 
 def list_models(pretrained: bool = False) -> list[str]:
-    """Every registered architecture name, in registration order; with ``pretrained``, every
-    pretrained tag (``densenet121.tv_in1k``, ...) instead."""
+    """Every registered architecture name, in registration order (torchvision's, timm's, then the
+    paper's Table 2; :func:`get_config` also takes any depth and growth rate of the paper's family);
+    with ``pretrained``, every pretrained tag (``densenet121.tv_in1k``, ...) instead."""
     if pretrained:
         from densenet_jax.pretrained import list_pretrained
         return list_pretrained()
-    return list(_REGISTRY)
+    return [*_REGISTRY, *_PAPER_TABLE_2]
 
 
 def get_config(name: str, **overrides) -> DenseNetConfig:
-    """The named configuration with fields replaced by ``overrides`` (e.g. num_classes=10).
+    """The named configuration with fields replaced by ``overrides`` (e.g. num_classes=10): a
+    registered name, or any of the paper's family (``densenet_bc_16_k12``, see :func:`paper_config`).
 
-    Raises ValueError for an unknown name or field.
+    Raises ValueError for an unknown name or field, or a depth the family does not have.
     """
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}") from None
-    return factory().replace(**overrides)
+    factory = _REGISTRY.get(name)
+    config = factory() if factory is not None else paper_config(name)
+    if config is None:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}, or any "
+                         "densenet_<L>_k<k> / densenet_bc_<L>_k<k> of the paper's family")
+    return config.replace(**overrides)
+
+
+def model_name(config: DenseNetConfig) -> str | None:
+    """The name of ``config``'s architecture (the fields in NOT_ARCHITECTURE aside): a registered
+    one, or the paper family's; None when it has neither."""
+    kept = {field: getattr(config, field) for field in NOT_ARCHITECTURE}
+    candidates = list_models()
+    if config.stem == "cifar" and len(set(config.block_config)) == 1 and len(config.block_config) == 3:
+        bottleneck = config.bn_size is not None
+        depth = 3 * config.block_config[0] * (2 if bottleneck else 1) + 4
+        candidates.append(f"densenet{'_bc' * bottleneck}_{depth}_k{config.growth_rate}")
+    for name in candidates:
+        if get_config(name, **kept) == config:
+            return name
+    return None

@@ -24,7 +24,8 @@ import numpy as np
 from densenet_jax.configs import count_params
 from densenet_jax.errors import CheckpointError
 from densenet_jax.interop import (choose_prefix, densenet_keys, densenet_prefixes, from_torchvision,
-                                  registered_name, to_torchvision)
+                                  to_torchvision)
+from densenet_jax.registry import model_name
 from densenet_jax.weights import (FORMAT, atomic_write_bytes, check_output, file_format, read_safetensors,
                                   write_safetensors)
 
@@ -208,7 +209,7 @@ def to_densenet_jax(source: str | Path, output: str | Path, *, prefix: str | Non
     found = read_torch_checkpoint(source, prefix)
     arrays, config = from_torchvision(found.state_dict, str(source))
     write_safetensors(arrays, config, output)
-    name = registered_name(config) or f"DenseNet {config}"
+    name = model_name(config) or f"DenseNet {config}"
     head = (f"{config.num_classes} classes" if config.num_classes else
             "no classifier (a backbone: load it with features_only=True, or num_classes=N for a new head)")
     line = f"{source} -> {output}: {name}, {head}, {count_params(config):,} parameters"
@@ -240,4 +241,17 @@ def to_torch(source: str | Path, output: str | Path, *, force: bool = False) -> 
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
     atomic_write_bytes(output, buffer.getvalue())
-    return f"{source} -> {output}: {len(state_dict)} tensors"
+    return f"{source} -> {output}: {len(state_dict)} tensors{_torch_class_note(config)}"
+
+
+def _torch_class_note(config) -> str:
+    """What loads the written state dict, where torchvision's DenseNet class cannot."""
+    if config.stem == "cifar":
+        return ("; a CIFAR-stem DenseNet (3x3 conv0, no norm0 or max-pool): torchvision's and timm's "
+                "DenseNet classes build the ImageNet stem, so load it into a torch model with this stem")
+    if config.stem != "imagenet":
+        return f"; timm's DenseNet loads it (stem_type={config.stem!r}), torchvision's does not"
+    if config.aa_layer:
+        return ("; torchvision's DenseNet loads it without anti-aliasing: timm's with "
+                "aa_layer=BlurPool2d computes as this model")
+    return ""

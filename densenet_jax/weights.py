@@ -163,9 +163,10 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], De
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     if file_format(path) == "torch":
-        out = path.with_suffix(".safetensors").name if path.suffix != ".safetensors" else "OUT.safetensors"
+        out = (path.with_suffix(".safetensors") if path.suffix != ".safetensors"
+               else path.with_name(f"{path.stem}-converted.safetensors"))
         raise CheckpointError(f"{path}: a torch checkpoint, not densenet_jax weights; convert it first: "
-                              f"densenet-jax convert {path.name} {out}")
+                              f"densenet-jax convert {path} {out}")
     data = path.read_bytes()
     try:
         arrays = load(data)

@@ -160,6 +160,14 @@ WEIGHT_FILES = {
 }
 
 
+def test_the_convert_hint_is_a_command_that_runs_where_the_user_is(tmp_path):
+    (tmp_path / "sub").mkdir()
+    pth = good_pth(tmp_path / "sub" / "densenet.pth")
+    with pytest.raises(dj.CheckpointError) as error:
+        dj.load(pth)
+    assert str(error.value).endswith(f"convert it first: densenet-jax convert {pth} {pth.with_suffix('.safetensors')}")
+
+
 @pytest.mark.parametrize("case", sorted(WEIGHT_FILES))
 def test_every_weights_reader_refuses(tmp_path, capsys, case):
     writer, message = WEIGHT_FILES[case]

@@ -80,6 +80,6 @@ def test_features_example_fits_a_probe(small_weights):
 
 def test_cifar_recipe_example_smoke(tmp_path):
     data = write_cifar10(tmp_path / "cifar-10-batches-py")
-    out = run_example("cifar_recipe.py", data, "--model", "densenet_40_k12", "--smoke",
+    out = run_example("cifar_recipe.py", data, "--model", "densenet_bc_16_k12", "--smoke",
                       "--workdir", tmp_path / "run")
-    assert "densenet_40_k12 on cifar10: step 1, test error" in out
+    assert "densenet_bc_16_k12 on cifar10: step 1, test error" in out

@@ -206,6 +206,22 @@ def test_timm_loads_the_folder_as_pretrained(densenet121_weights, densenet121_lo
     assert json.loads((out / "config.json").read_text())["architecture"] == "densenet121"
 
 
+def test_timm_folder_keeps_the_weights_test_size():
+    """An ra tag's larger test size (288, crop 0.95) survives the export: timm resolves it."""
+    from densenet_jax.export import timm_files
+    from densenet_jax.pretrained import TAGS
+
+    model = dj.DenseNet121(rngs=nnx.Rngs(0))
+    model.pretrained_cfg = TAGS["densenet121.ra_in1k"]
+    cfg = json.loads(timm_files(model)["config.json"])["pretrained_cfg"]
+    timms = timm.models.get_pretrained_cfg("densenet121.ra_in1k").to_dict()
+    for use_test_size in (False, True):
+        ours, theirs = (timm.data.resolve_data_config(pretrained_cfg=c, use_test_size=use_test_size)
+                        for c in (cfg, timms))
+        assert {k: tuple(v) if isinstance(v, list) else v for k, v in ours.items()} == theirs
+    assert tuple(theirs["input_size"]) == (3, 288, 288)
+
+
 # --- refusals: one line, exit 1, nothing written ---------------------------------------------------
 
 def assert_refused(code, err, output: Path, *fragments):

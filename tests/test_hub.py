@@ -286,6 +286,7 @@ def test_models_command_lists_names_params_tags_and_top1(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert any(l.split()[:3] == ["densenet121", "7,978,856", "ra_in1k,"] and l.endswith("tv_in1k") for l in lines)
     assert any(l.split()[:2] == ["densenet_bc_100_k12", "769,162"] for l in lines)
+    assert lines[-1].startswith("and any densenet_<L>_k<k> or densenet_bc_<L>_k<k>")
     cli.main(["models", "--pretrained"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(TAGS)

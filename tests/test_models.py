@@ -8,7 +8,7 @@ from flax import nnx
 
 import densenet_jax as dj
 from densenet_jax.weights import assign, state_arrays
-from torch_twins import TORCHVISION_MODELS, torchvision_model
+from torch_twins import TORCHVISION_MODELS, cifar_bc_model, torchvision_model
 
 # The paper's Table 2 (CIFAR, 10 classes), in millions.
 PAPER_PARAMS = {"densenet_40_k12": 1.0, "densenet_100_k12": 7.0, "densenet_100_k24": 27.2,
@@ -49,6 +49,21 @@ def test_registry_and_named_classes():
         dj.create_model("densenet122")
     with pytest.raises(ValueError, match="no field"):
         dj.create_model("densenet121", growth=12)
+
+
+@pytest.mark.parametrize("name, depth, growth_rate", [("densenet_bc_16_k12", 16, 12), ("densenet_bc_52_k10", 52, 10)])
+def test_any_depth_of_the_paper_family_is_a_name(name, depth, growth_rate):
+    """densenet_bc_<L>_k<k> is the paper's DenseNet-BC of that depth: the torch twin's parameters,
+    and the name comes back from the config; a depth without three equal blocks is refused."""
+    from densenet_jax.registry import model_name
+
+    model = dj.create_model(name, rngs=nnx.Rngs(0))
+    assert num_params(model) == sum(p.numel() for p in cifar_bc_model(depth, growth_rate).parameters())
+    assert model_name(model.config) == name and model_name(model.config.replace(num_classes=3)) == name
+    assert model_name(dj.get_config("densenet_10_k6")) == "densenet_10_k6"  # no bottleneck: L = 3n + 4
+    assert dj.get_config("densenet_10_k6").block_config == (2, 2, 2)
+    with pytest.raises(ValueError, match="^densenet_bc_17_k12: depth 17 does not give three equal dense blocks"):
+        dj.create_model("densenet_bc_17_k12")
 
 
 def test_general_form():

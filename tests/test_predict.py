@@ -87,7 +87,13 @@ def test_predict_text_output_and_errors(tmp_path, capsys, converted):
     assert lines[0] == str(PHOTOS[0]) and len(lines) == 3 and "% " in lines[1] and "thing " in lines[1]
     labels.write_text("a\nb\n")
     for argv, message in (([str(tmp_path / "none.jpg")], "none.jpg: no such file or folder"),
-                          ([str(PHOTOS[0]), "--labels", str(labels)], "labels.txt: 2 names for a model of 1000")):
+                          ([str(PHOTOS[0]), "--labels", str(labels)], "labels.txt: 2 names for a model of 1000"),
+                          ([str(PHOTOS[0]), "--labels", str(tmp_path / "missing.txt")],
+                           f"{tmp_path / 'missing.txt'}: cannot read the labels file (No such file or directory)"),
+                          ([str(PHOTOS[0]), "--crop", "300"], "--crop 300 is larger than --resize 256"),
+                          ([str(PHOTOS[0]), "--test-size"], f"--test-size: {weights} has no larger test size"),
+                          ([str(PHOTOS[0]), "--test-size", "--preprocess", "torchvision"],
+                           "--test-size: --preprocess torchvision has no larger test size")):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["predict", "--weights", str(weights), *argv])
         err = capsys.readouterr().err.strip().splitlines()

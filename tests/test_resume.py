@@ -6,7 +6,8 @@ import json
 import jax
 
 from densenet_jax import cli
-from train_cli import RUN, assert_same_weights, train
+from torch_twins import cifar_bc_model
+from train_cli import MODEL, RUN, assert_same_weights, train
 
 
 def rows(workdir):
@@ -41,7 +42,8 @@ def test_a_run_says_what_it_runs_and_how_each_epoch_went(uninterrupted):
     """The start-up block, and one line per epoch (with --no-progress too) that metrics.jsonl matches;
     images/s leaves out the first step, which compiles or loads the compiled step."""
     out = uninterrupted.with_name(f"{uninterrupted.name}.out").read_text()
-    assert "model: densenet_40_k12, 1,019,722 parameters, 10 classes" in out
+    count = sum(p.numel() for p in cifar_bc_model(16, 12).parameters())  # train_cli.MODEL's torch twin
+    assert f"model: {MODEL}, {count:,} parameters, 10 classes" in out
     assert "data: digits, 1,437 training and 360 held-out images, 8x8" in out
     assert "devices: 1 cpu device in 1 process (mesh)" in out
     assert ("batch 448 (448 per device), 3 steps per epoch, 2 epochs = 6 steps; lr 0.1, cifar schedule; "

@@ -16,7 +16,8 @@ import torch
 from flax import nnx
 
 import densenet_jax as dj
-from densenet_jax.interop import from_torchvision, registered_name, to_torchvision, weight_table
+from densenet_jax.interop import from_torchvision, to_torchvision, weight_table
+from densenet_jax.registry import model_name
 from densenet_jax.weights import assign, cast, state_arrays
 from test_train_parity import flat, jax_steps, relative_l2, torch_steps
 from torch_twins import nchw, randomize, state_dict_numpy
@@ -81,7 +82,7 @@ def test_registered_with_timms_parameter_count(twins):
     count = sum(p.numel() for p in reference.parameters())
     params = sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
     assert params == count == dj.count_params(dj.get_config(name))
-    assert registered_name(ours.config) == name and ours.config == dj.get_config(name)
+    assert model_name(ours.config) == name and ours.config == dj.get_config(name)
 
 
 def test_state_dict_round_trip_is_exact(twins):

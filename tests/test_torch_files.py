@@ -238,6 +238,16 @@ def test_converting_densenet_jax_weights_says_they_are_already_ours(tmp_path, ca
     assert "already densenet_jax weights" in line and "--to torch" in line, line
 
 
+def test_a_stem_torchvision_cannot_build_is_said_when_written(tmp_path, capsys):
+    code, out, _ = convert(capsys, "--to", "torch", tiny_weights_file(tmp_path / "cifar.safetensors"),
+                           tmp_path / "cifar.pth")
+    assert code == 0 and "a CIFAR-stem DenseNet (3x3 conv0, no norm0 or max-pool)" in out, out
+    torch.save(tiny().state_dict(), tmp_path / "in.pth")
+    assert convert(capsys, tmp_path / "in.pth", tmp_path / "imagenet.safetensors")[0] == 0
+    code, out, _ = convert(capsys, "--to", "torch", tmp_path / "imagenet.safetensors", tmp_path / "back.pth")
+    assert code == 0 and out.strip().endswith("tensors"), out  # torchvision's own stem: nothing to say
+
+
 def test_outputs_get_the_umask_mode(tmp_path, capsys):
     torch.save(tiny().state_dict(), tmp_path / "in.pth")
     old = os.umask(0o027)

@@ -180,6 +180,8 @@ def test_help_explains_every_option(capsys):
         for action in options:
             assert action.help and len(action.help) > 8, (name, action.option_strings)
             assert "".join(action.help.replace("%%", "%").split()) in text, (name, action.option_strings)
+        # A flag shows no default: "--no-progress ... (default: True)" read as the opposite.
+        assert "(default:True)" not in text and "(default:False)" not in text, name
 
 
 def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys):

@@ -1,9 +1,9 @@
 """1 device, 8 devices over a mesh, 8 devices with pmap, and 2 processes give the same training
 (README, One device, all devices, several hosts: "train alike (float64, every weight to 1e-9)").
 
-Each run is three SGD steps of densenet_40_k12 on the digits through the real command, in float64:
-in fp32 the BN biases' tiny gradients differ by 1e-3 relative between reduction orders (porting-notes
-9b), which would hide a real difference. Batch statistics are global in every form.
+Each run is three SGD steps of a small DenseNet-BC (train_cli.MODEL) on the digits through the real
+command, in float64: in fp32 the BN biases' tiny gradients differ by 1e-3 relative between
+reduction orders (porting-notes 9b), which would hide a real difference. Batch statistics are global in every form.
 """
 
 import json
@@ -16,7 +16,7 @@ from flax import nnx
 
 import densenet_jax as dj
 from densenet_jax.weights import state_arrays
-from train_cli import QUICK, finish, relative_l2, train, weights
+from train_cli import MODEL, QUICK, finish, relative_l2, train, weights
 
 TOLERANCE = 1e-9
 FP64 = ["--epochs", "1", "--precision", "fp64"]
@@ -41,7 +41,7 @@ def assert_same_training(workdir, reference):
     assert worst <= TOLERANCE
     # The steps did change the weights: this is not a comparison of two initialisations.
     seed = int(QUICK[QUICK.index("--seed") + 1])
-    initial = state_arrays(dj.create_model("densenet_40_k12", num_classes=10, rngs=nnx.Rngs(seed)))
+    initial = state_arrays(dj.create_model(MODEL, num_classes=10, rngs=nnx.Rngs(seed)))
     for key in ("features.conv0.kernel", "features.denseblock1.denselayer1.conv1.kernel", "classifier.kernel"):
         assert relative_l2(ref[key], np.asarray(initial[key], np.float64)) > 1e-4, key
 

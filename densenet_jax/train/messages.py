@@ -9,21 +9,15 @@ from flax import nnx
 
 from densenet_jax.configs import DenseNetConfig
 from densenet_jax.models import DenseNet
-from densenet_jax.registry import get_config, list_models
+from densenet_jax.registry import model_name
 
 # What a registered architecture may change and keep its name (as timm names densenet121 with
 # in_chans=1 or another head "densenet121").
-NOT_ARCHITECTURE = ("num_classes", "in_chans", "drop_rate", "head_drop_rate", "memory_efficient")
-
-
 def architecture_name(config: DenseNetConfig) -> str:
-    """The registered name of ``config``'s architecture (the fields in NOT_ARCHITECTURE aside), or
-    its growth rate, blocks and stem when it has none."""
-    kept = {field: getattr(config, field) for field in NOT_ARCHITECTURE}
-    for name in list_models():
-        if get_config(name, **kept) == config:
-            return name
-    return f"DenseNet(k={config.growth_rate}, blocks {config.block_config}, {config.stem} stem)"
+    """The name of ``config``'s architecture (registry.model_name), or its growth rate, blocks and
+    stem when it has none."""
+    return model_name(config) or (
+        f"DenseNet(k={config.growth_rate}, blocks {config.block_config}, {config.stem} stem)")
 
 
 def parameter_count(model: DenseNet) -> int:
