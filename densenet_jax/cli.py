@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 
@@ -17,10 +18,12 @@ _HANDLER.setFormatter(logging.Formatter("%(message)s"))
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown for options that take a value; not for flags, where ``--no-progress``
-    would read "(default: True)"."""
+    would read "(default: True)", nor for None, which the help words."""
 
     def _get_help_string(self, action):
-        return action.help if action.nargs == 0 else super()._get_help_string(action)
+        if action.nargs == 0 or action.default is None:  # a flag, or a default the help describes
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _model_name(name: str) -> str:
@@ -99,8 +102,8 @@ def _dataset_options(p) -> None:
     p.add_argument("--workers", type=int, default=0, help="data loading processes (0: threads only)")
     p.add_argument("--strict", action="store_true",
                    help="folder: stop at an unreadable image instead of skipping it with a warning")
-    p.add_argument("--image-size", type=int, default=224,
-                   help="folder: training crop; eval resizes to 8/7 of it and centre-crops")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="folder: training crop (default 224); eval resizes to 8/7 of it and centre-crops")
 
 
 def _distributed_options(p) -> None:
@@ -251,8 +254,12 @@ def _check_train_options(args) -> None:
                                  ("--in-chans", args.in_chans, 1), ("--weight-decay", args.weight_decay, 0)):
         if value < least:
             raise ValueError(f"{option} {value}: must be at least {least}")
-    if args.lr <= 0:
+    if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr {args.lr}: must be positive")
+    if not math.isfinite(args.weight_decay):
+        raise ValueError(f"--weight-decay {args.weight_decay}: must be a number, at least 0")
+    if not 0 <= args.seed < 2**32:  # what numpy's and JAX's seeds take
+        raise ValueError(f"--seed {args.seed}: must be 0 to {2**32 - 1}")
     for option, value in (("--momentum", args.momentum), ("--drop-rate", args.drop_rate)):
         if not 0 <= value < 1:
             raise ValueError(f"{option} {value}: must be at least 0 and less than 1")
@@ -279,7 +286,10 @@ def _check_dataset_options(args) -> None:
     be ignored, so it is refused."""
     if args.workers < 0:
         raise ValueError(f"--workers {args.workers}: must be at least 0")
-    if args.image_size < 1:
+    if args.image_size is not None and args.dataset != "folder":
+        raise ValueError(f"--image-size {args.image_size} sets a folder's crop; --dataset {args.dataset} "
+                         "has images of its own size")
+    if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"--image-size {args.image_size}: must be at least 1")
     if args.dataset == "digits" and args.data_dir is not None:
         raise ValueError(f"--data-dir {args.data_dir} is read by --dataset cifar10, cifar100 or folder; "
@@ -368,7 +378,7 @@ def evaluate(args) -> None:
     from densenet_jax.weights import load
 
     model = load(args.weights)
-    data = load_dataset(args.dataset, args.data_dir, args.strict, args.image_size, model.config.in_chans)
+    data = load_dataset(args.dataset, args.data_dir, args.strict, args.image_size or 224, model.config.in_chans)
     if model.config.num_classes != data.num_classes:
         raise ValueError(f"{args.weights}: has {model.config.num_classes} classes, "
                          f"{args.dataset} has {data.num_classes}")

@@ -110,7 +110,9 @@ class DenseNetConfig:
         """
         convs_per_layer = 2 if bottleneck else 1
         layers, rest = divmod(depth - 4, 3 * convs_per_layer)
-        if rest or layers < 1:
+        if layers < 1:
+            raise ValueError(f"depth {depth} leaves the dense blocks empty (at least {4 + 3 * convs_per_layer})")
+        if rest:
             raise ValueError(f"depth {depth} does not give three equal dense blocks "
                              f"(need depth - 4 divisible by {3 * convs_per_layer})")
         return cls(growth_rate, (layers,) * 3,

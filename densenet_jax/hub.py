@@ -43,11 +43,32 @@ def pretrained_model(name: str, *, pretrained_cfg_overlay: dict | None = None,
         cfg = PretrainedCfg.from_dict({**cfg.__dict__, **pretrained_cfg_overlay})
     if cfg.file:
         arrays, config = weights_file(cfg.file)
+        _check_tag_architecture(config, cfg, name, overrides)
         source = str(cfg.file)
     else:
         source = f"{name} (hf-hub:{cfg.hf_hub_id})"
         arrays, config = hub_weights(cfg.hf_hub_id, name)
     return build(arrays, config, source, rngs=rngs, pretrained_cfg=cfg, **overrides)
+
+
+def _check_tag_architecture(config: DenseNetConfig, cfg: PretrainedCfg, name: str, overrides: dict) -> None:
+    """A local file given for a tag must hold the tag's architecture, as changed by the
+    architecture fields the call passes (timm's strict load of the file into the model the call
+    describes demands the same); classes, input channels and dropout may differ, as a fine-tune's.
+    CheckpointError naming the file and both architectures otherwise: the tag's preprocessing on
+    another network would give confident nonsense."""
+    from densenet_jax.registry import NOT_ARCHITECTURE, get_config, model_name
+
+    if not cfg.architecture:
+        return
+    fields = set(DenseNetConfig.__dataclass_fields__) - set(NOT_ARCHITECTURE)
+    expected = get_config(cfg.architecture, **{k: v for k, v in overrides.items() if k in fields})
+    free = {field: getattr(expected, field) for field in (*NOT_ARCHITECTURE, "aa_layer", "aa_stem_only")}
+    if config.replace(**free) != expected:
+        holds = model_name(config) or (f"a DenseNet of growth rate {config.growth_rate}, blocks "
+                                       f"{config.block_config}, {config.stem} stem")
+        raise CheckpointError(f"{cfg.file}: holds {holds}, not {name}'s {cfg.architecture}: load it "
+                              "without the tag (densenet_jax.load, or predict --weights alone)")
 
 
 def load_hub(repo_id: str, *, rngs: nnx.Rngs | None = None, **overrides):

@@ -22,7 +22,7 @@ _REGISTRY: dict[str, Callable[[], DenseNetConfig]] = {
 # The paper's Table 2 (CIFAR/SVHN); any other depth and growth rate of the family is named alike.
 _PAPER_TABLE_2 = ("densenet_40_k12", "densenet_100_k12", "densenet_100_k24", "densenet_bc_100_k12",
                   "densenet_bc_250_k24", "densenet_bc_190_k40")
-_PAPER_FAMILY = re.compile(r"densenet(_bc)?_(\d+)_k(\d+)")
+_PAPER_FAMILY = re.compile(r"densenet(_bc)?_([1-9]\d*)_k([1-9]\d*)")
 # Fields that do not make another architecture: a name covers every value of them.
 NOT_ARCHITECTURE = ("num_classes", "in_chans", "drop_rate", "head_drop_rate", "memory_efficient")
 

@@ -27,7 +27,7 @@ from densenet_jax.interop import (choose_prefix, densenet_keys, densenet_prefixe
                                   to_torchvision)
 from densenet_jax.registry import model_name
 from densenet_jax.weights import (FORMAT, atomic_write_bytes, check_output, file_format, read_safetensors,
-                                  write_safetensors)
+                                  stored_class_names, stored_pretrained_cfg, write_safetensors)
 
 EXTRA = "pip install densenet-jax[convert]"
 # torch.hub's download names: the hex after the stem's last '-' is a prefix of the file's SHA-256
@@ -241,7 +241,14 @@ def to_torch(source: str | Path, output: str | Path, *, force: bool = False) -> 
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
     atomic_write_bytes(output, buffer.getvalue())
-    return f"{source} -> {output}: {len(state_dict)} tensors{_torch_class_note(config)}"
+    return f"{source} -> {output}: {len(state_dict)} tensors{_torch_class_note(config)}{_left_behind(source)}"
+
+
+def _left_behind(source: Path) -> str:
+    """What the weights file holds besides tensors, which a state dict cannot carry."""
+    kept = [what for what, value in (("class names", stored_class_names(source)),
+                                     ("preprocessing", stored_pretrained_cfg(source))) if value]
+    return f"; its {' and '.join(kept)} stay in {source.name} (a .pth holds tensors only)" if kept else ""
 
 
 def _torch_class_note(config) -> str:

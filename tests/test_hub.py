@@ -155,7 +155,14 @@ def test_local_file_with_in_chans_gives_timms_logits(tiny_timm, tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(files["model.safetensors"])
     overlay = dict(file=str(path), num_classes=10)
-    ours = dj.create_model("densenet121.tv_in1k", pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1)
+    with pytest.raises(dj.CheckpointError, match=(  # the file is not densenet121's: said, not run
+            f"^{path}: holds a DenseNet of growth rate 8, blocks \\(2, 2, 2\\), imagenet stem, not "
+            "densenet121.tv_in1k's densenet121: load it without the tag")):
+        dj.create_model("densenet121.tv_in1k", pretrained=True, pretrained_cfg_overlay=overlay)
+    # Told the architecture the file holds, as timm is below, the file fits (timm's stem width
+    # follows its growth rate, 2k; ours is the config's num_init_features, as torchvision's).
+    ours = dj.create_model("densenet121.tv_in1k", pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1,
+                           growth_rate=8, block_config=(2, 2, 2), num_init_features=16)
     theirs = timm.create_model("densenet121", pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1,
                                growth_rate=8, block_config=(2, 2, 2)).eval()
     np.testing.assert_array_equal(theirs.state_dict()["features.norm0.running_var"],  # timm read the file
@@ -218,14 +225,23 @@ def test_offline_without_a_cached_copy_says_what_to_fetch(hub, hf_home, monkeypa
             and "HF_HUB_OFFLINE is set" in err[0]
             and f"{hub.url}/timm/densenet121.tv_in1k/resolve/main/model.safetensors" in err[0]
             and "pretrained_cfg_overlay=dict(file=PATH)" in err[0])
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(tiny_timm[1]["model.safetensors"])
+    with pytest.raises(SystemExit):  # another architecture under the tag: refused, in one line
+        cli.main(["predict", "--model", "densenet121.tv_in1k", "--weights", str(tiny), str(PHOTO)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tiny}: holds a DenseNet of growth rate 8" in err[0], err
+    torch.manual_seed(0)
+    reference = randomize(timm.create_model("densenet121"), seed=5).eval()  # the tag's architecture
     local = tmp_path / "model.safetensors"
-    local.write_bytes(tiny_timm[1]["model.safetensors"])
+    (tmp_path / "full").mkdir()
+    local.write_bytes(timm_files(reference, tmp_path / "full")["model.safetensors"])
     cli.main(["predict", "--model", "densenet121.tv_in1k", "--weights", str(local), str(PHOTO), "--json"])
     result = json.loads(capsys.readouterr().out)[0]
     transform = create_transform(**resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(
         "densenet121.tv_in1k").to_dict()))
     with torch.no_grad():
-        p = torch.softmax(tiny_timm[0](transform(Image.open(PHOTO).convert("RGB"))[None]), -1)[0].numpy()
+        p = torch.softmax(reference(transform(Image.open(PHOTO).convert("RGB"))[None]), -1)[0].numpy()
     assert result["top"][0]["class"] == int(np.argmax(p)) and hub.requests == []
     assert abs(result["top"][0]["probability"] - p.max()) <= 1e-5
 

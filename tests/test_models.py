@@ -64,6 +64,11 @@ def test_any_depth_of_the_paper_family_is_a_name(name, depth, growth_rate):
     assert dj.get_config("densenet_10_k6").block_config == (2, 2, 2)
     with pytest.raises(ValueError, match="^densenet_bc_17_k12: depth 17 does not give three equal dense blocks"):
         dj.create_model("densenet_bc_17_k12")
+    with pytest.raises(ValueError, match="^densenet_4_k12: depth 4 leaves the dense blocks empty"):
+        dj.create_model("densenet_4_k12")
+    for spelled_twice in ("densenet_040_k12", "densenet_40_k012"):  # one spelling a model
+        with pytest.raises(ValueError, match="unknown model"):
+            dj.get_config(spelled_twice)
 
 
 def test_general_form():

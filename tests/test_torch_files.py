@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 import densenet_jax as dj
 from densenet_jax import cli
+from densenet_jax.pretrained import PretrainedCfg
 from densenet_jax.train.report import write_metrics
 from densenet_jax.weights import read_safetensors, write_safetensors
 from fixtures import tiny_weights_file
@@ -246,6 +247,12 @@ def test_a_stem_torchvision_cannot_build_is_said_when_written(tmp_path, capsys):
     assert convert(capsys, tmp_path / "in.pth", tmp_path / "imagenet.safetensors")[0] == 0
     code, out, _ = convert(capsys, "--to", "torch", tmp_path / "imagenet.safetensors", tmp_path / "back.pth")
     assert code == 0 and out.strip().endswith("tensors"), out  # torchvision's own stem: nothing to say
+    arrays, config = read_safetensors(tmp_path / "imagenet.safetensors")
+    write_safetensors(arrays, config, tmp_path / "named.safetensors", class_names=list("abcde"),
+                      pretrained_cfg=PretrainedCfg(input_size=(3, 8, 8)))
+    code, out, _ = convert(capsys, "--to", "torch", tmp_path / "named.safetensors", tmp_path / "named.pth")
+    assert code == 0 and out.strip().endswith(
+        "; its class names and preprocessing stay in named.safetensors (a .pth holds tensors only)"), out
 
 
 def test_outputs_get_the_umask_mode(tmp_path, capsys):

@@ -44,7 +44,12 @@ def refused(argv, capsys) -> str:
     (["--drop-rate", "-0.1"], "--drop-rate -0.1: must be at least 0 and less than 1"),
     (["--weight-decay", "-1"], "--weight-decay -1.0: must be at least 0"),
     (["--workers", "-2"], "--workers -2: must be at least 0"),
-    (["--image-size", "0"], "--image-size 0: must be at least 1"),
+    (["--dataset", "folder", "--data-dir", "nowhere", "--image-size", "0"], "--image-size 0: must be at least 1"),
+    (["--image-size", "16"], "--image-size 16 sets a folder's crop; --dataset digits has images of its own size"),
+    (["--lr", "nan"], "--lr nan: must be positive"),
+    (["--weight-decay", "inf"], "--weight-decay inf: must be a number, at least 0"),
+    (["--seed", "-1"], "--seed -1: must be 0 to 4294967295"),
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999: must be 0 to 4294967295"),
     (["--in-chans", "0"], "--in-chans 0: must be at least 1"),
     (["--data-dir", "some/folder"], "--data-dir some/folder is read by --dataset cifar10, cifar100 or folder; "
                                     "digits ships with scikit-learn"),
