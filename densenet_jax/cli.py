@@ -374,11 +374,12 @@ def evaluate(args) -> None:
 
     from densenet_jax.data import load_dataset
     from densenet_jax.train import parallel
-    from densenet_jax.train.loop import PRECISIONS, evaluate_state
+    from densenet_jax.train.loop import PRECISIONS, TrainConfig, evaluate_state
     from densenet_jax.weights import load
 
     model = load(args.weights)
-    data = load_dataset(args.dataset, args.data_dir, args.strict, args.image_size or 224, model.config.in_chans)
+    data = load_dataset(args.dataset, args.data_dir, args.strict, args.image_size or TrainConfig.image_size,
+                        model.config.in_chans)
     if model.config.num_classes != data.num_classes:
         raise ValueError(f"{args.weights}: has {model.config.num_classes} classes, "
                          f"{args.dataset} has {data.num_classes}")

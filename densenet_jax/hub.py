@@ -57,14 +57,13 @@ def _check_tag_architecture(config: DenseNetConfig, cfg: PretrainedCfg, name: st
     describes demands the same); classes, input channels and dropout may differ, as a fine-tune's.
     CheckpointError naming the file and both architectures otherwise: the tag's preprocessing on
     another network would give confident nonsense."""
-    from densenet_jax.registry import NOT_ARCHITECTURE, get_config, model_name
+    from densenet_jax.registry import NOT_ARCHITECTURE, get_config, model_name, weights_architecture
 
     if not cfg.architecture:
         return
     fields = set(DenseNetConfig.__dataclass_fields__) - set(NOT_ARCHITECTURE)
     expected = get_config(cfg.architecture, **{k: v for k, v in overrides.items() if k in fields})
-    free = {field: getattr(expected, field) for field in (*NOT_ARCHITECTURE, "aa_layer", "aa_stem_only")}
-    if config.replace(**free) != expected:
+    if weights_architecture(config) != weights_architecture(expected):
         holds = model_name(config) or (f"a DenseNet of growth rate {config.growth_rate}, blocks "
                                        f"{config.block_config}, {config.stem} stem")
         raise CheckpointError(f"{cfg.file}: holds {holds}, not {name}'s {cfg.architecture}: load it "

@@ -19,7 +19,7 @@ from flax import nnx
 from densenet_jax.configs import DenseNetConfig, kept_channels
 from densenet_jax.errors import CheckpointError
 from densenet_jax.models import DenseNet
-from densenet_jax.registry import get_config, list_models, model_name
+from densenet_jax.registry import get_config, list_models, model_name, weights_architecture
 from densenet_jax.weights import check_arrays, state_arrays
 
 # Our leaf name -> torchvision's, by the rank of the array (a rank-2 kernel is the Linear layer).
@@ -249,17 +249,10 @@ def _stem(shapes, conv0: tuple[int, ...], growth_rate: int, check) -> tuple[str,
 def _with_registered_aa(config: DenseNetConfig) -> DenseNetConfig:
     """``config`` with the anti-aliasing of the one registered model of its architecture, if any."""
     matches = [candidate for name in list_models()
-               if _architecture(candidate := get_config(name)) == _architecture(config)]
+               if weights_architecture(candidate := get_config(name)) == weights_architecture(config)]
     if len(matches) != 1:
         return config
     return config.replace(aa_layer=matches[0].aa_layer, aa_stem_only=matches[0].aa_stem_only)
-
-
-def _architecture(config: DenseNetConfig) -> DenseNetConfig:
-    """``config`` with what a registered name leaves open (classes, input channels, dropout,
-    recomputation) and what no weight shows (anti-aliasing) set to the defaults."""
-    return config.replace(num_classes=1000, in_chans=3, drop_rate=0.0, head_drop_rate=0.0,
-                          memory_efficient=False, aa_layer=None, aa_stem_only=True)
 
 
 def _compression(shapes, num_blocks: int, check) -> float:

@@ -23,8 +23,11 @@ _REGISTRY: dict[str, Callable[[], DenseNetConfig]] = {
 _PAPER_TABLE_2 = ("densenet_40_k12", "densenet_100_k12", "densenet_100_k24", "densenet_bc_100_k12",
                   "densenet_bc_250_k24", "densenet_bc_190_k40")
 _PAPER_FAMILY = re.compile(r"densenet(_bc)?_([1-9]\d*)_k([1-9]\d*)")
-# Fields that do not make another architecture: a name covers every value of them.
+# Fields that do not make another architecture: a name covers every value of them (as timm names
+# densenet121 with in_chans=1 or another head "densenet121").
 NOT_ARCHITECTURE = ("num_classes", "in_chans", "drop_rate", "head_drop_rate", "memory_efficient")
+# ... and the anti-aliasing, which no weight shows.
+_UNSEEN_IN_WEIGHTS = (*NOT_ARCHITECTURE, "aa_layer", "aa_stem_only")
 
 
 def paper_config(name: str) -> DenseNetConfig | None:
@@ -72,6 +75,13 @@ def get_config(name: str, **overrides) -> DenseNetConfig:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}, or any "
                          "densenet_<L>_k<k> / densenet_bc_<L>_k<k> of the paper's family")
     return config.replace(**overrides)
+
+
+def weights_architecture(config: DenseNetConfig) -> DenseNetConfig:
+    """``config`` with what a name leaves open (NOT_ARCHITECTURE) and what no weight shows
+    (anti-aliasing) at their defaults: two configs whose weights fit each other give equal results."""
+    defaults = DenseNetConfig.__dataclass_fields__
+    return config.replace(**{field: defaults[field].default for field in _UNSEEN_IN_WEIGHTS})
 
 
 def model_name(config: DenseNetConfig) -> str | None:

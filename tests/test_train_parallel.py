@@ -3,7 +3,8 @@
 
 Each run is three SGD steps of a small DenseNet-BC (train_cli.MODEL) on the digits through the real
 command, in float64: in fp32 the BN biases' tiny gradients differ by 1e-3 relative between
-reduction orders (porting-notes 9b), which would hide a real difference. Batch statistics are global in every form.
+reduction orders (porting-notes 9b), which would hide a real difference. Batch statistics are
+global in every form.
 """
 
 import json

@@ -11,8 +11,7 @@ from densenet_jax.configs import DenseNetConfig
 from densenet_jax.models import DenseNet
 from densenet_jax.registry import model_name
 
-# What a registered architecture may change and keep its name (as timm names densenet121 with
-# in_chans=1 or another head "densenet121").
+
 def architecture_name(config: DenseNetConfig) -> str:
     """The name of ``config``'s architecture (registry.model_name), or its growth rate, blocks and
     stem when it has none."""
