@@ -87,6 +87,21 @@ def test_cifar_augmentation_is_pad_crop_flip():
     assert any(np.array_equal(f, image) for f in flipped)
 
 
+def test_normalize_gives_torchvisions_numbers_exactly():
+    """ToTensor + Normalize's float32 operations in the same order: the same bits, for RGB and
+    one-channel images, PIL or arrays, and the negative-stride arrays a flip gives."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    for image, mean, std in [(rgb, T.IMAGENET_MEAN, T.IMAGENET_STD), (rgb[:, ::-1], (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)),
+                             (Image.fromarray(rgb), T.IMAGENET_MEAN, T.IMAGENET_STD), (Image.fromarray(grey), (0.449,), (0.226,)),
+                             (grey, (0.5,), (0.25,))]:
+        ours = T.Normalize(mean, std)({"image": image})["image"]
+        theirs = TT.Normalize(mean, std)(TT.ToTensor()(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image))
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape[1:] + theirs.shape[:1]
+        np.testing.assert_array_equal(ours, theirs.permute(1, 2, 0).numpy())
+
+
 def test_folder_eval_preprocessing_equals_torchvision(tmp_path):
     root = write_image_folder(tmp_path / "imgs")
     data = load_dataset("folder", root)
