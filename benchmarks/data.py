@@ -8,8 +8,10 @@ decode, RandomResizedCrop 224, horizontal flip, normalise, as float32. Ours is
 ``densenet_jax.data.train_batches`` over the folder data set; torchvision's is a DataLoader over
 ImageFolder with the same transforms. Both with 0, 1 and 2 worker processes (ours with 0 workers
 still decodes in Grain's 2 threads; torchvision's with 0 decodes in the main thread). Each round
-reads every image once; the first batches (1, or 2 per worker: until every worker has started)
-are not timed, their time is reported apart as start-up; rounds alternate between the two, and
+reads every image once. Images/s count the batches between the first ones (1, or 2 per worker:
+until every worker has started) and the last one, as a long epoch runs; the time to the first
+ones is reported apart as start-up, and the time from the last batch until the batches end (the
+workers stopped) as end; a whole pass adds both. Rounds alternate between the two contenders, and
 each figure is the median over rounds.
 
 Set-up: the time to list a folder of ``--setup-files`` image files (100 classes) as a data set,
@@ -78,17 +80,22 @@ def torchvisions(root: Path, workers: int):
                                                     num_workers=workers, drop_last=True))
 
 
-def one_round(make_batches, warmup: int) -> tuple[float, float]:
-    """(seconds to the ``warmup``-th batch, images/s after it) over one pass."""
+def one_round(make_batches, warmup: int) -> tuple[float, float, float, float]:
+    """(seconds to the ``warmup``-th batch, images/s from there to the last batch, seconds from
+    the last batch until the batches end and the workers are stopped, images/s over the whole
+    pass) for one pass."""
     started = time.perf_counter()
     batches = make_batches()
     for _ in range(warmup):
         next(batches)
-    first = time.perf_counter()
-    seen = sum(BATCH for _ in batches)
-    rate = seen / (time.perf_counter() - first)
+    first = last = time.perf_counter()
+    seen = 0
+    for _ in batches:
+        last = time.perf_counter()
+        seen += BATCH
+    ended = time.perf_counter()
     del batches
-    return first - started, rate
+    return first - started, seen / (last - first), ended - last, (seen + warmup * BATCH) / (ended - started)
 
 
 def throughput(root: Path, rounds: int) -> list[dict]:
@@ -100,10 +107,9 @@ def throughput(root: Path, rounds: int) -> list[dict]:
             for name, make in contenders.items():
                 results[name].append(one_round(make, warmup=max(1, 2 * workers)))
         for name, measured in results.items():
-            rate = statistics.median(r for _, r in measured)
-            rows.append({"workers": workers, "contender": name, "rate": rate,
-                         "per_worker": rate / max(workers, 1),
-                         "startup": statistics.median(s for s, _ in measured)})
+            start, rate, end, whole = (statistics.median(m[i] for m in measured) for i in range(4))
+            rows.append({"workers": workers, "contender": name, "rate": rate, "per_worker": rate / max(workers, 1),
+                         "startup": start, "end": end, "whole": whole})
     return rows
 
 
@@ -169,14 +175,17 @@ def main() -> None:
              f"--setup-files {args.setup_files}`.", "",
              f"Training batches of {BATCH} from {args.images} JPEGs of 500x375 (median "
              f"{statistics.median(sizes) / 1000:.0f} KB): decode, RandomResizedCrop 224, flip, normalise; "
-             f"medians of {args.rounds} alternating rounds; start-up (the first batch, or 2 per worker) "
-             f"timed apart.", "",
-             "| workers | contender | images/s | images/s per worker | vs torchvision | start-up s |",
-             "|---|---|---|---|---|---|"]
+             f"medians of {args.rounds} alternating rounds. Images/s between the first batches (1, or 2 "
+             f"per worker) and the last; start-up (to the first batches) and end (from the last batch "
+             f"until the workers are stopped) apart, as every epoch pays them once.", "",
+             "| workers | contender | images/s | images/s per worker | vs torchvision | start-up s | end s | "
+             "whole pass images/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         reference = next(r["rate"] for r in rows if r["workers"] == row["workers"] and r["contender"].startswith("torchvision"))
         lines.append(f"| {row['workers']} | {row['contender']} | {row['rate']:.0f} | {row['per_worker']:.0f} | "
-                     f"{row['rate'] / reference:.2f}x | {row['startup']:.2f} |")
+                     f"{row['rate'] / reference:.2f}x | {row['startup']:.2f} | {row['end']:.2f} | "
+                     f"{row['whole']:.0f} |")
     walk = setup["os.walk (plain recursive listing)"]
     lines += ["", f"Set-up of {args.setup_files:,} image files in 100 class folders (medians of 5):", "",
               "| set-up | seconds | vs os.walk |", "|---|---|---|"]
