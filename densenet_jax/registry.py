@@ -4,8 +4,9 @@ apart from the architectures they fit."""
 
 from __future__ import annotations
 
+import fnmatch
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 from densenet_jax.configs import DenseNetConfig
 
@@ -53,14 +54,25 @@ TIMM_NAMES = frozenset({"densenet121", "densenet169", "densenet201", "densenet16
                         "densenetblur121d", "densenet264d"})
 
 
-def list_models(pretrained: bool = False) -> list[str]:
+def list_models(filter: str | Sequence[str] = "", pretrained: bool = False) -> list[str]:
     """Every registered architecture name, in registration order (torchvision's, timm's, then the
     paper's Table 2; :func:`get_config` also takes any depth and growth rate of the paper's family);
-    with ``pretrained``, every pretrained tag (``densenet121.tv_in1k``, ...) instead."""
+    with ``pretrained``, every pretrained tag (``densenet121.tv_in1k``, ...) instead. ``filter``:
+    shell-style patterns (``"*121*"``, or several), as timm's ``list_models`` takes them; a name
+    is listed when any matches.
+
+    Raises TypeError for a filter that is not a string or strings (``list_models(True)`` was
+    meant as ``pretrained=True``)."""
+    patterns = [filter] if isinstance(filter, str) else filter
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"list_models: filter {filter!r} is not a pattern; for the tags, pretrained=True")
     if pretrained:
         from densenet_jax.pretrained import list_pretrained
-        return list_pretrained()
-    return [*_REGISTRY, *_PAPER_TABLE_2]
+        names = list_pretrained()
+    else:
+        names = [*_REGISTRY, *_PAPER_TABLE_2]
+    patterns = [p for p in patterns if p]
+    return [n for n in names if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def get_config(name: str, **overrides) -> DenseNetConfig:

@@ -98,6 +98,12 @@ def test_tags_are_timms():
     """Every tag timm publishes for DenseNet, with timm's source and preprocessing; bare names pick
     timm's default tag."""
     assert set(dj.list_models(pretrained=True)) == set(timm.list_pretrained("densenet*"))
+    for pattern in ("densenet12*", "densenetblur*", ["densenet16*", "densenet2*"]):  # timm's filter argument
+        for pretrained in (False, True):
+            ours = dj.list_models(pattern, pretrained=pretrained)
+            assert set(ours) == set(timm.list_models(pattern, pretrained=pretrained)) and ours, (pattern, pretrained)
+    with pytest.raises(TypeError, match="pretrained=True"):
+        dj.list_models(True)
     for tag, cfg in TAGS.items():
         reference = timm.models.get_pretrained_cfg(tag)
         for field in TIMM_FIELDS:
