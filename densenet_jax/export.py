@@ -216,7 +216,8 @@ def export(model: DenseNet, fmt: str, out: str | os.PathLike, *, image_size: int
     its config). Returns the path written.
 
     Raises ValueError for an unknown format or layout, a layout other than nhwc for a format other
-    than onnx, an image size the model cannot take, or an architecture timm does not have;
+    than onnx, an image size the model cannot take, an architecture timm does not have, or a timm
+    folder named like a file (``out.json``);
     CheckpointError for an output that exists (without ``force``) or cannot be written. Nothing is
     written unless the whole export succeeds.
     """
@@ -229,6 +230,9 @@ def export(model: DenseNet, fmt: str, out: str | os.PathLike, *, image_size: int
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     if layout != "nhwc" and fmt != "onnx":
         raise ValueError(f"--layout {layout} applies to onnx only; {fmt} takes NHWC images")
+    if fmt == "timm" and out.suffix.lower() in (".json", ".safetensors", ".bin", ".pth", ".onnx"):
+        raise ValueError(f"{out}: timm's Hub layout is a folder (config.json and model.safetensors); "
+                         f"name a folder, not a {out.suffix} file")
     # Everything that can be refused is refused before the export's minute of work.
     check_image_size(model.config, image_size)
     if fmt == "timm":

@@ -236,7 +236,7 @@ def assert_refused(code, err, output: Path, *fragments):
 @pytest.mark.parametrize("case", ["missing weights", "corrupt weights", "unknown format",
                                   "unknown layout", "layout for stablehlo", "unwritable output",
                                   "missing output folder", "image too small", "no timm architecture",
-                                  "existing output"])
+                                  "timm folder named as a file", "existing output"])
 def test_bad_input_is_one_line_exit_1_and_no_output(case, tmp_path, capsys):
     weights = tiny_weights_file(tmp_path / "tiny.safetensors")
     out, fmt, options, fragments = tmp_path / "out", "stablehlo", [], []
@@ -260,6 +260,8 @@ def test_bad_input_is_one_line_exit_1_and_no_output(case, tmp_path, capsys):
         options, fragments = ["--image-size", "3"], ["--image-size 3", "at least 4"]
     elif case == "no timm architecture":
         fmt, fragments = "timm", ["timm has no"]
+    elif case == "timm folder named as a file":
+        fmt, out, fragments = "timm", tmp_path / "out.json", ["out.json", "is a folder", "not a .json file"]
     elif case == "existing output":
         out.write_bytes(b"the user's file")
         fragments = ["already exists", "--force"]
