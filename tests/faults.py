@@ -11,13 +11,20 @@ POINT is where, on its Nth occurrence in this process:
   sigint@PLACE, sigterm@PLACE
           that signal at one of the places the training loop can be (in-process tests pass
           monkeypatch.setattr as ``patch``, so that the fault is undone after them):
-            data      while it waits for the next batch
+            data      while it waits for the next batch (once it has come)
+            data-request  as it asks the data pipeline for the next batch
+            data-lost, eval-lost  as it asks for the next training (evaluation) batch, which then
+                      never comes: the pipeline fails as when the signal ended its workers
             dispatch  right after a train step is dispatched (the same as plain sigint)
             device    while it waits for the device, when it starts reading a step's metrics
             fetch     right after one step's metrics were read, others still unread
             eval      right after an evaluation batch is dispatched
             save      right after a checkpoint save has started writing in the background
   nan     the training batch holds a NaN
+
+A ``-group`` after the signal's name (``sigint-group@data``) sends it to the whole process group,
+data workers included, as a terminal's Ctrl-C or a scheduler's SIGTERM does (the launcher must
+start the run in a session of its own).
 """
 
 import os
@@ -47,10 +54,13 @@ def on_nth(n: int, original, fault, before: bool = False):
     return wrapped
 
 
-def send(signum):
+def send(signum, group: bool = False):
     def fault(*_args, **_kwargs):
         sys.stderr.flush()
-        os.kill(os.getpid(), signum)
+        if group:
+            os.killpg(os.getpgrp(), signum)
+        else:
+            os.kill(os.getpid(), signum)
     return fault
 
 
@@ -71,24 +81,37 @@ def before_it(fault, original):
     return both
 
 
-def waiting_for_data(n: int, fault):
-    """``loop.train_batches`` whose iterators, together, run ``fault`` inside their nth ``next``."""
-    calls, original = [0], loop.train_batches
+def waiting_for_data(n: int, fault, when: str = "come", pipeline: str = "train_batches"):
+    """``loop.<pipeline>`` whose iterators, together, run ``fault`` inside their nth ``next``: once
+    the batch has ``come``, as it is ``request``ed, or ``lost``: then the batch never comes, the
+    pipeline failing as when its worker processes were ended (RuntimeError)."""
+    calls, original = [0], getattr(loop, pipeline)
 
     def batches(*args, **kwargs):
-        for batch in original(*args, **kwargs):
+        it = original(*args, **kwargs)
+        while True:
             calls[0] += 1
-            if calls[0] == n:
+            if when != "come" and calls[0] == n:
+                fault()
+                if when == "lost":
+                    raise RuntimeError("Worker process was terminated unexpectedly (faults.py)")
+            batch = next(it, None)
+            if batch is None:
+                return
+            if when == "come" and calls[0] == n:
                 fault()
             yield batch
     return batches
 
 
-def signal_at(place: str, signum: int, n: int, patch) -> None:
+def signal_at(place: str, signum: int, n: int, patch, group: bool = False) -> None:
     """``signum`` sent at the nth time the loop is at ``place`` (see the module's docstring)."""
-    fault = send(signum)
-    if place == "data":
-        patch(loop, "train_batches", waiting_for_data(n, fault))
+    fault = send(signum, group)
+    if place in ("data", "data-request", "data-lost"):
+        when = {"data": "come", "data-request": "request", "data-lost": "lost"}[place]
+        patch(loop, "train_batches", waiting_for_data(n, fault, when))
+    elif place == "eval-lost":
+        patch(loop, "eval_batches", waiting_for_data(n, fault, "lost", "eval_batches"))
     elif place == "dispatch":
         patch(parallel.Runner, "train", on_nth(n, parallel.Runner.train, fault))
     elif place in ("device", "fetch"):  # a staticmethod: stays one when wrapped
@@ -107,8 +130,9 @@ def signal_at(place: str, signum: int, n: int, patch) -> None:
 def inject(point: str, n: int, patch=setattr) -> None:
     """Arrange the fault ``point`` (see the module's docstring) at its nth occurrence."""
     name, _, place = point.partition("@")
+    name, group = name.removesuffix("-group"), name.endswith("-group")
     if name in ("sigint", "sigterm"):
-        signal_at(place or "dispatch", {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[name], n, patch)
+        signal_at(place or "dispatch", {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}[name], n, patch, group)
     elif point == "step":
         parallel.Runner.train = on_nth(n, parallel.Runner.train, send(signal.SIGKILL))
     elif point == "save":

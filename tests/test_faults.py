@@ -100,9 +100,10 @@ def every_step(tmp_path_factory, tiny_run, compilation_cache):
 # (place, its nth occurrence, the last completed step there): a signal while the 2nd batch is
 # awaited stops after step 1; one during the 1st device wait or metric fetch (steps 1-10 read
 # together at step 10) stops at 10, where no checkpoint was due; evaluation comes at the epoch's
-# end (22); the 1st checkpoint write is step 4's with --checkpoint-every 4.
+# end (22); the 1st checkpoint write is step 4's with --checkpoint-every 4. "-lost": the signal
+# also ended the data workers (a SIGTERM to the process group), so the batch asked for never comes.
 PLACES = [("data", 2, 1), ("dispatch", 2, 2), ("device", 1, 10), ("fetch", 1, 10), ("eval", 1, 22),
-          ("save", 1, 4)]
+          ("save", 1, 4), ("data-lost", 2, 1), ("eval-lost", 1, 22)]
 
 
 @pytest.mark.parametrize("place, n, step", PLACES, ids=[p[0] for p in PLACES])

@@ -52,7 +52,9 @@ def train(workdir: Path, *args, devices: int = 1, process: tuple[int, int] | Non
     if process is not None:
         command += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(process[1]),
                     "--process-id", str(process[0])]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    group = fault is not None and "-group" in fault[0]  # its signal must not reach pytest
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)
     if not wait:
         return proc
     return finish(proc, expect=expect)

@@ -7,7 +7,10 @@ epoch, so H hosts' batches together hold exactly the examples of one host's glob
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import signal
+import threading
 from typing import Callable, Iterator, Sequence
 
 import grain
@@ -77,11 +80,37 @@ def _iterate(ds: grain.MapDataset, workers: int) -> Iterator[Example]:
     if workers > 0:
         _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_freeze_imports)
-    it = iter(it)
+    with _ctrl_c_ignored_by_new_workers(workers > 0):
+        it = iter(it)
+        try:
+            first = next(it, None)
+        except BaseException:
+            it.close()
+            raise
     try:
-        yield from it
+        if first is not None:
+            yield first
+            yield from it
     finally:  # when the caller drops the batches: stop the worker processes, free their shared memory
         it.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored_by_new_workers(ignore: bool):
+    """SIGINT ignored while Grain starts the worker processes (within the first batch, from
+    threads of its own), so that they inherit that: a terminal's Ctrl-C goes to the whole process
+    group, and a worker that took it died with a traceback, where this process alone should take
+    it, stop the workers and checkpoint. A process's handlers are not inherited, nor is a blocked
+    signal mask; an ignored signal is. The cost: a Ctrl-C in the second or two that workers take
+    to start is lost. Only the main thread can set a handler; elsewhere nothing changes."""
+    if not ignore or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _freeze_imports(worker_index: int, worker_count: int) -> None:

@@ -201,11 +201,13 @@ class Run:
             state, step, train_metrics = self._train_epoch(state, epoch, first, last, checkpoints, signals)
             if step % self.steps_per_epoch == 0 and step > epoch * self.steps_per_epoch:  # it ended here
                 first_step = self.first_step_seconds if epoch == start // self.steps_per_epoch else None
-                self.rows.append({"epoch": epoch + 1, "step": step, **train_metrics, **self.evaluate(state),
-                                  "first_step_seconds": first_step})
-                self._report(state, self.rows)
-                if self.is_main:
-                    log.info(epoch_line(self.rows[-1], c.epochs))
+                evaluation = self._evaluate_unless_stopped(state, signals)
+                if evaluation is not None:
+                    self.rows.append({"epoch": epoch + 1, "step": step, **train_metrics, **evaluation,
+                                      "first_step_seconds": first_step})
+                    self._report(state, self.rows)
+                    if self.is_main:
+                        log.info(epoch_line(self.rows[-1], c.epochs))
             # A stop acknowledged anywhere (data wait, step, device wait, fetch, evaluation, a
             # checkpoint write) ends here, with the last completed step checkpointed.
             if step % self.steps_per_epoch == 0 or step == stop or signals.received:
@@ -249,7 +251,12 @@ class Run:
         timing = _Timing(totals)
         pending = []
         for i in range(first, last):
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except Exception:
+                if signals.received:  # a SIGTERM to the process group ended the data workers too
+                    break
+                raise
             if signals.received:  # it came during the data wait: no further step
                 break
             images, labels = self.runner.place_batch(batch["image"], batch["label"])
@@ -306,6 +313,16 @@ class Run:
             log.warning("warning: no record of the steps before %d in this epoch; its train loss and "
                         "accuracy cover only the steps from %d on", step, step)
         return totals or dict(EMPTY_TOTALS)
+
+    def _evaluate_unless_stopped(self, state, signals: StopSignals) -> dict | None:
+        """The epoch's evaluation; None when a stop signal ended it (a SIGTERM to the process
+        group ends the data workers too): the epoch's state is checkpointed all the same."""
+        try:
+            return self.evaluate(state)
+        except Exception:
+            if signals.received:
+                return None
+            raise
 
     def evaluate(self, state) -> dict:
         """Loss and accuracy on the held-out split."""
