@@ -297,6 +297,21 @@ def test_predict_lists_skipped_files_and_fails_on_nothing(tmp_path, capsys):
     assert len(results[2]["top"]) == 2
 
 
+def test_unreadable_images_are_warned_once_whatever_the_workers(tmp_path, caplog, capfd):
+    """Two epochs and two evaluations, each in two fresh worker processes: one warning per bad
+    file, from this process (the workers' own would repeat in each worker and epoch)."""
+    root = write_image_folder(tmp_path / "imgs")
+    break_two(root)
+    data = load_dataset("folder", root, image_size=16)
+    with caplog.at_level(logging.WARNING, logger="densenet_jax"):
+        for epoch in (0, 1):
+            batches = list(train_batches(data.train, data.augment, seed=0, epoch=epoch, global_batch=4, workers=2))
+            list(eval_batches(data.eval, data.preprocess, global_batch=8, workers=2))
+    said = caplog.text + capfd.readouterr().err
+    assert said.count("cat/1.jpg: unreadable image") == 1 and said.count("dog/2.png: unreadable image") == 1, said
+    assert sum(int(b["skipped"].sum()) for b in batches) == 1 and "unreadable" not in batches[0]
+
+
 def test_workers_give_the_same_batches(tmp_path):
     root = write_image_folder(tmp_path / "imgs")
     data = load_dataset("folder", root, image_size=16)

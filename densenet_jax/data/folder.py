@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from densenet_jax.data import transforms as T
-from densenet_jax.data.images import IMG_EXTENSIONS, UnreadableImage, read_image, warn_skipped
+from densenet_jax.data.images import (IMG_EXTENSIONS, UNREADABLE_SEPARATOR, UnreadableImage,
+                                      read_image, warn_skipped)
 from densenet_jax.data.listing import Tree, list_tree
 from densenet_jax.errors import DataError
 from densenet_jax.pretrained import PretrainedCfg
@@ -75,15 +76,18 @@ def _files_under(tree: Tree, top: str) -> list[tuple[str, str]]:
 
 class FileSource(Sequence):
     """Image files and their labels as examples ``{"image": PIL image, "label": int32,
-    "skipped": int32}``, decoded when read, in ``mode`` ("RGB", or "L" for one channel).
+    "skipped": int32, "unreadable": str}``, decoded when read, in ``mode`` ("RGB", or "L" for one
+    channel).
 
     An unreadable file is skipped with a warning naming it (once per process) and the next
-    readable file of the list takes its place, with ``skipped`` 1: batches keep their size, and a
-    rerun reads the same images. With ``strict``, UnreadableImage (a DataError) instead."""
+    readable file of the list takes its place, with ``skipped`` 1 and ``unreadable`` naming the
+    files passed over and why (``UNREADABLE_SEPARATOR`` between path, reason, path, ...; empty for
+    none): the data pipeline warns from it in the main process, where data workers cannot. Batches
+    keep their size, and a rerun reads the same images. With ``strict``, UnreadableImage (a
+    DataError) instead."""
 
     def __init__(self, paths: list[str], labels: np.ndarray, mode: str = "RGB", strict: bool = False):
         self.paths, self.labels, self.mode, self.strict = paths, np.asarray(labels, np.int32), mode, strict
-        self._warned: set[int] = set()
 
     def __len__(self):
         return len(self.paths)
@@ -93,6 +97,7 @@ class FileSource(Sequence):
             # Also ends iteration: Sequence's __iter__ reads until IndexError, and the wrap-around
             # below would otherwise read forever.
             raise IndexError(f"index {index} out of range for {len(self.paths)} images")
+        passed = []
         for offset in range(len(self.paths)):
             i = (index + offset) % len(self.paths)
             try:
@@ -100,11 +105,11 @@ class FileSource(Sequence):
             except UnreadableImage as e:
                 if self.strict:
                     raise
-                if i not in self._warned:
-                    self._warned.add(i)
-                    warn_skipped(e, "the next readable image")
+                warn_skipped(e, "the next readable image")
+                passed += [e.path, e.reason]
                 continue
-            return {"image": image, "label": self.labels[i], "skipped": np.int32(offset > 0)}
+            return {"image": image, "label": self.labels[i], "skipped": np.int32(offset > 0),
+                    "unreadable": UNREADABLE_SEPARATOR.join(passed)}
         raise DataError(f"{os.path.commonpath(self.paths)}: none of its {len(self.paths)} images is readable")
 
 

@@ -78,8 +78,26 @@ def to_8bit(im: Image.Image, mode: str = "RGB") -> Image.Image:
     return im if im.mode == mode else im.convert(mode)
 
 
+_warned: set[str] = set()
+
+
 def warn_skipped(error: UnreadableImage, instead: str = "") -> None:
-    """The one warning every reader gives for an unreadable image: the file, why, and what is used
-    in its place (``instead``, if anything)."""
+    """The one warning every reader gives for an unreadable image, once per file in a process:
+    the file, why, and what is used in its place (``instead``, if anything)."""
+    if error.path in _warned:
+        return
+    _warned.add(error.path)
     log.warning("warning: %s: unreadable image, skipped (%s)%s", error.path, error.reason,
                 f"; {instead} in its place" if instead else "")
+
+
+UNREADABLE_SEPARATOR = "\0"  # no path holds it
+
+
+def warn_unreadable(notes: np.ndarray) -> None:
+    """The warnings for the files that a batch's ``unreadable`` field names (see
+    ``folder.FileSource``), once per file in this process."""
+    for note in np.ravel(notes):
+        fields = str(note).split(UNREADABLE_SEPARATOR) if note else []
+        for path, reason in zip(fields[::2], fields[1::2]):
+            warn_skipped(UnreadableImage(path, reason), "the next readable image")

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import signal
 import threading
 from typing import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
+
+from densenet_jax.data.images import warn_unreadable
 
 Example = dict[str, np.ndarray]
 
@@ -79,7 +82,7 @@ def _iterate(ds: grain.MapDataset, workers: int) -> Iterator[Example]:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     if workers > 0:
         _absl_flags_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_freeze_imports)
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_start_worker)
     with _ctrl_c_ignored_by_new_workers(workers > 0):
         it = iter(it)
         try:
@@ -89,10 +92,20 @@ def _iterate(ds: grain.MapDataset, workers: int) -> Iterator[Example]:
             raise
     try:
         if first is not None:
-            yield first
-            yield from it
+            yield _warned(first)
+            for batch in it:
+                yield _warned(batch)
     finally:  # when the caller drops the batches: stop the worker processes, free their shared memory
         it.close()
+
+
+def _warned(batch: Example) -> Example:
+    """``batch`` without its ``unreadable`` field (a folder's), once this process has warned about
+    the files it names: a worker process's warnings would repeat in every worker and epoch."""
+    notes = batch.pop("unreadable", None)
+    if notes is not None:
+        warn_unreadable(notes)
+    return batch
 
 
 @contextlib.contextmanager
@@ -113,11 +126,13 @@ def _ctrl_c_ignored_by_new_workers(ignore: bool):
         signal.signal(signal.SIGINT, previous)
 
 
-def _freeze_imports(worker_index: int, worker_count: int) -> None:
-    """Runs in each worker process once it has imported grain, jax and this package: moves those
-    objects out of the garbage collector's sight (``gc.freeze``). A worker's exit ran a full
-    collection over them that took half a second, once per worker at every epoch's end."""
+def _start_worker(worker_index: int, worker_count: int) -> None:
+    """Runs in each worker process once it has imported grain, jax and this package. Moves those
+    objects out of the garbage collector's sight (``gc.freeze``): a worker's exit ran a full
+    collection over them that took half a second, once per worker at every epoch's end. Silences
+    this package's log: the main process warns about unreadable images, from the batches."""
     gc.freeze()
+    logging.getLogger("densenet_jax").disabled = True
 
 
 def _absl_flags_parsed() -> None:
