@@ -8,6 +8,7 @@ training run's own), else torchvision's; batched, top-k classes with names.
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -18,6 +19,7 @@ from flax import nnx
 
 from densenet_jax.data import transforms as T
 from densenet_jax.data.images import IMG_EXTENSIONS, UnreadableImage, read_image, warn_skipped
+from densenet_jax.data.listing import list_tree
 from densenet_jax.errors import DataError
 from densenet_jax.models import DenseNet
 from densenet_jax.pretrained import PretrainedCfg
@@ -47,16 +49,22 @@ def _read_labels(path: Path) -> list[str]:
 
 
 def image_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The given files, and the image files under the given folders (sorted, recursively; the
-    extensions torchvision's ImageFolder takes; names starting with a dot ignored, as in
-    ``data.folder``)."""
+    """The given files, and the image files under the given folders, found as training finds a
+    class folder's images (``data.listing.list_tree``): the extensions torchvision's ImageFolder
+    takes, at any depth, links followed (a link back up the tree is not followed round), names
+    starting with a dot ignored; sorted by folder path, then file name. Broken links and files that
+    are not regular files are kept: ``read_image`` says why each cannot be read.
+
+    Raises DataError naming a path that does not exist or a folder that cannot be listed, or saying
+    that no images were found."""
+    paths = list(paths)
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.name.lower().endswith(IMG_EXTENSIONS)
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                            and p.is_file())
-        elif path.is_file():
+            tree = list_tree(path, IMG_EXTENSIONS)
+            files += [path / rel / name for rel, name in
+                      sorted((rel, name) for rel, entry in tree.items() for name in entry["files"])]
+        elif os.path.lexists(path):  # a broken link or a FIFO too: skipped with its reason when read
             files.append(path)
         else:
             raise DataError(f"{path}: no such file or folder")
@@ -65,26 +73,38 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def torchvision_cfg(resize: int = 256, crop: int = 224, in_chans: int = 3) -> PretrainedCfg:
+    """torchvision's ImageNet eval preprocessing as a cfg: shorter side to ``resize`` pixels
+    (bilinear, antialiased), centre crop ``crop`` x ``crop``, ImageNet mean/std (``in_chans=1``:
+    greyscale, with their averages)."""
+    return PretrainedCfg(input_size=(3, crop, crop), interpolation="bilinear",
+                         crop_pct=crop / resize).with_in_chans(in_chans)
+
+
 def eval_transform(resize: int = 256, crop: int = 224, in_chans: int = 3) -> T.Compose:
-    """torchvision's ImageNet eval preprocessing: Resize(256) (bilinear, antialiased),
-    CenterCrop(224), ToTensor, Normalize(ImageNet mean/std); NHWC float32 out. ``in_chans=1``: the
-    image in greyscale, with the average mean and std."""
-    cfg = PretrainedCfg(input_size=(3, crop, crop), interpolation="bilinear", crop_pct=crop / resize)
-    return T.eval_transform_from_cfg(**cfg.with_in_chans(in_chans).eval_config())
+    """torchvision's ImageNet eval preprocessing (:func:`torchvision_cfg`): Resize(256) (bilinear,
+    antialiased), CenterCrop(224), ToTensor, Normalize(ImageNet mean/std); HWC float32 out."""
+    return T.eval_transform_from_cfg(**torchvision_cfg(resize, crop, in_chans).eval_config())
 
 
-def model_transform(model: DenseNet, preprocess: str = "weights", use_test_size: bool = False,
-                    resize: int = 256, crop: int = 224) -> T.Compose:
+def model_cfg(model: DenseNet, preprocess: str = "weights", resize: int = 256, crop: int = 224) -> PretrainedCfg:
     """The preprocessing for ``model``: with ``preprocess="weights"`` the one its weights carry
-    (``model.pretrained_cfg``: a tag's as timm evaluates it, with ``use_test_size`` its larger test
-    size; or the one a training run evaluated with), falling back to torchvision's ``resize`` /
-    ``crop`` for weights that carry none; ``"torchvision"``: torchvision's, always."""
+    (``model.pretrained_cfg``: a tag's as timm evaluates it, or the one a training run evaluated
+    with), falling back to :func:`torchvision_cfg` at ``resize`` / ``crop`` for weights that carry
+    none; ``"torchvision"``: torchvision's, always. ValueError for another ``preprocess``."""
     if preprocess not in ("weights", "torchvision"):
         raise ValueError(f"preprocess must be 'weights' or 'torchvision', got {preprocess!r}")
     cfg = model.pretrained_cfg
     if preprocess == "weights" and cfg is not None:
-        return T.eval_transform_from_cfg(**cfg.eval_config(use_test_size))
-    return eval_transform(resize, crop, model.config.in_chans)
+        return cfg
+    return torchvision_cfg(resize, crop, model.config.in_chans)
+
+
+def model_transform(model: DenseNet, preprocess: str = "weights", use_test_size: bool = False,
+                    resize: int = 256, crop: int = 224) -> T.Compose:
+    """:func:`model_cfg`'s preprocessing as a transform (with ``use_test_size``, the weights'
+    larger test size where they have one)."""
+    return T.eval_transform_from_cfg(**model_cfg(model, preprocess, resize, crop).eval_config(use_test_size))
 
 
 def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,
@@ -95,8 +115,9 @@ def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, bat
     ``transform``, by default as the weights want (:func:`model_transform`: ``model.pretrained_cfg``,
     or torchvision's ``resize``/``crop`` for weights that carry none).
 
-    An unreadable image is skipped with a warning naming it and listed with the reason, as
-    ``{"file": ..., "skipped": ...}`` (``strict``: UnreadableImage, a DataError, instead).
+    An unreadable image (also a broken link, a FIFO or a device: :func:`read_image`) is skipped with
+    a warning naming it and listed with the reason, as ``{"file": ..., "skipped": ...}``
+    (``strict``: UnreadableImage, a DataError, instead).
     """
     from tqdm import tqdm
 

@@ -25,8 +25,10 @@ def embed(backbone, source, preprocess, batch_size=32):
     features, labels = [], []
     for start in range(0, len(source), batch_size):
         examples = [preprocess(source[i]) for i in range(start, min(start + batch_size, len(source)))]
-        features.append(np.asarray(forward(backbone, np.stack([e["image"] for e in examples]))))
-        labels += [int(e["label"]) for e in examples]
+        examples = [e for e in examples if not e.get("skipped")]  # a stand-in repeats another image
+        if examples:
+            features.append(np.asarray(forward(backbone, np.stack([e["image"] for e in examples]))))
+            labels += [int(e["label"]) for e in examples]
     return np.concatenate(features), np.array(labels)
 
 

@@ -1,6 +1,8 @@
 """The input pipelines: formats, splits, preprocessing, determinism and host sharding."""
 
+import logging
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -129,14 +131,28 @@ def test_folder_training_crops(tmp_path):
 
 @pytest.mark.parametrize("setup, message", [
     (lambda root: (root / "val").rename(root / "valid"), "missing split folder"),
-    (lambda root: [p.unlink() for p in (root / "train" / "dog").iterdir()], "holds no images"),
-    (lambda root: (root / "val" / "fox").rename(root / "val" / "wolf"), "class folders differ"),
+    (lambda root: [p.rename(p.with_suffix(".gif")) for p in (root / "train" / "dog").iterdir()],
+     "holds no images (files ending in .jpg .jpeg .png"),
+    (lambda root: (root / "val" / "fox").rename(root / "val" / "wolf"),
+     "class folders differ from train/ (only in train/: fox; only in val/: wolf)"),
 ])
 def test_folder_errors_are_clear(tmp_path, setup, message):
     root = write_image_folder(tmp_path / "imgs")
     setup(root)
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError, match=re.escape(message)):
         load_dataset("folder", root)
+
+
+def test_a_single_class_folder_is_said(tmp_path, caplog):
+    root = write_image_folder(tmp_path / "imgs")
+    for split in ("train", "val"):
+        for name in ("dog", "fox"):
+            for f in (root / split / name).iterdir():
+                f.unlink()
+            (root / split / name).rmdir()
+    with caplog.at_level(logging.WARNING, logger="densenet_jax"):
+        assert load_dataset("folder", root).num_classes == 1
+    assert "train: one class folder (cat): a model trained on it predicts that class" in caplog.text
 
 
 def test_unknown_or_missing_data():

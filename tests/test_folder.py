@@ -253,6 +253,7 @@ def test_bad_images_are_replaced_counted_and_reproducible(tmp_path, caplog):
     assert len(labels) == len(data.train) == 12 and labels[1] == labels[2] == 0
     with pytest.raises(IndexError, match="index 12 out of range for 12 images"):
         data.train[12]
+    assert [int(e["label"]) for e in data.train[-3:]] == labels[-3:] and data.train[5:2] == []
 
 
 def test_strict_stops_in_one_line_when_the_image_is_read(tmp_path, capsys):
@@ -295,6 +296,19 @@ def test_predict_lists_skipped_files_and_fails_on_nothing(tmp_path, capsys):
     results = json.loads(capsys.readouterr().out)
     assert [sorted(r) for r in results] == [["file", "skipped"], ["file", "skipped"], ["file", "top"]]
     assert len(results[2]["top"]) == 2
+
+
+@pytest.mark.timeout(120)  # a FIFO read as a file waits for a writer forever
+def test_a_fifo_or_a_broken_link_in_a_class_folder_is_skipped_not_waited_on(tmp_path, caplog):
+    root = write_image_folder(tmp_path / "imgs")
+    os.mkfifo(root / "train" / "cat" / "0.jpg.pipe.jpg")
+    (root / "train" / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    data = load_dataset("folder", root, image_size=16)
+    with caplog.at_level(logging.WARNING, logger="densenet_jax"):
+        batches = list(train_batches(data.train, data.augment, seed=0, epoch=0, global_batch=7))
+    assert sum(int(b["skipped"].sum()) for b in batches) == 2
+    assert "0.jpg.pipe.jpg: unreadable image, skipped (not a regular file: a FIFO)" in caplog.text
+    assert f"gone.png: unreadable image, skipped (broken link to {tmp_path / 'nowhere.png'}: No such file" in caplog.text
 
 
 def test_unreadable_images_are_warned_once_whatever_the_workers(tmp_path, caplog, capfd):

@@ -1,7 +1,8 @@
 """The data sets the trainer knows, as in-memory or on-disk sequences of examples.
 
-An example is ``{"image": HWC array, "label": int32}`` (an image folder's adds ``skipped``, see
-``data.folder.FileSource``); each data set brings its own augmentation
+An example is ``{"image": uint8 HWC array, "label": int32}`` (an image folder's holds a PIL image
+and adds ``skipped`` and ``unreadable``, see ``data.folder.FileSource``); each data set brings its
+own augmentation
 (train) and preprocessing (eval), which end in float32, mean/std-normalised NHWC images.
 """
 

@@ -54,7 +54,8 @@ def find_images(split_dir: str | os.PathLike, cache_dir: Path | None = None) -> 
     for label, name in enumerate(classes):
         found = _files_under(tree, name)
         if not found:
-            raise DataError(f"{split_dir / name}: class folder holds no images")
+            raise DataError(f"{split_dir / name}: class folder holds no images (files ending in "
+                            f"{' '.join(IMG_EXTENSIONS)}, in any case)")
         paths += [f"{split_dir}{os.sep}{folder}{os.sep}{file}" for folder, file in found]  # os.path.join, 5x faster
         labels += [label] * len(found)
     hidden = [f"{rel}/{name}" if rel else name for rel, entry in tree.items() for name in entry["hidden"]]
@@ -93,6 +94,8 @@ class FileSource(Sequence):
         return len(self.paths)
 
     def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
         if not -len(self.paths) <= index < len(self.paths):
             # Also ends iteration: Sequence's __iter__ reads until IndexError, and the wrap-around
             # below would otherwise read forever.
@@ -113,6 +116,20 @@ class FileSource(Sequence):
         raise DataError(f"{os.path.commonpath(self.paths)}: none of its {len(self.paths)} images is readable")
 
 
+def find_split(root: Path, split: str) -> ImageList:
+    """:func:`find_images` of ``root/split``; DataError naming a missing split folder."""
+    if not (root / split).is_dir():
+        raise DataError(f"{root / split}: missing split folder")
+    return find_images(root / split)
+
+
+def say_hidden(root: Path, hidden: list[str]) -> None:
+    """The one line saying which hidden names (relative to ``root``) were ignored, if any."""
+    if hidden:
+        log.info("%s: ignoring %d hidden file(s) and folder(s) (names starting with '.'): %s%s",
+                 root, len(hidden), ", ".join(hidden[:3]), ", ..." if len(hidden) > 3 else "")
+
+
 def image_folder(data_dir: str | os.PathLike, image_size: int = 224, strict: bool = False,
                  mode: str = "RGB"):
     """``train/<class>/...`` and ``val/<class>/...`` (same classes) as a Dataset, with
@@ -125,17 +142,16 @@ def image_folder(data_dir: str | os.PathLike, image_size: int = 224, strict: boo
     from densenet_jax.data.datasets import Dataset
 
     root = Path(data_dir)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise DataError(f"{root / split}: missing split folder")
-    train, val = find_images(root / "train"), find_images(root / "val")
+    train, val = find_split(root, "train"), find_split(root, "val")
     if val.classes != train.classes:
-        raise DataError(f"{root / 'val'}: class folders differ from train/ "
-                        f"({sorted(set(train.classes) ^ set(val.classes))[:3]})")
-    hidden = [f"train/{h}" for h in train.hidden] + [f"val/{h}" for h in val.hidden]
-    if hidden:
-        log.info("%s: ignoring %d hidden file(s) and folder(s) (names starting with '.'): %s%s",
-                 root, len(hidden), ", ".join(hidden[:3]), ", ..." if len(hidden) > 3 else "")
+        only = {split: sorted(set(a) - set(b))[:3] for split, a, b in
+                (("train/", train.classes, val.classes), ("val/", val.classes, train.classes))}
+        raise DataError(f"{root / 'val'}: class folders differ from train/ ("
+                        + "; ".join(f"only in {split}: {', '.join(names)}" for split, names in only.items() if names) + ")")
+    if len(train.classes) == 1:
+        log.warning("warning: %s: one class folder (%s): a model trained on it predicts that class for "
+                    "every image", root / "train", train.classes[0])
+    say_hidden(root, [f"train/{h}" for h in train.hidden] + [f"val/{h}" for h in val.hidden])
     cfg = PretrainedCfg().with_in_chans(1 if mode == "L" else 3)
     normalize = T.Normalize(cfg.mean, cfg.std)
     return Dataset("folder", FileSource(train.paths, train.labels, mode, strict),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import struct
 
 import numpy as np
@@ -52,15 +53,34 @@ def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
     """The image at ``path``, decoded now (the file closed) and converted to ``mode``: ``"RGB"``,
     or ``"L"`` for a one-channel model, by the module's rules for each Pillow mode.
 
-    Raises UnreadableImage (a DataError) naming the file for every way a file can fail to decode."""
+    Raises UnreadableImage (a DataError) naming the file for every way a file can fail to decode,
+    a broken link (naming its target) and a path that is no regular file (a FIFO or a device,
+    whose reading would wait for a writer or never end)."""
     if mode not in ("RGB", "L"):
         raise ValueError(f"image mode {mode!r}: RGB or L")
+    _check_regular(path)
     try:
         with Image.open(path) as im:
             im.load()
             return to_8bit(im, mode)
     except _DECODE_ERRORS as e:
         raise UnreadableImage(path, f"{type(e).__name__}: {e}") from None
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def _check_regular(path: str | os.PathLike) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if os.path.islink(path):
+            raise UnreadableImage(path, f"broken link to {os.readlink(path)}: {e.strerror}") from None
+        raise UnreadableImage(path, f"{type(e).__name__}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(mode)), stat.filemode(mode))
+        raise UnreadableImage(path, f"not a regular file: {kind}")
 
 
 def to_8bit(im: Image.Image, mode: str = "RGB") -> Image.Image:

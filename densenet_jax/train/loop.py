@@ -379,14 +379,22 @@ class _Timing:
 
 def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int = 0) -> dict:
     """Mean loss and accuracy of ``state`` on ``data``'s held-out split, over every process."""
+    sums = evaluation_sums(runner, state, data.eval, data.preprocess, batch_size, workers)
+    return {"eval_loss": sums["loss"] / sums["count"], "eval_acc": sums["correct"] / sums["count"]}
+
+
+def evaluation_sums(runner, state, examples, preprocess, batch_size: int, workers: int = 0) -> dict:
+    """Summed loss, correct predictions and ``count``, the number of ``examples`` that counted
+    (an unreadable image's stand-in counts for nothing), of ``state`` over every process, each
+    example prepared by ``preprocess``."""
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in eval_batches(data.eval, data.preprocess, global_batch=batch_size,
+    for batch in eval_batches(examples, preprocess, global_batch=batch_size,
                               process_index=jax.process_index(), process_count=jax.process_count(),
                               workers=workers):
         placed = runner.place_batch(batch["image"], batch["label"], batch["weight"])
         for k, v in runner.fetch(runner.eval(state, *placed)).items():
             sums[k] += v
-    return {"eval_loss": sums["loss"] / sums["count"], "eval_acc": sums["correct"] / sums["count"]}
+    return sums
 
 
 class StopSignals:
