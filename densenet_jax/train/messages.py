@@ -33,8 +33,12 @@ def startup_lines(run, start: int) -> list[str]:
     source = f" from {c.init_from}" if c.init_from else ""
     devices = jax.device_count()
     epoch, into = divmod(start, run.steps_per_epoch)
-    where = (f"resuming at step {start} (epoch {epoch + 1}, {into} of its {run.steps_per_epoch} steps done)"
-             if start else "starting at step 0")
+    if start >= run.total_steps:
+        where = f"complete at step {start}"
+    elif into:
+        where = f"resuming at step {start} (epoch {epoch + 1}, {into} of its {run.steps_per_epoch} steps done)"
+    else:
+        where = f"resuming at step {start} (the start of epoch {epoch + 1})" if start else "starting at step 0"
     return [
         f"model: {architecture_name(model.config)}{source}, {parameter_count(model):,} parameters, "
         f"{model.config.num_classes} classes{', head only' if c.head_only else ''}",
