@@ -595,6 +595,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser().parse_args(argv)
 
 
+_TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
+
+
+def _quiet_resource_tracker() -> None:
+    """Grain's data workers, when stopped, leave the batches they had made to Python's resource
+    tracker, which removes them at exit and warns of "leaked shared_memory objects": nothing is
+    lost, yet the warning came after a run's last line. The tracker is a process of its own that
+    takes this process's -W options (``sys.warnoptions``) when it starts."""
+    if _TRACKER_WARNING not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; user errors end in one line on stderr and a non-zero exit status."""
     args = _parse(argv)
@@ -605,6 +617,7 @@ def main(argv: list[str] | None = None) -> None:
         log.addHandler(_HANDLER)
     log.setLevel(logging.INFO)
     log.propagate = False
+    _quiet_resource_tracker()
     import jax
     if getattr(args, "precision", None) == "fp64":
         jax.config.update("jax_enable_x64", True)

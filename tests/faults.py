@@ -13,6 +13,8 @@ POINT is where, on its Nth occurrence in this process:
           monkeypatch.setattr as ``patch``, so that the fault is undone after them):
             data      while it waits for the next batch (once it has come)
             data-request  as it asks the data pipeline for the next batch
+            data-starting  half a second after the nth training pipeline was made (its data
+                      workers start then)
             data-lost, eval-lost  as it asks for the next training (evaluation) batch, which then
                       never comes: the pipeline fails as when the signal ended its workers
             dispatch  right after a train step is dispatched (the same as plain sigint)
@@ -30,6 +32,7 @@ start the run in a session of its own).
 import os
 import signal
 import sys
+import threading
 
 import numpy as np
 import orbax.checkpoint._src.path.atomicity as atomicity
@@ -110,6 +113,8 @@ def signal_at(place: str, signum: int, n: int, patch, group: bool = False) -> No
     if place in ("data", "data-request", "data-lost"):
         when = {"data": "come", "data-request": "request", "data-lost": "lost"}[place]
         patch(loop, "train_batches", waiting_for_data(n, fault, when))
+    elif place == "data-starting":  # half a second into the nth pipeline: its workers are starting
+        patch(loop, "train_batches", on_nth(n, loop.train_batches, lambda *_a, **_k: threading.Timer(0.5, fault).start()))
     elif place == "eval-lost":
         patch(loop, "eval_batches", waiting_for_data(n, fault, "lost", "eval_batches"))
     elif place == "dispatch":

@@ -350,20 +350,24 @@ def test_train_cli_with_workers(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name, place, status", [("sigint", "data", 130), ("sigterm", "data-request", 143)])
+@pytest.mark.parametrize("name, place, status", [("sigint", "data", 130), ("sigint", "data-starting", 130),
+                                                 ("sigterm", "data-request", 143)])
 def test_a_stop_sent_to_the_whole_process_group_with_workers_checkpoints(tmp_path, name, place, status):
     """A terminal's Ctrl-C (SIGINT) or a scheduler's SIGTERM reaches the data workers too: the run
     still checkpoints the last completed step and exits as a stopped command, in one line. SIGINT
     just after the workers started (they ignore it); SIGTERM as the second batch is asked for (it
-    ends the workers, and the batch never comes)."""
+    ends the workers, and the batch never comes). SIGINT while the workers start, too: this process
+    ignores it only until they exist."""
     root = write_image_folder(tmp_path / "imgs")
     weights = tiny_weights_file(tmp_path / "tiny.safetensors")
     output = train(tmp_path / "run", "--dataset", "folder", "--data-dir", str(root), "--workers", "2",
                    "--init-from", str(weights), "--image-size", "16", "--batch-size", "4", "--epochs", "2",
-                   fault=(f"{name}-group@{place}", {"data": 1, "data-request": 2}[place]), expect=status)
-    step = {"data": 0, "data-request": 1}[place]
+                   fault=(f"{name}-group@{place}", {"data": 1, "data-starting": 1, "data-request": 2}[place]),
+                   expect=status)
+    step = {"data": 0, "data-starting": 0, "data-request": 1}[place]
     assert f"stopped by {name.upper()} at step {step}, checkpoint saved" in output, output[-2000:]
     assert "Traceback" not in output and "terminated unexpectedly" not in output, output[-2000:]
+    assert output.rstrip().endswith("run the same command again to resume"), output[-2000:]  # nothing after it
     assert (tmp_path / "run" / "checkpoints" / str(step)).is_dir()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import multiprocessing
 import signal
 import threading
 from typing import Callable, Iterator, Sequence
@@ -83,20 +84,18 @@ def _iterate(ds: grain.MapDataset, workers: int) -> Iterator[Example]:
     if workers > 0:
         _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_start_worker)
-    with _ctrl_c_ignored_by_new_workers(workers > 0):
-        it = iter(it)
-        try:
-            first = next(it, None)
-        except BaseException:
-            it.close()
-            raise
+    it = iter(it)
     try:
+        first = _first_batch(it, workers)
         if first is not None:
             yield _warned(first)
             for batch in it:
                 yield _warned(batch)
     finally:  # when the caller drops the batches: stop the worker processes, free their shared memory
-        it.close()
+        # A second Ctrl-C in the half second this takes left the workers half-stopped, with a
+        # traceback; a stop is under way already.
+        with _sigint_ignored(workers > 0):
+            it.close()
 
 
 def _warned(batch: Example) -> Example:
@@ -108,15 +107,41 @@ def _warned(batch: Example) -> Example:
     return batch
 
 
+def _first_batch(it: Iterator[Example], workers: int) -> Example | None:
+    """``next(it, None)``, with SIGINT ignored while Grain starts the ``workers`` processes
+    (within the first batch, from threads of its own), so that they inherit that. A terminal's
+    Ctrl-C goes to the whole process group: a worker that took it died with a traceback, where
+    this process alone should take it, stop the workers and checkpoint. A process's handlers are
+    not inherited, nor is a blocked signal mask; an ignored signal is. The first batch is awaited
+    in a thread, so that this process ignores SIGINT only until the workers exist (milliseconds),
+    not while they import (seconds), at every epoch and evaluation."""
+    if not workers:
+        return next(it, None)
+    before = set(multiprocessing.active_children())
+    outcome: dict = {}
+
+    def first():
+        try:
+            outcome["batch"] = next(it, None)
+        except BaseException as e:  # raised again in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=first, name="first batch", daemon=True)
+    with _sigint_ignored(True):
+        thread.start()
+        while thread.is_alive() and len(set(multiprocessing.active_children()) - before) < workers:
+            thread.join(0.005)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["batch"]
+
+
 @contextlib.contextmanager
-def _ctrl_c_ignored_by_new_workers(ignore: bool):
-    """SIGINT ignored while Grain starts the worker processes (within the first batch, from
-    threads of its own), so that they inherit that: a terminal's Ctrl-C goes to the whole process
-    group, and a worker that took it died with a traceback, where this process alone should take
-    it, stop the workers and checkpoint. A process's handlers are not inherited, nor is a blocked
-    signal mask; an ignored signal is. The cost: a Ctrl-C in the second or two that workers take
-    to start is lost. Only the main thread can set a handler; elsewhere nothing changes."""
-    if not ignore or threading.current_thread() is not threading.main_thread():
+def _sigint_ignored(active: bool):
+    """SIGINT ignored meanwhile; only from the main thread, the one that can set a handler
+    (elsewhere nothing changes)."""
+    if not active or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
