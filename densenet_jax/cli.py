@@ -412,16 +412,14 @@ def _held_out_folder(args, model):
     from pathlib import Path
 
     from densenet_jax.data import transforms as T
+    from densenet_jax.data.datasets import check_source
     from densenet_jax.data.folder import FileSource, find_split, say_hidden
     from densenet_jax.predict import model_cfg
     from densenet_jax.pretrained import HF_HUB_PREFIX
     from densenet_jax.weights import stored_class_names
 
+    check_source("folder", args.data_dir, model.config.in_chans)
     root = Path(args.data_dir)
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder")
-    if model.config.in_chans not in T.IMAGE_MODES:
-        raise DataError(f"{args.weights}: takes {model.config.in_chans}-channel images; image files give 1 or 3")
     val = find_split(root, "val")
     say_hidden(root, [f"val/{h}" for h in val.hidden])
     if model.config.num_classes != len(val.classes):

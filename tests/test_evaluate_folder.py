@@ -117,6 +117,9 @@ def test_evaluate_reads_val_alone(tmp_path, capsys, images):
         load_dataset("folder", root)
     error = evaluate(capsys, "--weights", weights, "--dataset", "folder", "--data-dir", tmp_path, expect=1)
     assert error == f"densenet-jax: error: {tmp_path / 'val'}: missing split folder"
+    for options, said in ((["--dataset", "folder"], "--data-dir is needed for dataset folder"),
+                          (["--dataset", "folder", "--data-dir", tmp_path / "nowhere"], "nowhere: no such folder")):
+        assert evaluate(capsys, "--weights", weights, *options, expect=1).endswith(said)
 
 
 def test_evaluate_refuses_other_class_names(tmp_path, capsys):

@@ -114,6 +114,23 @@ def cifar(data_dir: str | Path, num_classes: int) -> Dataset:
                    preprocess=normalize, class_names=class_names)
 
 
+def check_source(name: str, data_dir: str | Path | None = None, in_chans: int = 3) -> None:
+    """DataError unless :func:`load_dataset` can read ``name`` from ``data_dir`` with ``in_chans``
+    channels: a known data set, its folder given and there, a channel count it has."""
+    if in_chans != 3 and name != "folder":
+        raise DataError(f"in_chans={in_chans} needs --dataset folder ({name} is RGB)")
+    if name == "digits":
+        return
+    if name not in ("cifar10", "cifar100", "folder"):
+        raise DataError(f"unknown dataset {name!r}: digits, cifar10, cifar100 or folder")
+    if data_dir is None:
+        raise DataError(f"--data-dir is needed for dataset {name}")
+    if not Path(data_dir).is_dir():
+        raise DataError(f"{data_dir}: no such folder")
+    if name == "folder" and in_chans not in T.IMAGE_MODES:
+        raise DataError(f"{data_dir}: image folders give 1 or 3 channels, not in_chans={in_chans}")
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = False,
                  image_size: int = 224, in_chans: int = 3) -> Dataset:
     """``digits`` (bundled), ``cifar10``/``cifar100`` or ``folder`` (these read ``data_dir``).
@@ -122,19 +139,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = F
     to 8/7 of it, then crops), images are read with ``in_chans`` channels (1: greyscale, "L"), and
     with ``strict`` an unreadable image is an error rather than skipped when it is read; the other
     data sets are RGB."""
-    if in_chans != 3 and name != "folder":
-        raise DataError(f"in_chans={in_chans} needs --dataset folder ({name} is RGB)")
+    check_source(name, data_dir, in_chans)
     if name == "digits":
         return digits()
-    if name not in ("cifar10", "cifar100", "folder"):
-        raise DataError(f"unknown dataset {name!r}: digits, cifar10, cifar100 or folder")
-    if data_dir is None:
-        raise DataError(f"--data-dir is needed for dataset {name}")
-    if not Path(data_dir).is_dir():
-        raise DataError(f"{data_dir}: no such folder")
     if name == "folder":
         from densenet_jax.data.folder import image_folder
-        if in_chans not in T.IMAGE_MODES:
-            raise DataError(f"{data_dir}: image folders give 1 or 3 channels, not in_chans={in_chans}")
         return image_folder(data_dir, image_size, strict, T.IMAGE_MODES[in_chans])
     return cifar(data_dir, int(name[len("cifar"):]))

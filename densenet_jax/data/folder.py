@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from densenet_jax.data import transforms as T
-from densenet_jax.data.images import (IMG_EXTENSIONS, UNREADABLE_SEPARATOR, UnreadableImage,
-                                      read_image, warn_skipped)
+from densenet_jax.data.images import (IMG_EXTENSIONS, STAND_IN, UNREADABLE_SEPARATOR,
+                                      UnreadableImage, read_image, warn_skipped)
 from densenet_jax.data.listing import Tree, list_tree
 from densenet_jax.errors import DataError
 from densenet_jax.pretrained import PretrainedCfg
@@ -108,7 +108,7 @@ class FileSource(Sequence):
             except UnreadableImage as e:
                 if self.strict:
                     raise
-                warn_skipped(e, "the next readable image")
+                warn_skipped(e, STAND_IN)
                 passed += [e.path, e.reason]
                 continue
             return {"image": image, "label": self.labels[i], "skipped": np.int32(offset > 0),

@@ -112,6 +112,7 @@ def warn_skipped(error: UnreadableImage, instead: str = "") -> None:
 
 
 UNREADABLE_SEPARATOR = "\0"  # no path holds it
+STAND_IN = "the next readable image"  # what a folder's examples put in an unreadable one's place
 
 
 def warn_unreadable(notes: np.ndarray) -> None:
@@ -120,4 +121,4 @@ def warn_unreadable(notes: np.ndarray) -> None:
     for note in np.ravel(notes):
         fields = str(note).split(UNREADABLE_SEPARATOR) if note else []
         for path, reason in zip(fields[::2], fields[1::2]):
-            warn_skipped(UnreadableImage(path, reason), "the next readable image")
+            warn_skipped(UnreadableImage(path, reason), STAND_IN)

@@ -37,8 +37,10 @@ def startup_lines(run, start: int) -> list[str]:
         where = f"complete at step {start}"
     elif into:
         where = f"resuming at step {start} (epoch {epoch + 1}, {into} of its {run.steps_per_epoch} steps done)"
+    elif start:
+        where = f"resuming at step {start} (the start of epoch {epoch + 1})"
     else:
-        where = f"resuming at step {start} (the start of epoch {epoch + 1})" if start else "starting at step 0"
+        where = "starting at step 0"
     return [
         f"model: {architecture_name(model.config)}{source}, {parameter_count(model):,} parameters, "
         f"{model.config.num_classes} classes{', head only' if c.head_only else ''}",
