@@ -169,7 +169,7 @@ def residuals() -> dict:
     import jax.numpy as jnp
     import numpy as np
     import densenet_jax as dj
-    from densenet_jax.memory import saved_residual_bytes
+    from densenet_jax.model.memory import saved_residual_bytes
     from densenet_jax.train import optim, parallel
 
     x = jax.ShapeDtypeStruct((32, 224, 224, 3), jnp.float32)

@@ -59,10 +59,11 @@ def ours(root: Path, workers: int):
     from densenet_jax.data.folder import FileSource, find_images
     from densenet_jax.data import transforms as T
     from densenet_jax.data.pipeline import train_batches
+    from densenet_jax.model.pretrained_cfg import IMAGENET_MEAN, IMAGENET_STD
 
     found = find_images(root)
     source = FileSource(found.paths, found.labels)
-    augment = T.Compose([T.RandomResizedCrop(224), T.RandomFlip(), T.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)])
+    augment = T.Compose([T.RandomResizedCrop(224), T.RandomFlip(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     epoch = iter(range(10**6))
     return lambda: train_batches(source, augment, seed=0, epoch=next(epoch), global_batch=BATCH, workers=workers)
 

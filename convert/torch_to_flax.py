@@ -2,7 +2,7 @@
 
     python convert/torch_to_flax.py densenet121-a639ec97.pth densenet121.safetensors
 
-The same as ``densenet-jax convert IN OUT`` (densenet_jax.torch_files does the work), kept for the
+The same as ``densenet-jax convert IN OUT`` (densenet_jax.weights.torch_files does the work), kept for the
 scripts and habits that run it.
 """
 

@@ -1,13 +1,13 @@
 """DenseNet in JAX and Flax NNX, number for number with torchvision and timm."""
 
 from densenet_jax.errors import CheckpointError, DataError, DivergedError, Interrupted
-from densenet_jax.configs import DenseNetConfig, count_params
-from densenet_jax.registry import get_config, list_models
-from densenet_jax.models import (DenseBlock, DenseLayer, DenseNet, DenseNet121, DenseNet161,
+from densenet_jax.model.config import DenseNetConfig, count_params
+from densenet_jax.model.registry import get_config, list_models
+from densenet_jax.model.densenet import (DenseBlock, DenseLayer, DenseNet, DenseNet121, DenseNet161,
                                  DenseNet169, DenseNet201, Transition)
-from densenet_jax.backbone import DenseNetFeatures, FeatureInfo, feature_info
-from densenet_jax.factory import create_model
-from densenet_jax.weights import load, save
+from densenet_jax.model.features import DenseNetFeatures, FeatureInfo, feature_info
+from densenet_jax.factory import create_model, load
+from densenet_jax.weights.format import save
 
 __all__ = [
     "CheckpointError", "DataError", "DivergedError", "Interrupted", "load", "save",

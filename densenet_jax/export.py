@@ -11,28 +11,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save
 
-from densenet_jax.configs import DenseNetConfig
+from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.errors import CheckpointError
-from densenet_jax.models import DenseNet, smallest_input
+from densenet_jax.files import atomic_write_bytes, check_output, write_folder
+from densenet_jax.model.densenet import DenseNet, smallest_input
+from densenet_jax.model.pretrained_cfg import PretrainedCfg
+from densenet_jax.model.registry import TIMM_NAMES, model_name
+from densenet_jax.weights.format import state_arrays
+from densenet_jax.weights.torch_keys import to_torchvision
 
 FORMATS = ("onnx", "stablehlo", "timm")
 LAYOUTS = ("nhwc", "nchw")
 # Our registered names that timm registers under the same name with the same architecture (timm's
 # densenet.py: a copy of torchvision's with BN+act norm layers, same state-dict keys).
-# The architectures timm registers under the same names and key layout (registry.TIMM_NAMES).
-TIMM_ARCHITECTURES = ("densenet121", "densenet169", "densenet201", "densenet161", "densenetblur121d",
-                      "densenet264d")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def eval_view(model: DenseNet) -> DenseNet:
@@ -91,21 +90,11 @@ def stablehlo_bytes(model: DenseNet, *, image_size: int = 224) -> bytes:
 
 def timm_architecture(config: DenseNetConfig) -> str:
     """timm's model name for ``config``'s architecture; ValueError for one timm does not have."""
-    from densenet_jax.registry import model_name
-
     name = model_name(config)
-    if name not in TIMM_ARCHITECTURES:
+    if name not in TIMM_NAMES:
         raise ValueError(f"timm has no {name or 'custom DenseNet'} architecture "
-                         f"(it has {', '.join(TIMM_ARCHITECTURES)}); export it as onnx or stablehlo")
+                         f"(it has {', '.join(sorted(TIMM_NAMES))}); export it as onnx or stablehlo")
     return name
-
-
-def torchvision_preprocessing(image_size: int = 224) -> dict:
-    """torchvision's eval preprocessing (the one ``densenet-jax predict`` and the trainer's eval
-    use) in timm's terms: resize to 8/7 of the size bilinear (256 for 224: crop_pct 0.875), centre
-    crop, ImageNet mean and std on the [0, 1] scale."""
-    return {"input_size": (3, image_size, image_size), "interpolation": "bilinear",
-            "crop_pct": 0.875, "crop_mode": "center", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
 def weights_preprocessing(model: DenseNet, image_size: int = 224) -> dict:
@@ -114,7 +103,8 @@ def weights_preprocessing(model: DenseNet, image_size: int = 224) -> dict:
     ``test_crop_pct``: the ra tags'); else torchvision's at ``image_size``."""
     cfg = model.pretrained_cfg
     if cfg is None:
-        return torchvision_preprocessing(image_size)
+        # torchvision's eval preprocessing in timm's terms: bilinear, crop_pct 0.875 (256 for 224)
+        return PretrainedCfg(input_size=(3, image_size, image_size), interpolation="bilinear").eval_config()
     test = {"test_input_size": cfg.test_input_size, "test_crop_pct": cfg.test_crop_pct}
     return {**cfg.eval_config(), **{k: v for k, v in test.items() if v is not None}}
 
@@ -146,10 +136,6 @@ def timm_files(model: DenseNet, *, image_size: int = 224,
                class_names: list[str] | None = None) -> dict[str, bytes]:
     """``config.json`` and ``model.safetensors`` (torchvision's keys and layouts, which timm's
     DenseNet shares) of timm's Hub folder for ``model``, by file name."""
-    from safetensors.numpy import save
-
-    from densenet_jax.interop import to_torchvision
-    from densenet_jax.weights import state_arrays
 
     check_image_size(model.config, image_size)
     preprocessing = weights_preprocessing(model, image_size)
@@ -158,55 +144,6 @@ def timm_files(model: DenseNet, *, image_size: int = 224,
     state_dict = to_torchvision(arrays, model.config)
     return {"config.json": (json.dumps(cfg, indent=2) + "\n").encode(),
             "model.safetensors": save(state_dict)}
-
-
-def write_folder(path: Path, files: dict[str, bytes], *, force: bool = False) -> None:
-    """Create folder ``path`` holding ``files``, atomically: built as a hidden folder beside it,
-    then renamed. An existing ``path`` is replaced only with ``force`` (and only once the new one
-    is complete), and only when it holds nothing but ``files`` (an earlier export): CheckpointError
-    for a folder holding anything else, which is never deleted."""
-    path = Path(path)
-    check_output(path, force=force)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path}: is a file; name a folder to write")
-    others = sorted(p.name for p in path.iterdir() if p.name not in files) if path.is_dir() else []
-    if others:  # --force replaces an earlier export, never a folder of the user's own files
-        raise CheckpointError(f"{path}: holds {others[0]}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
-                              + f", not only {' and '.join(files)}; write to a new or empty folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private (0700); a made folder is not
-        for name, payload in files.items():
-            (tmp / name).write_bytes(payload)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            os.replace(old / path.name, path)  # put the user's folder back
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{path}: cannot write ({e.strerror})") from None
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def check_output(path: Path, *, force: bool = False) -> None:
-    """CheckpointError, before any work, for an output that exists (unless ``force``) or whose
-    folder is missing or not writable."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise CheckpointError(f"{path}: already exists (pass --force to overwrite)")
-    if not path.parent.is_dir():
-        raise CheckpointError(f"{path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise CheckpointError(f"{path}: cannot write in {path.parent}")
 
 
 def export(model: DenseNet, fmt: str, out: str | os.PathLike, *, image_size: int = 224,
@@ -221,8 +158,6 @@ def export(model: DenseNet, fmt: str, out: str | os.PathLike, *, image_size: int
     CheckpointError for an output that exists (without ``force``) or cannot be written. Nothing is
     written unless the whole export succeeds.
     """
-    from densenet_jax.weights import atomic_write_bytes
-
     out = Path(out)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")

@@ -21,8 +21,8 @@ from densenet_jax.data import transforms as T
 from densenet_jax.data.images import IMG_EXTENSIONS, UnreadableImage, read_image, warn_skipped
 from densenet_jax.data.listing import list_tree
 from densenet_jax.errors import DataError
-from densenet_jax.models import DenseNet
-from densenet_jax.pretrained import PretrainedCfg
+from densenet_jax.model.densenet import DenseNet
+from densenet_jax.model.pretrained_cfg import PretrainedCfg, torchvision_cfg
 
 
 def class_names(num_classes: int, labels: str | Path | list[str] | None = None) -> list[str]:
@@ -71,14 +71,6 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
     if not files:
         raise DataError(f"no images in {', '.join(map(str, paths))}")
     return files
-
-
-def torchvision_cfg(resize: int = 256, crop: int = 224, in_chans: int = 3) -> PretrainedCfg:
-    """torchvision's ImageNet eval preprocessing as a cfg: shorter side to ``resize`` pixels
-    (bilinear, antialiased), centre crop ``crop`` x ``crop``, ImageNet mean/std (``in_chans=1``:
-    greyscale, with their averages)."""
-    return PretrainedCfg(input_size=(3, crop, crop), interpolation="bilinear",
-                         crop_pct=crop / resize).with_in_chans(in_chans)
 
 
 def eval_transform(resize: int = 256, crop: int = 224, in_chans: int = 3) -> T.Compose:

@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 import densenet_jax as dj
-from densenet_jax.interop import from_torchvision
-from densenet_jax.weights import assign
+from densenet_jax.weights.torch_keys import from_torchvision
+from densenet_jax.weights.format import assign
 from torch_twins import state_dict_numpy
 
 # Tests that call the CLI in this process must not write compiled programs into the user's cache

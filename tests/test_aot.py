@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from densenet_jax.train.aot import StoredJit
+from densenet_jax.train.trace_cache import StoredJit
 
 
 def make_step(calls):

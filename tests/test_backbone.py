@@ -8,8 +8,8 @@ import torch
 from flax import nnx
 
 import densenet_jax as dj
-from densenet_jax.interop import from_torchvision
-from densenet_jax.weights import write_safetensors
+from densenet_jax.weights.torch_keys import from_torchvision
+from densenet_jax.weights.format import write_safetensors
 from torch_twins import cifar_bc_model, nchw, state_dict_numpy
 
 

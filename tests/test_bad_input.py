@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 import densenet_jax as dj
 from densenet_jax import cli
-from densenet_jax.weights import config_to_json, read_safetensors
+from densenet_jax.weights.format import config_to_json, read_safetensors
 from torch_twins import cifar_bc_model
 from fixtures import tiny_weights_file
 

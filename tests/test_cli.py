@@ -30,7 +30,7 @@ from densenet_jax import DataError, cli
 from densenet_jax.data import load_dataset
 from densenet_jax.train import parallel
 from densenet_jax.train.loop import Run
-from densenet_jax.weights import read_safetensors, state_arrays, write_safetensors
+from densenet_jax.weights.format import read_safetensors, state_arrays, write_safetensors
 from fixtures import write_cifar10, write_cifar100, write_image_folder
 
 HERE = Path(__file__).resolve().parent

@@ -11,7 +11,7 @@ import torchvision
 from flax import nnx
 
 import densenet_jax as dj
-from densenet_jax.torch_files import read_torch_checkpoint
+from densenet_jax.weights.torch_files import read_torch_checkpoint
 from torch_twins import cifar_bc_model, nchw, torchvision_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,6 +14,7 @@ from densenet_jax import DataError
 from densenet_jax.data import eval_batches, load_dataset, train_batches
 from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import _Padded
+from densenet_jax.model.pretrained_cfg import IMAGENET_MEAN, IMAGENET_STD
 from fixtures import write_cifar10, write_cifar100, write_image_folder
 
 
@@ -95,8 +96,8 @@ def test_normalize_gives_torchvisions_numbers_exactly():
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
     grey = rng.integers(0, 256, (37, 53), dtype=np.uint8)
-    for image, mean, std in [(rgb, T.IMAGENET_MEAN, T.IMAGENET_STD), (rgb[:, ::-1], (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)),
-                             (Image.fromarray(rgb), T.IMAGENET_MEAN, T.IMAGENET_STD), (Image.fromarray(grey), (0.449,), (0.226,)),
+    for image, mean, std in [(rgb, IMAGENET_MEAN, IMAGENET_STD), (rgb[:, ::-1], (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)),
+                             (Image.fromarray(rgb), IMAGENET_MEAN, IMAGENET_STD), (Image.fromarray(grey), (0.449,), (0.226,)),
                              (grey, (0.5,), (0.25,))]:
         ours = T.Normalize(mean, std)({"image": image})["image"]
         theirs = TT.Normalize(mean, std)(TT.ToTensor()(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image))
@@ -109,7 +110,7 @@ def test_folder_eval_preprocessing_equals_torchvision(tmp_path):
     data = load_dataset("folder", root)
     assert data.class_names == ["cat", "dog", "fox"] and len(data.train) == 12
     reference = TT.Compose([TT.Resize(256), TT.CenterCrop(224), TT.ToTensor(),
-                            TT.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)])
+                            TT.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     for i in (0, 5, 11):
         path = data.eval.paths[i]
         ours = data.preprocess(data.eval[i])["image"]

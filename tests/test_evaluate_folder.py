@@ -16,8 +16,8 @@ from PIL import Image
 import densenet_jax as dj
 from densenet_jax import DataError, cli
 from densenet_jax.data import load_dataset
-from densenet_jax.pretrained import PretrainedCfg
-from densenet_jax.weights import state_arrays, write_safetensors
+from densenet_jax.model.pretrained_cfg import PretrainedCfg
+from densenet_jax.weights.format import state_arrays, write_safetensors
 from fixtures import write_image_folder
 
 CLASSES = ["Zebra", "cat", "dog"]

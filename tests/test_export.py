@@ -27,8 +27,8 @@ import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.errors import CheckpointError
 from densenet_jax.export import onnx_bytes, write_folder
-from densenet_jax.layers import max_pool_3x3_s2
-from densenet_jax.weights import state_arrays, write_safetensors
+from densenet_jax.model.layers import max_pool_3x3_s2
+from densenet_jax.weights.format import state_arrays, write_safetensors
 from conftest import flax_twin
 from fixtures import tiny_weights_file
 from torch_twins import nchw, torchvision_model
@@ -209,7 +209,7 @@ def test_timm_loads_the_folder_as_pretrained(densenet121_weights, densenet121_lo
 def test_timm_folder_keeps_the_weights_test_size():
     """An ra tag's larger test size (288, crop 0.95) survives the export: timm resolves it."""
     from densenet_jax.export import timm_files
-    from densenet_jax.pretrained import TAGS
+    from densenet_jax.model.registry import TAGS
 
     model = dj.DenseNet121(rngs=nnx.Rngs(0))
     model.pretrained_cfg = TAGS["densenet121.ra_in1k"]

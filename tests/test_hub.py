@@ -25,8 +25,9 @@ from timm.models._manipulate import adapt_input_conv as timm_adapt_input_conv
 
 import densenet_jax as dj
 from densenet_jax import cli
-from densenet_jax.pretrained import TAGS, adapt_input_conv, resolve
-from densenet_jax.weights import read_safetensors, stored_pretrained_cfg
+from densenet_jax.model.registry import TAGS, resolve
+from densenet_jax.weights.torch_keys import adapt_input_conv
+from densenet_jax.weights.format import read_safetensors, stored_pretrained_cfg
 from fixtures import write_image_folder
 from hub_server import Hub
 from torch_twins import randomize

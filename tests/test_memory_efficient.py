@@ -6,8 +6,8 @@ import numpy as np
 from flax import nnx
 
 import densenet_jax as dj
-from densenet_jax.memory import saved_residual_bytes
-from densenet_jax.weights import assign, state_arrays
+from densenet_jax.model.memory import saved_residual_bytes
+from densenet_jax.weights.format import assign, state_arrays
 
 SMALL = dict(block_config=(3, 3, 3), growth_rate=8)
 

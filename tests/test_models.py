@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import densenet_jax as dj
-from densenet_jax.weights import assign, state_arrays
+from densenet_jax.weights.format import assign, state_arrays
 from torch_twins import TORCHVISION_MODELS, cifar_bc_model, torchvision_model
 
 # The paper's Table 2 (CIFAR, 10 classes), in millions.
@@ -55,7 +55,7 @@ def test_registry_and_named_classes():
 def test_any_depth_of_the_paper_family_is_a_name(name, depth, growth_rate):
     """densenet_bc_<L>_k<k> is the paper's DenseNet-BC of that depth: the torch twin's parameters,
     and the name comes back from the config; a depth without three equal blocks is refused."""
-    from densenet_jax.registry import model_name
+    from densenet_jax.model.registry import model_name
 
     model = dj.create_model(name, rngs=nnx.Rngs(0))
     assert num_params(model) == sum(p.numel() for p in cifar_bc_model(depth, growth_rate).parameters())
@@ -173,7 +173,7 @@ def test_timm_habits(rng):
 
 @pytest.mark.parametrize("stem, in_chans", [("cifar", 1), ("deep_tiered", 2)])
 def test_in_chans_builds_converts_and_refuses_other_inputs(rng, stem, in_chans):
-    from densenet_jax.interop import from_torchvision, to_torchvision
+    from densenet_jax.weights.torch_keys import from_torchvision, to_torchvision
     model = dj.create_model("densenet_bc_100_k12", block_config=(2, 2, 2), stem=stem, in_chans=in_chans)
     assert model.features.conv0.kernel.shape[2] == in_chans
     assert num_params(model) == dj.count_params(model.config)

@@ -16,8 +16,8 @@ import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.data.folder import find_images
 from densenet_jax.predict import image_files
-from densenet_jax.pretrained import PretrainedCfg
-from densenet_jax.weights import state_arrays, write_safetensors
+from densenet_jax.model.pretrained_cfg import PretrainedCfg
+from densenet_jax.weights.format import state_arrays, write_safetensors
 
 BROKEN = "unreadable image (broken link to nowhere.jpg: No such file or directory)"
 FIFO = "unreadable image (not a regular file: a FIFO)"

@@ -13,7 +13,8 @@ from densenet_jax.data import transforms as T
 from densenet_jax.data.datasets import digits
 from densenet_jax.data.folder import image_folder
 from densenet_jax.data.images import read_image
-from densenet_jax.pretrained import TAGS, PretrainedCfg
+from densenet_jax.model.pretrained_cfg import PretrainedCfg
+from densenet_jax.model.registry import TAGS
 from densenet_jax.train.loop import preprocessing_cfg
 from fixtures import write_image_folder
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from densenet_jax.configs import STEMS, DenseNetConfig
+from densenet_jax.model.config import STEMS, DenseNetConfig
 from densenet_jax.errors import CheckpointError
-from densenet_jax.interop import from_torchvision, to_torchvision, weight_table
+from densenet_jax.weights.torch_keys import from_torchvision, to_torchvision, weight_table
 
 # Derandomised: the same 60 examples on every run, so that CI's verdict depends on the code alone.
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,

@@ -16,9 +16,9 @@ import torch
 from flax import nnx
 
 import densenet_jax as dj
-from densenet_jax.interop import from_torchvision, to_torchvision, weight_table
-from densenet_jax.registry import model_name
-from densenet_jax.weights import assign, cast, state_arrays
+from densenet_jax.weights.torch_keys import from_torchvision, to_torchvision, weight_table
+from densenet_jax.model.registry import model_name
+from densenet_jax.weights.format import assign, cast, state_arrays
 from test_train_parity import flat, jax_steps, relative_l2, torch_steps
 from torch_twins import nchw, randomize, state_dict_numpy
 

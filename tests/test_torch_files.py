@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 
 import densenet_jax as dj
 from densenet_jax import cli
-from densenet_jax.pretrained import PretrainedCfg
+from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.train.report import write_metrics
-from densenet_jax.weights import read_safetensors, write_safetensors
+from densenet_jax.weights.format import read_safetensors, write_safetensors
 from fixtures import tiny_weights_file
 from torch_twins import nchw, randomize
 

@@ -13,7 +13,7 @@ import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.train import optim, parallel
 from densenet_jax.train.loop import Run, TrainConfig
-from densenet_jax.weights import state_arrays
+from densenet_jax.weights.format import state_arrays
 
 
 # bf16 against fp32, three steps of the tiny model from the same weights on the same batches

@@ -16,7 +16,7 @@ from flax import nnx
 import densenet_jax as dj
 import train_cli
 from densenet_jax import cli
-from densenet_jax.layers import SingleValueStatistics
+from densenet_jax.model.layers import SingleValueStatistics
 from densenet_jax.train.loop import Run, TrainConfig
 
 
@@ -160,8 +160,8 @@ def test_another_lr_epochs_and_schedule_reuse_the_compiled_step(tmp_path, monkey
 
 def test_the_summary_names_the_architecture_that_trained():
     """After --init-from the summary names the file's architecture, not the default --model."""
-    from densenet_jax.registry import get_config
-    from densenet_jax.train.messages import architecture_name
+    from densenet_jax.model.registry import get_config
+    from densenet_jax.model.registry import architecture_name
 
     assert architecture_name(get_config("densenet121", num_classes=10, drop_rate=0.2)) == "densenet121"
     assert architecture_name(get_config("densenet121", in_chans=1, head_drop_rate=0.1)) == "densenet121"

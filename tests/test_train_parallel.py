@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import densenet_jax as dj
-from densenet_jax.weights import state_arrays
+from densenet_jax.weights.format import state_arrays
 from train_cli import MODEL, QUICK, finish, relative_l2, train, weights
 
 TOLERANCE = 1e-9

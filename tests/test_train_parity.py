@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from flax import nnx
 
 from conftest import flax_twin
-from densenet_jax.interop import weight_table
-from densenet_jax.weights import cast
+from densenet_jax.weights.torch_keys import weight_table
+from densenet_jax.weights.format import cast
 from torch_twins import cifar_bc_model, nchw, torchvision_model
 
 TOLERANCE = 1e-9  # per-leaf relative L2
@@ -166,9 +166,9 @@ def test_trainer_matches_torch_sgd_in_float64(case, tmp_path, capsys):
     statistics: the trainer's parameters, momentum buffers and BN statistics against torch's, 1e-9."""
     from densenet_jax import cli
     from densenet_jax.data import train_batches
-    from densenet_jax.interop import from_torchvision
+    from densenet_jax.weights.torch_keys import from_torchvision
     from densenet_jax.train.loop import Run
-    from densenet_jax.weights import read_safetensors, write_safetensors
+    from densenet_jax.weights.format import read_safetensors, write_safetensors
     from torch_twins import state_dict_numpy
 
     torch_model = cifar_bc_model(16, 6, seed=5)

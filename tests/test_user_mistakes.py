@@ -9,10 +9,9 @@ from flax import nnx
 import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.errors import CheckpointError, WorkdirError
-from densenet_jax.export import write_folder
-from densenet_jax.train.identity import FILE, check
+from densenet_jax.files import atomic_write_bytes, write_folder
+from densenet_jax.train.workdir import FILE, check
 from densenet_jax.train.loop import Run, TrainConfig
-from densenet_jax.weights import atomic_write_bytes
 from fixtures import tiny_weights_file
 
 

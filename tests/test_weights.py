@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import densenet_jax as dj
-from densenet_jax.weights import state_arrays
+from densenet_jax.weights.format import state_arrays
 
 
 def small_model(**overrides):

@@ -11,9 +11,9 @@ from flax import nnx
 import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.errors import WorkdirError
-from densenet_jax.registry import get_config
+from densenet_jax.model.registry import get_config
 from densenet_jax.data import load_dataset
-from densenet_jax.train.identity import check, default_workdir, describe, write
+from densenet_jax.train.workdir import check, default_workdir, describe, write
 from densenet_jax.train.loop import Run, TrainConfig
 from fixtures import write_cifar10
 

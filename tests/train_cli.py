@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densenet_jax.weights import read_safetensors
+from densenet_jax.weights.format import read_safetensors
 
 # The paper's DenseNet-BC at its shallowest with two layers a block (L=16, k=12: bottleneck and
 # compression as in every ImageNet DenseNet; it compiles 4x faster than densenet_40_k12, and the

@@ -1,50 +1,17 @@
-"""The data sets the trainer knows, as in-memory or on-disk sequences of examples.
-
-An example is ``{"image": uint8 HWC array, "label": int32}`` (an image folder's holds a PIL image
-and adds ``skipped`` and ``unreadable``, see ``data.folder.FileSource``); each data set brings its
-own augmentation
-(train) and preprocessing (eval), which end in float32, mean/std-normalised NHWC images.
-"""
+"""The data sets the trainer knows by name: the bundled digits, CIFAR-10/100 and image folders,
+each with its own augmentation (train) and preprocessing (eval)."""
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from densenet_jax.data import transforms as T
+from densenet_jax.data.dataset import ArraySource, Dataset
+from densenet_jax.data.folder import image_folder
 from densenet_jax.errors import DataError
-
-Example = dict[str, np.ndarray]
-
-
-@dataclasses.dataclass
-class Dataset:
-    name: str
-    train: Sequence[Example]
-    eval: Sequence[Example]
-    num_classes: int
-    image_size: int
-    augment: Callable[[Example, np.random.Generator], Example]
-    preprocess: Callable[[Example], Example]
-    class_names: list[str]
-
-
-class ArraySource(Sequence):
-    """Images (N, H, W, C) uint8 and labels (N,), indexed as examples."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels.astype(np.int32)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return {"image": self.images[index], "label": self.labels[index]}
-
 
 DIGITS_HELD_OUT = 360  # 20% of scikit-learn's 1,797 digits, fixed by seed 0
 
@@ -143,6 +110,5 @@ def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = F
     if name == "digits":
         return digits()
     if name == "folder":
-        from densenet_jax.data.folder import image_folder
         return image_folder(data_dir, image_size, strict, T.IMAGE_MODES[in_chans])
     return cifar(data_dir, int(name[len("cifar"):]))

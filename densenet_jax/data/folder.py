@@ -20,11 +20,12 @@ from typing import Sequence
 import numpy as np
 
 from densenet_jax.data import transforms as T
+from densenet_jax.data.dataset import Dataset
 from densenet_jax.data.images import (IMG_EXTENSIONS, STAND_IN, UNREADABLE_SEPARATOR,
                                       UnreadableImage, read_image, warn_skipped)
 from densenet_jax.data.listing import Tree, list_tree
 from densenet_jax.errors import DataError
-from densenet_jax.pretrained import PretrainedCfg
+from densenet_jax.model.pretrained_cfg import PretrainedCfg
 
 log = logging.getLogger("densenet_jax")
 
@@ -136,11 +137,9 @@ def image_folder(data_dir: str | os.PathLike, image_size: int = 224, strict: boo
     torchvision's ImageNet augmentation (RandomResizedCrop ``image_size``, flip) and evaluation
     preprocessing (shorter side to 8/7 of ``image_size``, centre crop), normalised with ImageNet's
     mean and std (for ``mode`` "L", their averages, as timm's ``in_chans=1`` preprocessing and
-    :meth:`densenet_jax.pretrained.PretrainedCfg.with_in_chans` take them).
+    :meth:`densenet_jax.model.pretrained_cfg.PretrainedCfg.with_in_chans` take them).
 
     Raises DataError naming a missing split folder or mismatched classes."""
-    from densenet_jax.data.datasets import Dataset
-
     root = Path(data_dir)
     train, val = find_split(root, "train"), find_split(root, "val")
     if val.classes != train.classes:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from densenet_jax.errors import DataError
+from densenet_jax.files import atomic_write_bytes
 
 log = logging.getLogger("densenet_jax")
 
@@ -128,7 +129,6 @@ def _valid_folder(entry) -> bool:
 
 
 def _write_cache(path: Path, root: Path, suffixes: tuple[str, ...], tree: Tree) -> None:
-    from densenet_jax.weights import atomic_write_bytes
 
     payload = {"version": _VERSION, "root": str(root), "suffixes": list(suffixes), "folders": tree}
     try:

@@ -18,9 +18,8 @@ from typing import Callable, Iterator, Sequence
 import grain
 import numpy as np
 
+from densenet_jax.data.dataset import Example
 from densenet_jax.data.images import warn_unreadable
-
-Example = dict[str, np.ndarray]
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

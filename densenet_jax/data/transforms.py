@@ -10,8 +10,8 @@ import math
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from densenet_jax.model.pretrained_cfg import resize_size
+
 
 
 def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +157,6 @@ def eval_transform_from_cfg(input_size: tuple[int, int, int], interpolation: str
     cfg's values: the image in the mode its channel count needs, shorter side to
     floor(size / crop_pct) with ``interpolation`` (PIL, antialiased), the central size x size,
     then ``(x / 255 - mean) / std``; HWC float32 out. Square input sizes, centre crops only."""
-    from densenet_jax.pretrained import resize_size
 
     channels, height, width = input_size
     if height != width or crop_mode != "center":

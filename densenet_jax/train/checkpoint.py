@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from densenet_jax.errors import CheckpointError, WorkdirError
-from densenet_jax.train.identity import OR_CONTINUE
+from densenet_jax.train.workdir import OR_CONTINUE
 from densenet_jax.train.step import TrainState
 
 log = logging.getLogger("densenet_jax")

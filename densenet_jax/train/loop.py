@@ -18,17 +18,17 @@ from densenet_jax.data import Dataset, eval_batches, load_dataset, train_batches
 from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import steps_per_epoch
 from densenet_jax.errors import DivergedError, Interrupted
-from densenet_jax.factory import create_model
-from densenet_jax.models import DenseNet, smallest_input
-from densenet_jax.pretrained import PretrainedCfg
-from densenet_jax.registry import get_config
-from densenet_jax.train import identity, optim, parallel
+from densenet_jax.factory import create_model, load
+from densenet_jax.model.densenet import DenseNet, smallest_input
+from densenet_jax.model.pretrained_cfg import PretrainedCfg
+from densenet_jax.model.registry import get_config
+from densenet_jax.train import optim, parallel, workdir
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
 from densenet_jax.train.messages import (architecture_name, check_batch_statistics, epoch_line,
                                          precision_warning, startup_lines, stopped_line)
 from densenet_jax.train.report import (plot_curves, read_metrics, read_partial_epoch, write_metrics,
                                        write_partial_epoch)
-from densenet_jax.weights import cast, load, state_arrays, write_safetensors
+from densenet_jax.weights.format import cast, state_arrays, write_safetensors
 
 log = logging.getLogger("densenet_jax")
 
@@ -49,7 +49,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    workdir: str | None = None  # None: runs/<model>-<dataset> (identity.default_workdir)
+    workdir: str | None = None  # None: runs/<model>-<dataset> (workdir.default_workdir)
     init_from: str | None = None
     pretrained: str | None = None  # a pretrained tag (densenet121.ra_in1k) to fine-tune, from the Hub
     in_chans: int = 3  # input channels; folder data is read as greyscale for 1
@@ -106,7 +106,7 @@ class Run:
         if config.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}")
         self.config = config
-        self.workdir = Path(config.workdir or identity.default_workdir(
+        self.workdir = Path(config.workdir or workdir.default_workdir(
             config.pretrained or config.model, config.dataset, config.init_from, config.data_dir))
         self.is_main = jax.process_index() == 0
         # Read the data first: a bad folder fails in a second, not after compiling.
@@ -161,12 +161,12 @@ class Run:
         Raises DivergedError on a NaN/Inf loss and Interrupted after SIGINT/SIGTERM; in both cases
         the checkpoints on disk are complete and hold only finite states. Raises WorkdirError, with
         nothing written or compiled, when the work directory belongs to another run (see
-        :mod:`densenet_jax.train.identity`). A run already complete is left as it is.
+        :mod:`densenet_jax.train.workdir`). A run already complete is left as it is.
         """
         c = self.config
         # Whose folder this is, checked before anything in it is created or compiled.
-        self.record = identity.describe(c, self.model.config, self.data)
-        identity.check(self.workdir, self.record, has_checkpoints(self.workdir / "checkpoints"))
+        self.record = workdir.describe(c, self.model.config, self.data)
+        workdir.check(self.workdir, self.record, has_checkpoints(self.workdir / "checkpoints"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         checkpoints = Checkpoints(self.workdir / "checkpoints", keep=c.keep)
         try:
@@ -229,7 +229,7 @@ class Run:
         # The unplaced initial state is the template: a pmap-placed one has a device axis.
         restored = checkpoints.restore_latest_good(jax.tree.map(np.asarray, initial))
         if self.is_main:  # the folder is this run's now (a different one was refused by now)
-            identity.write(self.workdir, self.record)
+            workdir.write(self.workdir, self.record)
         if restored is None:
             return self.runner.place_state(initial), 0
         host, step = restored

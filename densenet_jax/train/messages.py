@@ -7,16 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from densenet_jax.configs import DenseNetConfig
-from densenet_jax.models import DenseNet
-from densenet_jax.registry import model_name
-
-
-def architecture_name(config: DenseNetConfig) -> str:
-    """The name of ``config``'s architecture (registry.model_name), or its growth rate, blocks and
-    stem when it has none."""
-    return model_name(config) or (
-        f"DenseNet(k={config.growth_rate}, blocks {config.block_config}, {config.stem} stem)")
+from densenet_jax.model.densenet import DenseNet
+from densenet_jax.model.registry import architecture_name
 
 
 def parameter_count(model: DenseNet) -> int:
@@ -86,7 +78,7 @@ def precision_warning(precision: str) -> str | None:
 
 def check_batch_statistics(model: DenseNet, batch_size: int, image_size: int) -> None:
     """Refuse, before compiling, a train step in which some BatchNorm would average one value per
-    channel (see :class:`densenet_jax.layers.SingleValueStatistics`, raised with the layer's path).
+    channel (see :class:`densenet_jax.model.layers.SingleValueStatistics`, raised with the layer's path).
 
     Only a global batch of 1 can do that (mesh and pmap both average over the global batch), so only
     then is the forward pass traced, abstractly (``jax.eval_shape``: shapes only, no compilation).

@@ -16,8 +16,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from densenet_jax.models import DenseNet
-from densenet_jax.train.aot import StoredJit
+from densenet_jax.model.densenet import DenseNet
+from densenet_jax.train.trace_cache import StoredJit
 from densenet_jax.train.step import Steps, TrainState
 
 PMAP_AXIS = "batch"
@@ -52,7 +52,7 @@ class Mesh(Runner):
     """jit over a 1-D mesh of all devices; parameters replicated, the batch split along "data".
 
     With ``store=(folder, config_key)`` (one process only) the traced train step is kept in
-    ``folder`` and a rerun skips tracing it (see :mod:`densenet_jax.train.aot`).
+    ``folder`` and a rerun skips tracing it (see :mod:`densenet_jax.train.trace_cache`).
     """
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation,

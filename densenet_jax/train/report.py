@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from densenet_jax.weights import atomic_write_bytes
+from densenet_jax.files import atomic_write_bytes
 
 # images_per_sec leaves out the process's first step (compilation), timed apart in
 # first_step_seconds on the row of the epoch it fell in (null on the others).

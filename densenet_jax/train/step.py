@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from densenet_jax.models import DenseNet
+from densenet_jax.model.densenet import DenseNet
 from densenet_jax.train.optim import apply_learning_rate
 
 

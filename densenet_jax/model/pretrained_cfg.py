@@ -1,10 +1,8 @@
-"""Pretrained weights by name, as timm names them: ``densenet121.tv_in1k``, and their preprocessing.
+"""PretrainedCfg: where a set of weights lives and how its images are prepared, in timm's terms.
 
-Each tag carries a :class:`PretrainedCfg` with timm's field names: where the weights are (a Hub repo
-and file), how its images must be prepared (input size, interpolation, crop_pct, mean/std), its
-license, and its published ImageNet top-1 with the protocol that produced it. The preprocessing
-belongs to the weights, not to the architecture: timm evaluates torchvision's densenet121 weights
-bicubic with crop_pct 0.875 (74.750 top-1) where torchvision's own protocol gives 74.434.
+The preprocessing belongs to the weights, not to the architecture: timm evaluates torchvision's
+densenet121 weights bicubic with crop_pct 0.875 where torchvision's own protocol resizes to 256
+bilinear. The tags that carry one are in :mod:`densenet_jax.model.registry`.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import math
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-HF_HUB_PREFIX = "hf-hub:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,81 +111,9 @@ def resize_size(size: int, crop_pct: float) -> int:
     return math.floor(round(size / crop_pct, 6))
 
 
-def _tag(architecture: str, tag: str, top1: tuple[Top1, ...], **fields) -> PretrainedCfg:
-    return PretrainedCfg(architecture=architecture, tag=tag, hf_hub_id=f"timm/{architecture}.{tag}",
-                         license="apache-2.0", top1=top1, **fields)
-
-
-def _timm(value: float, size: int = 224, crop_pct: float = 0.875) -> Top1:
-    return Top1(value, f"timm validate.py, {size}x{size}, bicubic, crop_pct {crop_pct}")
-
-
-def _torchvision(value: float) -> Top1:
-    return Top1(value, "torchvision, resize 256 bilinear, centre crop 224")
-
-
-# timm's densenet.py default_cfgs (timm 1.0): every weight set timm publishes for DenseNet, in its
-# order (the first tag of a name is its default). Top-1 from timm's results-imagenet.csv and
-# torchvision's model documentation. The ra weights were trained by timm (RandAugment recipe).
-_RA = dict(test_input_size=(3, 288, 288), test_crop_pct=0.95)
-TAGS: dict[str, PretrainedCfg] = {cfg.architecture + "." + cfg.tag: cfg for cfg in (
-    _tag("densenet121", "ra_in1k", (_timm(75.574), _timm(76.486, 288, 0.95)), **_RA),
-    _tag("densenetblur121d", "ra_in1k", (_timm(76.574), _timm(77.320, 288, 0.95)), **_RA),
-    _tag("densenet121", "tv_in1k", (_timm(74.750), _torchvision(74.434))),
-    _tag("densenet169", "tv_in1k", (_timm(75.922), _torchvision(75.600))),
-    _tag("densenet201", "tv_in1k", (_timm(77.284), _torchvision(76.896))),
-    _tag("densenet161", "tv_in1k", (_timm(77.384), _torchvision(77.138))),
-)}
-
-
-def default_tag(architecture: str) -> str | None:
-    """timm's default tag for ``architecture`` (its first), or None when none is published."""
-    return next((cfg.tag for cfg in TAGS.values() if cfg.architecture == architecture), None)
-
-
-def list_pretrained() -> list[str]:
-    """Every pretrained tag, ``name.tag``, in timm's order."""
-    return list(TAGS)
-
-
-def split_name(name: str) -> tuple[str, str | None]:
-    """``"densenet121.tv_in1k"`` -> ``("densenet121", "tv_in1k")``; a bare name has tag None."""
-    architecture, _, tag = name.partition(".")
-    return architecture, tag or None
-
-
-def resolve(name: str) -> PretrainedCfg:
-    """The pretrained cfg of ``name`` (``name.tag``, or a bare name for its default tag).
-
-    Raises ValueError naming the tag, and the tags that exist, when there is none.
-    """
-    architecture, tag = split_name(name)
-    tag = tag or default_tag(architecture)
-    if f"{architecture}.{tag}" in TAGS:
-        return TAGS[f"{architecture}.{tag}"]
-    known = [t for t in TAGS if t.startswith(architecture + ".")]
-    if known:
-        raise ValueError(f"unknown tag {name!r}; {architecture} has {', '.join(known)}")
-    raise ValueError(f"no pretrained weights for {name!r}; pretrained tags: {', '.join(TAGS)}")
-
-
-def adapt_input_conv(in_chans: int, conv_weight):
-    """A first convolution's kernel (O, 3, kH, kW) adapted to ``in_chans`` input channels, as
-    timm's ``timm.models._manipulate.adapt_input_conv`` does: one channel sums the RGB kernels
-    (a grey image seen as R = G = B); C channels repeat RGB's kernels in turn and scale them by 3/C
-    (so that the response to a uniform image keeps its size). Computed in float32, returned in the
-    kernel's dtype. ValueError for a kernel that does not take 3 channels.
-    """
-    import numpy as np
-
-    weight = np.asarray(conv_weight)
-    if weight.ndim != 4 or weight.shape[1] != 3:
-        raise ValueError(f"adapt_input_conv: kernel of shape {weight.shape}, expected (O, 3, kH, kW)")
-    if in_chans == 3:
-        return weight
-    w = weight.astype(np.float32)
-    if in_chans == 1:
-        w = w.sum(axis=1, keepdims=True)
-    else:
-        w = np.tile(w, (1, math.ceil(in_chans / 3), 1, 1))[:, :in_chans] * np.float32(3 / in_chans)
-    return w.astype(weight.dtype)
+def torchvision_cfg(resize: int = 256, crop: int = 224, in_chans: int = 3) -> PretrainedCfg:
+    """torchvision's ImageNet eval preprocessing as a cfg: shorter side to ``resize`` pixels
+    (bilinear, antialiased), centre crop ``crop`` x ``crop``, ImageNet mean/std (``in_chans=1``:
+    greyscale, with their averages)."""
+    return PretrainedCfg(input_size=(3, crop, crop), interpolation="bilinear",
+                         crop_pct=crop / resize).with_in_chans(in_chans)

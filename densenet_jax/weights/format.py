@@ -7,27 +7,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
-import secrets
 from pathlib import Path
 
 import jax
 import numpy as np
+import safetensors.numpy
 from flax import nnx
+from safetensors import SafetensorError
 
-from densenet_jax.backbone import DenseNetFeatures
-from densenet_jax.configs import DenseNetConfig
+from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.errors import CheckpointError
-from densenet_jax.models import DenseNet
-from densenet_jax.pretrained import HF_HUB_PREFIX, PretrainedCfg, adapt_input_conv
-
-log = logging.getLogger("densenet_jax")
+from densenet_jax.model.densenet import DenseNet
+from densenet_jax.model.pretrained_cfg import PretrainedCfg
+from densenet_jax.files import atomic_write_bytes, check_output
 
 FORMAT = "densenet_jax"
+HEAD = "classifier."  # the classifier's keys, which a new head replaces
+CONV0 = "features.conv0.kernel"  # the first convolution, which in_chans adapts
 _WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
-_HEAD = "classifier."
-_CONV0 = "features.conv0.kernel"
 
 
 def state_arrays(model: nnx.Module) -> dict[str, jax.Array]:
@@ -92,28 +90,15 @@ def write_safetensors(arrays: dict[str, np.ndarray], config: DenseNetConfig, pat
                       pretrained_cfg: PretrainedCfg | None = None) -> None:
     """Write ``arrays`` and ``config`` (and, when known, the names of the classes and the
     preprocessing the weights expect) to ``path`` atomically: a temporary file, then a rename."""
-    from safetensors.numpy import save
-
     path = Path(path)
-    check_output(path, force)
+    check_output(path, force=force)
     metadata = {"format": FORMAT, "config": config_to_json(config)}
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names))
     if pretrained_cfg is not None:
         metadata["pretrained_cfg"] = pretrained_cfg.to_json()
-    payload = save({k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}, metadata=metadata)
+    payload = safetensors.numpy.save({k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}, metadata=metadata)
     atomic_write_bytes(path, _sorted_header(payload))
-
-
-def check_output(path: Path, force: bool, source: Path | None = None) -> None:
-    """CheckpointError unless ``path`` can be written: its folder exists, and it does not exist yet
-    (or ``force``), and it is not the file ``source`` being read."""
-    if path.exists() and source is not None and path.resolve() == Path(source).resolve():
-        raise CheckpointError(f"{path}: is the input file; write the output elsewhere")
-    if not force and path.exists():
-        raise CheckpointError(f"{path}: already exists (pass --force to overwrite)")
-    if not path.parent.is_dir():
-        raise CheckpointError(f"{path}: folder {path.parent} does not exist")
 
 
 def _sorted_header(payload: bytes) -> bytes:
@@ -127,38 +112,26 @@ def _sorted_header(payload: bytes) -> bytes:
     return len(header).to_bytes(8, "little") + header + payload[8 + length:]
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it, so no half-written file remains.
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """A set of weights ready to go into a model: our keys and layouts (``features.conv0.kernel``,
+    HWIO), the config they fit, where they came from (named in messages), and the preprocessing
+    they expect when known."""
+    arrays: dict[str, np.ndarray]
+    config: DenseNetConfig
+    source: str
+    pretrained_cfg: PretrainedCfg | None = None
 
-    The file gets the mode the umask gives a new file (0644 under the usual 022), as ``open`` would:
-    the temporary file is created with 0666 and the kernel applies the umask (``mkstemp``'s 0600
-    would survive the rename and hide the file from colleagues sharing a runs folder). It is
-    fsynced before the rename, so a power cut leaves the old file or the new one, never an empty one.
-    """
-    path = Path(path)
-    if path.is_dir():  # os.replace would fail after the write; say so first, in one line
-        raise CheckpointError(f"{path}: is a folder; name a file to write")
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot write ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+def read_weights(path: str | os.PathLike) -> Weights:
+    """The weights, config and stored preprocessing of a densenet_jax safetensors file;
+    CheckpointError naming the file for anything unusable."""
+    arrays, config = read_safetensors(path)
+    return Weights(arrays, config, str(path), stored_pretrained_cfg(path))
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
     """The arrays and config of a densenet_jax safetensors file."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
@@ -169,8 +142,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], De
                               f"densenet-jax convert {path} {out}")
     data = path.read_bytes()
     try:
-        arrays = load(data)
-        metadata = _safetensors_metadata(data)
+        arrays = safetensors.numpy.load(data)
+        metadata = safetensors_metadata(data)
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
     if metadata.get("format") != FORMAT or "config" not in metadata:
@@ -196,7 +169,7 @@ def file_format(path: str | os.PathLike) -> str | None:
             return None
         header = head + b"{" + f.read(min(int.from_bytes(head, "little"), 100_000_000) - 1)
     try:
-        metadata = _safetensors_metadata(header)
+        metadata = safetensors_metadata(header)
     except (ValueError, AttributeError):  # not JSON, or JSON of another shape: not safetensors
         return None
     return FORMAT if metadata.get("format") == FORMAT else "safetensors"
@@ -227,10 +200,10 @@ def _header_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` of the safetensors file at ``path``, reading only its header."""
     with open(path, "rb") as f:
         head = f.read(8)
-        return _safetensors_metadata(head + f.read(int.from_bytes(head, "little")))
+        return safetensors_metadata(head + f.read(int.from_bytes(head, "little")))
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
+def safetensors_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors header: 8-byte little-endian length, then JSON."""
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + length])
@@ -242,60 +215,3 @@ def save(model: DenseNet, path: str | os.PathLike) -> None:
     one) to ``path`` (safetensors), atomically."""
     write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()}, model.config, path,
                       pretrained_cfg=model.pretrained_cfg)
-
-
-def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, features_only: bool = False,
-         out_indices=None, **overrides):
-    """Rebuild the model saved at ``path``; ``overrides`` replace config fields.
-
-    ``path`` may also be ``"hf-hub:<repo>"``, a Hugging Face Hub repo laid out as timm's
-    (:func:`densenet_jax.hub.load_hub`). With ``num_classes`` different from the file's, every
-    weight but the classifier is loaded and the classifier is freshly initialised from ``rngs`` (for
-    fine-tuning); ``in_chans`` adapts the first convolution (:func:`densenet_jax.pretrained.adapt_input_conv`).
-    ``features_only=True`` gives its backbone (:class:`densenet_jax.DenseNetFeatures`) returning the
-    feature maps ``out_indices``. Raises CheckpointError, naming the file and the fault, for
-    anything unusable.
-    """
-    if str(path).startswith(HF_HUB_PREFIX):
-        from densenet_jax.hub import load_hub
-        return load_hub(str(path)[len(HF_HUB_PREFIX):], rngs=rngs, features_only=features_only,
-                        out_indices=out_indices, **overrides)
-    arrays, config = read_safetensors(path)
-    return build(arrays, config, str(path), rngs=rngs, features_only=features_only,
-                 out_indices=out_indices, pretrained_cfg=stored_pretrained_cfg(path), **overrides)
-
-
-def build(arrays: dict[str, np.ndarray], config: DenseNetConfig, source: str, *,
-          rngs: nnx.Rngs | None = None, features_only: bool = False,
-          out_indices: tuple[int, ...] | None = None, pretrained_cfg: PretrainedCfg | None = None,
-          **overrides):
-    """The model ``config`` describes holding ``arrays`` (our keys and layouts), with ``overrides``
-    as :func:`load` takes them; ``pretrained_cfg`` becomes ``model.pretrained_cfg`` (adapted to
-    ``in_chans``). ``source`` names the weights in messages and errors."""
-    new_config = config.replace(**overrides)
-    model = DenseNet(new_config, rngs=rngs if rngs is not None else nnx.Rngs(0))
-    if new_config.num_classes != config.num_classes:
-        if new_config.num_classes:  # 0: the head is dropped, nothing new to say
-            had = f"the file's has {config.num_classes} classes" if config.num_classes else "the file has none"
-            log.warning("%s: new %d-class classifier, freshly initialised (%s)", source, new_config.num_classes, had)
-        fresh_head = {k: v for k, v in state_arrays(model).items() if k.startswith(_HEAD)}
-        arrays = {**{k: v for k, v in arrays.items() if not k.startswith(_HEAD)}, **fresh_head}
-    if new_config.in_chans != config.in_chans:
-        arrays = {**arrays, _CONV0: _adapted_conv0(arrays[_CONV0], new_config.in_chans, source)}
-    assign(model, arrays, source=source)
-    if pretrained_cfg is not None:
-        model.pretrained_cfg = pretrained_cfg.with_in_chans(new_config.in_chans)
-    if features_only:
-        backbone = DenseNetFeatures(model, out_indices)
-        backbone.pretrained_cfg = model.pretrained_cfg
-        return backbone
-    return model
-
-
-def _adapted_conv0(kernel: np.ndarray, in_chans: int, source: str) -> np.ndarray:
-    """conv0's HWIO kernel adapted to ``in_chans`` inputs through timm's rule (on OIHW)."""
-    kernel = np.asarray(kernel)
-    if kernel.shape[2] != 3:
-        raise CheckpointError(f"{source}: {_CONV0} takes {kernel.shape[2]} channels; only 3-channel "
-                              f"weights adapt to in_chans={in_chans}")
-    return np.transpose(adapt_input_conv(in_chans, np.transpose(kernel, (3, 2, 0, 1))), (2, 3, 1, 0))

@@ -9,6 +9,7 @@ exactly one torchvision key and layout, and every shape is checked.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -16,11 +17,11 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
-from densenet_jax.configs import DenseNetConfig, kept_channels
+from densenet_jax.model.config import DenseNetConfig, kept_channels
 from densenet_jax.errors import CheckpointError
-from densenet_jax.models import DenseNet
-from densenet_jax.registry import get_config, list_models, model_name, weights_architecture
-from densenet_jax.weights import check_arrays, state_arrays
+from densenet_jax.model.densenet import DenseNet
+from densenet_jax.model.registry import architecture_name, get_config, list_models, weights_architecture
+from densenet_jax.weights.format import HEAD, check_arrays, state_arrays
 
 # Our leaf name -> torchvision's, by the rank of the array (a rank-2 kernel is the Linear layer).
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias",
@@ -30,7 +31,6 @@ _IGNORED_SUFFIX = ".num_batches_tracked"  # a BN step counter: no Flax twin, unu
 _STEM_KEY = "features.conv0.weight"  # every DenseNet has it; what sits before it is a wrapper's prefix
 _BARE_STEM_KEY = "conv0.weight"  # the same in a state dict of model.features alone
 _EMA_PART = re.compile(r"(^|[._])ema([._]|$)")
-_HEAD = "classifier."
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def _num_classes(shapes: dict[str, tuple[int, ...]], source: str) -> int:
     """The classes of torchvision's head (one Linear, ``classifier.weight``/``bias``), or 0 when the
     checkpoint has no head (a backbone saved alone, or a head replaced by Identity), timm's
     ``num_classes=0``. Any other ``classifier.*`` key is a custom head, refused by name."""
-    head = sorted(k for k in shapes if k.startswith(_HEAD))
+    head = sorted(k for k in shapes if k.startswith(HEAD))
     if not head:
         return 0
     custom = sorted((k for k in head if k not in ("classifier.weight", "classifier.bias")),
@@ -280,7 +280,7 @@ def from_torchvision(state_dict: dict[str, np.ndarray], source: str, prefix: str
     extra = sorted(state_dict.keys() - expected)
     if extra:
         raise CheckpointError(f"{source}: unexpected key {extra[0]} for the inferred "
-                              f"{model_name(config) or 'DenseNet'} ({len(extra)} in all)")
+                              f"{architecture_name(config)} ({len(extra)} in all)")
     arrays = {}
     for entry in table:
         if entry.torch_key not in state_dict:
@@ -301,3 +301,23 @@ def to_torchvision(arrays: dict[str, np.ndarray], config: DenseNetConfig,
     table = weight_table(config)
     check_arrays(arrays, {e.flax_key: e.shape for e in table}, source)
     return {e.torch_key: np.ascontiguousarray(e.to_torch(np.asarray(arrays[e.flax_key]))) for e in table}
+
+
+def adapt_input_conv(in_chans: int, conv_weight):
+    """A first convolution's kernel (O, 3, kH, kW) adapted to ``in_chans`` input channels, as
+    timm's ``timm.models._manipulate.adapt_input_conv`` does: one channel sums the RGB kernels
+    (a grey image seen as R = G = B); C channels repeat RGB's kernels in turn and scale them by 3/C
+    (so that the response to a uniform image keeps its size). Computed in float32, returned in the
+    kernel's dtype. ValueError for a kernel that does not take 3 channels.
+    """
+    weight = np.asarray(conv_weight)
+    if weight.ndim != 4 or weight.shape[1] != 3:
+        raise ValueError(f"adapt_input_conv: kernel of shape {weight.shape}, expected (O, 3, kH, kW)")
+    if in_chans == 3:
+        return weight
+    w = weight.astype(np.float32)
+    if in_chans == 1:
+        w = w.sum(axis=1, keepdims=True)
+    else:
+        w = np.tile(w, (1, math.ceil(in_chans / 3), 1, 1))[:, :in_chans] * np.float32(3 / in_chans)
+    return w.astype(weight.dtype)

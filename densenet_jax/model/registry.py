@@ -8,7 +8,10 @@ import fnmatch
 import re
 from typing import Callable, Sequence
 
-from densenet_jax.configs import DenseNetConfig
+from densenet_jax.model.config import DenseNetConfig
+from densenet_jax.model.pretrained_cfg import PretrainedCfg, Top1
+
+HF_HUB_PREFIX = "hf-hub:"  # timm's prefix for a model named by its Hub repo
 
 _REGISTRY: dict[str, Callable[[], DenseNetConfig]] = {
     "densenet121": lambda: DenseNetConfig.imagenet(32, (6, 12, 24, 16), 64),
@@ -67,8 +70,7 @@ def list_models(filter: str | Sequence[str] = "", pretrained: bool = False) -> l
     if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"list_models: filter {filter!r} is not a pattern; for the tags, pretrained=True")
     if pretrained:
-        from densenet_jax.pretrained import list_pretrained
-        names = list_pretrained()
+        names = list(TAGS)
     else:
         names = [*_REGISTRY, *_PAPER_TABLE_2]
     patterns = [p for p in patterns if p]
@@ -109,3 +111,63 @@ def model_name(config: DenseNetConfig) -> str | None:
         if get_config(name, **kept) == config:
             return name
     return None
+
+
+def architecture_name(config: DenseNetConfig) -> str:
+    """The name of ``config``'s architecture (:func:`model_name`), or its growth rate, blocks and
+    stem when it has none: what messages call a model."""
+    return model_name(config) or (
+        f"DenseNet(k={config.growth_rate}, blocks {config.block_config}, {config.stem} stem)")
+
+
+def _tag(architecture: str, tag: str, top1: tuple[Top1, ...], **fields) -> PretrainedCfg:
+    return PretrainedCfg(architecture=architecture, tag=tag, hf_hub_id=f"timm/{architecture}.{tag}",
+                         license="apache-2.0", top1=top1, **fields)
+
+
+def _timm(value: float, size: int = 224, crop_pct: float = 0.875) -> Top1:
+    return Top1(value, f"timm validate.py, {size}x{size}, bicubic, crop_pct {crop_pct}")
+
+
+def _torchvision(value: float) -> Top1:
+    return Top1(value, "torchvision, resize 256 bilinear, centre crop 224")
+
+
+# timm's densenet.py default_cfgs (timm 1.0): every weight set timm publishes for DenseNet, in its
+# order (the first tag of a name is its default). Top-1 from timm's results-imagenet.csv and
+# torchvision's model documentation. The ra weights were trained by timm (RandAugment recipe).
+_RA = dict(test_input_size=(3, 288, 288), test_crop_pct=0.95)
+TAGS: dict[str, PretrainedCfg] = {cfg.architecture + "." + cfg.tag: cfg for cfg in (
+    _tag("densenet121", "ra_in1k", (_timm(75.574), _timm(76.486, 288, 0.95)), **_RA),
+    _tag("densenetblur121d", "ra_in1k", (_timm(76.574), _timm(77.320, 288, 0.95)), **_RA),
+    _tag("densenet121", "tv_in1k", (_timm(74.750), _torchvision(74.434))),
+    _tag("densenet169", "tv_in1k", (_timm(75.922), _torchvision(75.600))),
+    _tag("densenet201", "tv_in1k", (_timm(77.284), _torchvision(76.896))),
+    _tag("densenet161", "tv_in1k", (_timm(77.384), _torchvision(77.138))),
+)}
+
+
+def default_tag(architecture: str) -> str | None:
+    """timm's default tag for ``architecture`` (its first), or None when none is published."""
+    return next((cfg.tag for cfg in TAGS.values() if cfg.architecture == architecture), None)
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"densenet121.tv_in1k"`` -> ``("densenet121", "tv_in1k")``; a bare name has tag None."""
+    architecture, _, tag = name.partition(".")
+    return architecture, tag or None
+
+
+def resolve(name: str) -> PretrainedCfg:
+    """The pretrained cfg of ``name`` (``name.tag``, or a bare name for its default tag).
+
+    Raises ValueError naming the tag, and the tags that exist, when there is none.
+    """
+    architecture, tag = split_name(name)
+    tag = tag or default_tag(architecture)
+    if f"{architecture}.{tag}" in TAGS:
+        return TAGS[f"{architecture}.{tag}"]
+    known = [t for t in TAGS if t.startswith(architecture + ".")]
+    if known:
+        raise ValueError(f"unknown tag {name!r}; {architecture} has {', '.join(known)}")
+    raise ValueError(f"no pretrained weights for {name!r}; pretrained tags: {', '.join(TAGS)}")

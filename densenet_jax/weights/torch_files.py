@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
-from densenet_jax.configs import count_params
+from densenet_jax.model.config import count_params
 from densenet_jax.errors import CheckpointError
-from densenet_jax.interop import (choose_prefix, densenet_keys, densenet_prefixes, from_torchvision,
+from densenet_jax.weights.torch_keys import (choose_prefix, densenet_keys, densenet_prefixes, from_torchvision,
                                   to_torchvision)
-from densenet_jax.registry import model_name
-from densenet_jax.weights import (FORMAT, atomic_write_bytes, check_output, file_format, read_safetensors,
+from densenet_jax.model.registry import architecture_name
+from densenet_jax.weights.format import (FORMAT, atomic_write_bytes, check_output, file_format, read_safetensors,
                                   stored_class_names, stored_pretrained_cfg, write_safetensors)
 
 EXTRA = "pip install densenet-jax[convert]"
@@ -58,7 +60,7 @@ class TorchCheckpoint:
 
 def read_torch_checkpoint(path: str | Path, prefix: str | None = None) -> TorchCheckpoint:
     """The DenseNet in the ``.pth``/``.pt``/``.safetensors`` at ``path`` (``prefix`` picks one when
-    it holds several; see :func:`densenet_jax.interop.choose_prefix`).
+    it holds several; see :func:`densenet_jax.weights.torch_keys.choose_prefix`).
 
     Raises CheckpointError naming the file for a missing, empty or unreadable file, a torch.hub name
     whose hash does not match the contents, a pickle global outside the allow-list, densenet_jax's
@@ -99,8 +101,6 @@ def _check_input(path: Path) -> None:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
     try:
         return load_file(str(path))
     except (SafetensorError, ValueError, TypeError, OSError) as e:  # TypeError: a dtype numpy lacks (bf16)
@@ -205,11 +205,11 @@ def to_densenet_jax(source: str | Path, output: str | Path, *, prefix: str | Non
     the checkpoint's shapes; a checkpoint without a classifier gives a headless file
     (``num_classes`` 0). Returns the line that says what was converted. Raises CheckpointError."""
     source, output = Path(source), Path(output)
-    check_output(output, force, source)
+    check_output(output, force=force, source=source)
     found = read_torch_checkpoint(source, prefix)
     arrays, config = from_torchvision(found.state_dict, str(source))
     write_safetensors(arrays, config, output)
-    name = model_name(config) or f"DenseNet {config}"
+    name = architecture_name(config)
     head = (f"{config.num_classes} classes" if config.num_classes else
             "no classifier (a backbone: load it with features_only=True, or num_classes=N for a new head)")
     line = f"{source} -> {output}: {name}, {head}, {count_params(config):,} parameters"
@@ -228,7 +228,7 @@ def to_torch(source: str | Path, output: str | Path, *, force: bool = False) -> 
     ``torchvision.models.densenet121()`` (or the matching model; a headless file into one whose
     classifier is ``torch.nn.Identity()``). Needs torch. Returns the line that says what was written."""
     source, output = Path(source), Path(output)
-    check_output(output, force, source)
+    check_output(output, force=force, source=source)
     arrays, config = read_safetensors(source)
     torch = _import_torch()
     if torch is None:

@@ -18,8 +18,8 @@ import dataclasses
 import jax
 from flax import nnx
 
-from densenet_jax.configs import DenseNetConfig
-from densenet_jax.models import DenseNet, check_input, check_out_indices
+from densenet_jax.model.config import DenseNetConfig
+from densenet_jax.model.densenet import DenseNet, check_input, check_out_indices
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 
 from densenet_jax.errors import WorkdirError
-from densenet_jax.weights import atomic_write_bytes
+from densenet_jax.files import atomic_write_bytes
 
 log = logging.getLogger("densenet_jax")
 

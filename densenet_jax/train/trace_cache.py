@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+from jax import export
 
 log = logging.getLogger("densenet_jax")
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -61,8 +62,6 @@ class StoredJit:
 
     def _exported(self, leaves, treedef):
         """The stored program for these arguments, or a fresh trace of it, stored."""
-        from jax import export
-
         path = self.folder / f"{self._key(leaves, treedef)}.jaxexport"
         if path.is_file():
             try:

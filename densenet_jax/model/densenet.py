@@ -13,10 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from densenet_jax.configs import DenseNetConfig
-from densenet_jax.layers import BatchNorm, Conv2d, Linear, avg_pool_2x2, named_layer_errors, sample_count
-from densenet_jax.registry import get_config
-from densenet_jax.stem import Pool, pooled_size, stem_layers, stem_pool, transition_pool
+from densenet_jax.model.config import DenseNetConfig
+from densenet_jax.model.layers import BatchNorm, Conv2d, Linear, avg_pool_2x2, named_layer_errors, sample_count
+from densenet_jax.model.registry import get_config
+from densenet_jax.model.stem import Pool, pooled_size, stem_layers, stem_pool, transition_pool
 
 
 class DenseLayer(nnx.Module):
@@ -113,9 +113,10 @@ class Transition(nnx.Module):
         return self.conv(self.pool(jax.nn.relu(self.norm(x))))
 
 
-class Features(nnx.Module):
-    """torchvision's (and timm's) ``features``: the stem, dense blocks with transitions between,
-    and norm5. Calling it gives torchvision's ``features`` output: norm5, before its ReLU."""
+class Trunk(nnx.Module):
+    """Everything before the classifier, held as ``model.features`` where torchvision and timm
+    hold their ``features`` Sequential: the stem, dense blocks with transitions between, and norm5.
+    Calling it gives torchvision's ``features`` output: norm5, before its ReLU."""
 
     def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
         layers = stem_layers(config, rngs=rngs)
@@ -187,14 +188,14 @@ class DenseNet(nnx.Module):
     ``forward_features`` ends after norm5 and its ReLU (timm's ``features``), while
     ``model.features(x)`` is torchvision's ``features`` (norm5 before the ReLU).
     ``pretrained_cfg``: the preprocessing its weights expect (a
-    :class:`densenet_jax.pretrained.PretrainedCfg`), None when unknown (random init).
+    :class:`densenet_jax.model.pretrained_cfg.PretrainedCfg`), None when unknown (random init).
     """
 
     pretrained_cfg = None
 
     def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.features = Features(config, rngs=rngs)
+        self.features = Trunk(config, rngs=rngs)
         self.head_drop = nnx.Dropout(config.head_drop_rate, rngs=rngs) if config.head_drop_rate > 0 else None
         # num_classes=0: no classifier (timm's convention); the model returns the pooled features.
         self.classifier = (Linear(config.num_features, config.num_classes, rngs=rngs)

@@ -28,7 +28,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _model_name(name: str) -> str:
     """``--model``: a name get_config knows (argparse says why not, in one line)."""
-    from densenet_jax.registry import get_config
+    from densenet_jax.model.registry import get_config
 
     try:
         get_config(name)
@@ -38,7 +38,7 @@ def _model_name(name: str) -> str:
 
 
 def _train_parser(sub) -> None:
-    from densenet_jax.registry import list_models
+    from densenet_jax.model.registry import list_models
     from densenet_jax.train.loop import TrainConfig
 
     d = TrainConfig()
@@ -231,7 +231,7 @@ def train_config(args: argparse.Namespace):
 def train(args) -> None:
     """``densenet-jax train``: train or resume in ``--workdir``, then print a summary."""
     from densenet_jax.train.loop import Run
-    from densenet_jax.train.messages import architecture_name
+    from densenet_jax.model.registry import architecture_name
 
     _check_devices(args)
     config = train_config(args)
@@ -303,8 +303,8 @@ def _check_dataset_options(args) -> None:
 
 def _check_model_matches(model: str, weights: str) -> None:
     """``--model`` names the architecture of the ``--init-from`` file (heads aside), or is refused."""
-    from densenet_jax.train.messages import architecture_name
-    from densenet_jax.weights import read_safetensors
+    from densenet_jax.model.registry import architecture_name
+    from densenet_jax.weights.format import read_safetensors
 
     stored = read_safetensors(weights)[1]
     if architecture_name(stored) != model:
@@ -382,7 +382,7 @@ def evaluate(args) -> None:
     from densenet_jax.data import load_dataset
     from densenet_jax.train import parallel
     from densenet_jax.train.loop import PRECISIONS, evaluation_sums
-    from densenet_jax.weights import load
+    from densenet_jax.factory import load
 
     model = load(args.weights)
     if args.dataset == "folder":
@@ -415,8 +415,8 @@ def _held_out_folder(args, model):
     from densenet_jax.data.datasets import check_source
     from densenet_jax.data.folder import FileSource, find_split, say_hidden
     from densenet_jax.predict import model_cfg
-    from densenet_jax.pretrained import HF_HUB_PREFIX
-    from densenet_jax.weights import stored_class_names
+    from densenet_jax.model.registry import HF_HUB_PREFIX
+    from densenet_jax.weights.format import stored_class_names
 
     check_source("folder", args.data_dir, model.config.in_chans)
     root = Path(args.data_dir)
@@ -453,7 +453,7 @@ def _classes_differ(weights, trained: list[str], folder, found: list[str]) -> st
 
 def _describe(cfg) -> str:
     """A preprocessing cfg in words: ``resize 36 bilinear, centre crop 32, RGB, mean (...), std (...)``."""
-    from densenet_jax.pretrained import resize_size
+    from densenet_jax.model.pretrained_cfg import resize_size
 
     size = cfg.input_size[1]
     channels = {1: "greyscale", 3: "RGB"}[cfg.in_chans]
@@ -466,7 +466,7 @@ def predict(args) -> None:
     import json
 
     from densenet_jax.predict import model_transform, predict as classify
-    from densenet_jax.weights import stored_class_names
+    from densenet_jax.weights.format import stored_class_names
 
     _check_at_least_one(args, "--top", "--batch-size", "--resize", "--crop")
 
@@ -505,9 +505,8 @@ def _check_test_size(args, model) -> None:
 def _predict_model(args):
     """The model predict runs: ``--weights FILE``, ``--model TAG`` (or ``hf-hub:<repo>``), or a tag
     with a local copy of its weights (both)."""
-    from densenet_jax.factory import create_model
-    from densenet_jax.pretrained import HF_HUB_PREFIX
-    from densenet_jax.weights import load
+    from densenet_jax.factory import create_model, load
+    from densenet_jax.model.registry import HF_HUB_PREFIX
 
     overrides = {} if args.in_chans is None else {"in_chans": args.in_chans}
     if args.model is None and args.weights is None:
@@ -523,9 +522,9 @@ def _predict_model(args):
 def models(args) -> None:
     """``densenet-jax models``: every architecture with its parameters and pretrained tags; with
     ``--pretrained`` every tag with its source, preprocessing and published top-1."""
-    from densenet_jax.configs import count_params
-    from densenet_jax.registry import get_config, list_models
-    from densenet_jax.pretrained import TAGS, split_name
+    from densenet_jax.model.config import count_params
+    from densenet_jax.model.registry import get_config, list_models
+    from densenet_jax.model.registry import TAGS, split_name
 
     if not args.pretrained:
         for name in list_models():
@@ -543,7 +542,7 @@ def models(args) -> None:
 
 def convert(args) -> None:
     """``densenet-jax convert``: torch checkpoint -> densenet_jax weights, or back (``--to torch``)."""
-    from densenet_jax import torch_files
+    from densenet_jax.weights import torch_files
 
     if args.to == "torch":
         if args.prefix is not None:
@@ -557,7 +556,8 @@ def export(args) -> None:
     """``densenet-jax export``: a weights file as ONNX, StableHLO or timm's Hub folder (with the
     class names the weights were trained with)."""
     from densenet_jax.export import export as write
-    from densenet_jax.weights import load, stored_class_names
+    from densenet_jax.factory import load
+    from densenet_jax.weights.format import stored_class_names
 
     model = load(args.weights)
     path = write(model, args.format, args.output, image_size=args.image_size, layout=args.layout,

@@ -13,8 +13,8 @@ from typing import Callable
 import jax
 from flax import nnx
 
-from densenet_jax.configs import DenseNetConfig
-from densenet_jax.layers import (BatchNorm, Conv2d, avg_pool_2x2, blur_pool_3x3_s2, max_pool_3x3_s1,
+from densenet_jax.model.config import DenseNetConfig
+from densenet_jax.model.layers import (BatchNorm, Conv2d, avg_pool_2x2, blur_pool_3x3_s2, max_pool_3x3_s1,
                                  max_pool_3x3_s2)
 
 Pool = Callable[[jax.Array], jax.Array]

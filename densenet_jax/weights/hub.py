@@ -4,7 +4,7 @@
 downloads, progress bars are its own). A file already in the cache is used without asking the Hub:
 published weights do not change, and so a second load makes no request at all. The weights are
 timm's layout (torchvision's key names and layouts, safetensors) and go through the same table as
-converted torchvision checkpoints (:func:`densenet_jax.interop.from_torchvision`).
+converted torchvision checkpoints (:func:`densenet_jax.weights.torch_keys.from_torchvision`).
 """
 
 from __future__ import annotations
@@ -14,41 +14,42 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
+import safetensors.numpy
+from safetensors import SafetensorError
 
-from densenet_jax.configs import DenseNetConfig
+from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.errors import CheckpointError
-from densenet_jax.pretrained import HF_HUB_PREFIX, PretrainedCfg, resolve
-from densenet_jax.weights import FORMAT, _safetensors_metadata, build, read_safetensors
+from densenet_jax.model.pretrained_cfg import PretrainedCfg
+from densenet_jax.model.registry import (HF_HUB_PREFIX, NOT_ARCHITECTURE, architecture_name, get_config, resolve,
+                                         weights_architecture)
+from densenet_jax.weights.format import FORMAT, Weights, read_safetensors, safetensors_metadata
+from densenet_jax.weights.torch_keys import from_torchvision
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 WEIGHTS_NAME = "model.safetensors"  # the file timm's repos hold the weights in (timm's HF_SAFE_WEIGHTS_NAME)
 
 
-def pretrained_model(name: str, *, pretrained_cfg_overlay: dict | None = None,
-                     rngs: nnx.Rngs | None = None, **overrides):
-    """``create_model(name, pretrained=True, ...)``: the tag's weights (``name.tag``, or a bare
-    name for timm's default tag; ``hf-hub:<repo>`` as :func:`load_hub`) with its preprocessing as
-    ``model.pretrained_cfg``.
+def pretrained_weights(name: str, pretrained_cfg_overlay: dict | None = None,
+                       architecture_fields: dict | None = None) -> Weights:
+    """The weights of pretrained tag ``name`` (``name.tag``, or a bare name for timm's default tag;
+    ``hf-hub:<repo>`` as :func:`repo_weights`), with the tag's preprocessing.
 
     ``pretrained_cfg_overlay`` replaces cfg fields, as in timm: ``dict(file=PATH)`` reads the
-    weights from a local safetensors file instead of the Hub. ``overrides`` as
-    :func:`densenet_jax.load` takes them (``num_classes``, ``in_chans``, ``features_only``, ...).
+    weights from a local safetensors file instead of the Hub, which must then hold the tag's
+    architecture as changed by ``architecture_fields`` (the config fields the caller overrides).
     Raises ValueError (CheckpointError) naming the tag or file at fault.
     """
     if name.startswith(HF_HUB_PREFIX) and not pretrained_cfg_overlay:
-        return load_hub(name[len(HF_HUB_PREFIX):], rngs=rngs, **overrides)
+        return repo_weights(name[len(HF_HUB_PREFIX):])
     cfg = resolve(name)
     if pretrained_cfg_overlay:
         cfg = PretrainedCfg.from_dict({**cfg.__dict__, **pretrained_cfg_overlay})
     if cfg.file:
         arrays, config = weights_file(cfg.file)
-        _check_tag_architecture(config, cfg, name, overrides)
-        source = str(cfg.file)
-    else:
-        source = f"{name} (hf-hub:{cfg.hf_hub_id})"
-        arrays, config = hub_weights(cfg.hf_hub_id, name)
-    return build(arrays, config, source, rngs=rngs, pretrained_cfg=cfg, **overrides)
+        _check_tag_architecture(config, cfg, name, architecture_fields or {})
+        return Weights(arrays, config, str(cfg.file), cfg)
+    arrays, config = hub_weights(cfg.hf_hub_id, name)
+    return Weights(arrays, config, f"{name} (hf-hub:{cfg.hf_hub_id})", cfg)
 
 
 def _check_tag_architecture(config: DenseNetConfig, cfg: PretrainedCfg, name: str, overrides: dict) -> None:
@@ -57,28 +58,25 @@ def _check_tag_architecture(config: DenseNetConfig, cfg: PretrainedCfg, name: st
     describes demands the same); classes, input channels and dropout may differ, as a fine-tune's.
     CheckpointError naming the file and both architectures otherwise: the tag's preprocessing on
     another network would give confident nonsense."""
-    from densenet_jax.registry import NOT_ARCHITECTURE, get_config, model_name, weights_architecture
-
     if not cfg.architecture:
         return
     fields = set(DenseNetConfig.__dataclass_fields__) - set(NOT_ARCHITECTURE)
     expected = get_config(cfg.architecture, **{k: v for k, v in overrides.items() if k in fields})
     if weights_architecture(config) != weights_architecture(expected):
-        holds = model_name(config) or (f"a DenseNet of growth rate {config.growth_rate}, blocks "
-                                       f"{config.block_config}, {config.stem} stem")
+        holds = architecture_name(config)
         raise CheckpointError(f"{cfg.file}: holds {holds}, not {name}'s {cfg.architecture}: load it "
                               "without the tag (densenet_jax.load, or predict --weights alone)")
 
 
-def load_hub(repo_id: str, *, rngs: nnx.Rngs | None = None, **overrides):
-    """``load("hf-hub:<repo>")``: a Hub repo laid out as timm's, ``config.json`` (architecture,
-    num_classes, pretrained_cfg) beside ``model.safetensors`` (torchvision's key names).
+def repo_weights(repo_id: str) -> Weights:
+    """The weights of a Hub repo laid out as timm's, ``config.json`` (architecture, num_classes,
+    pretrained_cfg) beside ``model.safetensors`` (torchvision's key names), with that preprocessing.
     Raises CheckpointError naming the repo and file at fault, for a repo that is not a DenseNet too.
     """
     config_path = download(repo_id, "config.json", f"hf-hub:{repo_id}")
     cfg = read_timm_config(config_path, repo_id)
     arrays, config = hub_weights(repo_id, f"hf-hub:{repo_id}")
-    return build(arrays, config, f"hf-hub:{repo_id}", rngs=rngs, pretrained_cfg=cfg, **overrides)
+    return Weights(arrays, config, f"hf-hub:{repo_id}", cfg)
 
 
 def read_timm_config(path: str | os.PathLike, repo_id: str) -> PretrainedCfg:
@@ -123,9 +121,6 @@ def weights_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], DenseN
     Integer buffers (BatchNorm's ``num_batches_tracked``) are dropped. CheckpointError naming the
     file for anything else: a Git LFS pointer in place of the weights, a truncated or corrupt file.
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -134,13 +129,12 @@ def weights_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], DenseN
         raise CheckpointError(f"{path}: a Git LFS pointer, not the weights (the repo's file was "
                               "pushed without Git LFS, or fetched with git without git-lfs)")
     try:
-        arrays = load(data)
-        metadata = _safetensors_metadata(data)
+        arrays = safetensors.numpy.load(data)
+        metadata = safetensors_metadata(data)
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path}: not a complete safetensors file, truncated or corrupt ({e})") from None
     if metadata.get("format") == FORMAT:
         return read_safetensors(path)
-    from densenet_jax.interop import from_torchvision
     return from_torchvision({k: v for k, v in arrays.items() if v.dtype.kind == "f"}, str(path))
 
 
