@@ -6,9 +6,9 @@ whose time is unchanged still holds the same names and is not read again; any ot
 listed afresh. A folder modified less than two seconds before it was listed is listed again next
 time too, since a change within the same timestamp tick (coarse clocks; FAT keeps 2 s) would not
 show. Files' own sizes and times are not kept: rewriting a file's content leaves the listing true
-(a file that no longer decodes is found when it is read), and a ``stat`` per file cost six times
-the listing itself here (20,000 files: 399 ms against 64 ms). The cache lives in ``~/.cache/densenet-jax/listings`` (``DENSENET_JAX_LISTINGS`` moves it;
-empty turns it off), one JSON file per listed folder, written atomically; one that is damaged or
+(a file that no longer decodes is found when it is read), and a ``stat`` per file would cost
+several times the listing itself. The cache lives in ``~/.cache/densenet-jax/listings``
+(``DENSENET_JAX_LISTINGS`` moves it; empty turns it off), one JSON file per listed folder, written atomically; one that is damaged or
 was made for another folder is ignored and rewritten.
 
 Names starting with a dot are hidden: recorded as such, never descended into (``.git``,

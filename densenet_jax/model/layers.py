@@ -20,9 +20,9 @@ from flax import nnx
 def _random(key: jax.Array, shape: tuple[int, ...], kind: str, scale: float) -> jax.Array:
     """``scale`` * standard normal, or uniform on [-scale, scale], as float32 of ``shape``.
 
-    Drawn on the host from a generator seeded by the JAX key, because XLA compiles one program per
-    kernel shape (0.7 s each on a 2-core CPU: 29 s to build densenet_40_k12). Under a trace (e.g.
-    ``nnx.eval_shape``) the key has no value, and JAX's own sampler is used.
+    Drawn on the host from a generator seeded by the JAX key, because XLA would compile one
+    sampling program per kernel shape, and a DenseNet has dozens of shapes (docs/performance.md).
+    Under a trace (e.g. ``nnx.eval_shape``) the key has no value, and JAX's own sampler is used.
     """
     if isinstance(key, jax.core.Tracer):
         if kind == "normal":
@@ -57,8 +57,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0) -
     """NHWC x HWIO convolution with torch's symmetric zero padding."""
     kernel = kernel.astype(x.dtype)
     if kernel.shape[:2] == (1, 1) and stride == 1 and padding == 0:
-        # A 1x1 convolution is a matrix product over channels, and XLA's CPU backend runs it faster
-        # as a dot: densenet121 inference went from 30.8 to 37 images/s in benchmarks/bench.py.
+        # A 1x1 convolution is a matrix product over channels, and XLA's CPU backend runs a dot
+        # faster than the same convolution (docs/performance.md).
         return pointwise_conv(x, kernel[0, 0])
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(stride, stride),
@@ -79,8 +79,7 @@ def _pointwise_forward(x, weight):
 def _pointwise_backward(residuals, grad):
     # Both gradients from one transposed copy of the output gradient, (D, N*H*W): XLA's CPU dot
     # wants its right operand contracted on the minor axis, and left to itself transposes the
-    # output gradient for the weight gradient anyway (benchmarks/bench.py, densenet121 training on
-    # the 2-core CPU: 0.64x -> 0.75x torch eager).
+    # output gradient for the weight gradient anyway, so one copy serves both.
     x, weight = residuals
     grad_t = grad.reshape(-1, grad.shape[-1]).T
     d_weight = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), grad_t, (((0,), (1,)), ((), ())))
@@ -133,8 +132,7 @@ class BatchNorm(nnx.Module):
         unbiased = var * (count / max(count - 1, 1))
         m = self.momentum
         # set_value, not [...] =: the latter compares shardings, and asking a tracer for its sharding
-        # builds an error message by walking the whole trace: 5.7 of the 8.5 s that tracing a
-        # densenet121 train step took (jax 0.10.2, flax 0.12.8).
+        # builds an error message by walking the whole trace, most of a train step's tracing time.
         self.mean.set_value(((1 - m) * self.mean[...] + m * mean).astype(self.mean.dtype))
         self.var.set_value(((1 - m) * self.var[...] + m * unbiased).astype(self.var.dtype))
 

@@ -103,7 +103,7 @@ def write_safetensors(arrays: dict[str, np.ndarray], config: DenseNetConfig, pat
 
 def _sorted_header(payload: bytes) -> bytes:
     """``payload`` with its safetensors header's keys in sorted order, so that the same weights give
-    the same bytes: safetensors 0.8 writes the metadata in a hash map's order, which changes from
+    the same bytes: safetensors writes the metadata in a hash map's order, which changes from
     one call to the next. The header stays padded with spaces to a multiple of 8 bytes (the format's
     alignment); the tensor data and its offsets are unchanged."""
     length = int.from_bytes(payload[:8], "little")
