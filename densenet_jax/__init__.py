@@ -14,5 +14,14 @@ __all__ = [
     "DenseNetConfig", "count_params", "get_config", "list_models",
     "DenseBlock", "DenseLayer", "DenseNet", "DenseNet121", "DenseNet161", "DenseNet169",
     "DenseNet201", "Transition", "create_model",
-    "DenseNetFeatures", "FeatureInfo", "feature_info",
+    "DenseNetFeatures", "FeatureInfo", "feature_info", "predict",
 ]
+
+
+def __getattr__(name: str):
+    # predict reads images with Pillow through the data pipeline (the [train] extra), which a plain
+    # ``import densenet_jax`` must not need.
+    if name == "predict":
+        from densenet_jax.inference import predict
+        return predict
+    raise AttributeError(f"module 'densenet_jax' has no attribute {name!r}")

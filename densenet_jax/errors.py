@@ -1,5 +1,7 @@
 """The exceptions a caller may want to tell apart; each message is one line naming what is at fault."""
 
+import signal
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, damaged, or does not fit the model; the message
@@ -30,7 +32,6 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM stopped training at a step boundary, after its checkpoint was written."""
 
     def __init__(self, signum: int, step: int):
-        import signal
         self.signum, self.step = signum, step
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}, checkpoint saved; "
                          "run the same command again to resume")

@@ -10,7 +10,6 @@ torchvision checkpoint gives torchvision's predictions. (``densenet-jax predict`
 import argparse
 
 import densenet_jax as dj
-from densenet_jax.predict import predict
 
 
 def main():
@@ -20,7 +19,7 @@ def main():
     args = parser.parse_args()
 
     model = dj.load(args.weights)
-    for result in predict(model, args.images, top_k=5):
+    for result in dj.predict(model, args.images, top_k=5):
         print(result["file"])
         for entry in result["top"]:
             print(f"  {entry['probability']:6.1%}  {entry['name']}")

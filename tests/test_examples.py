@@ -11,7 +11,7 @@ import torch
 
 from densenet_jax import cli
 from densenet_jax.weights.torch_keys import from_torchvision
-from densenet_jax.predict import class_names
+from densenet_jax.inference import class_names
 from densenet_jax.weights.format import write_safetensors
 from fixtures import write_cifar10, write_image_folder
 from test_predict import PHOTOS, torchvision_tensor

@@ -21,3 +21,20 @@ def test_the_library_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=300,
                          check=True).stdout
     assert out.strip().splitlines()[-1] == "[]", out[-2000:]
+
+
+BARE = """
+import sys
+import densenet_jax as dj
+print(sorted({m.split(".")[0] for m in sys.modules} & {"PIL", "grain", "sklearn", "matplotlib", "tqdm", "torch"}))
+import densenet_jax.inference
+print(dj.predict is densenet_jax.inference.predict)
+"""
+
+
+def test_import_needs_no_extra_and_predict_is_the_function():
+    """``import densenet_jax`` works with the base install (no [train] extra loaded), and
+    ``dj.predict`` is the function, also once its module has been imported."""
+    out = subprocess.run([sys.executable, "-c", BARE], capture_output=True, text=True, timeout=300,
+                         check=True).stdout.splitlines()
+    assert out[-2:] == ["[]", "True"], out

@@ -14,7 +14,7 @@ from PIL import Image
 from densenet_jax import cli
 from densenet_jax.data.images import read_image
 from densenet_jax.weights.torch_keys import from_torchvision
-from densenet_jax.predict import class_names, eval_transform
+from densenet_jax.inference import class_names, eval_transform
 from densenet_jax.weights.format import write_safetensors
 from torch_twins import state_dict_numpy, torchvision_model
 

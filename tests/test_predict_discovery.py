@@ -15,7 +15,7 @@ from PIL import Image
 import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.data.folder import find_images
-from densenet_jax.predict import image_files
+from densenet_jax.inference import image_files
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.weights.format import state_arrays, write_safetensors
 

@@ -414,7 +414,7 @@ def _held_out_folder(args, model):
     from densenet_jax.data import transforms as T
     from densenet_jax.data.datasets import check_source
     from densenet_jax.data.folder import FileSource, find_split, say_hidden
-    from densenet_jax.predict import model_cfg
+    from densenet_jax.inference import model_cfg
     from densenet_jax.model.registry import HF_HUB_PREFIX
     from densenet_jax.weights.format import stored_class_names
 
@@ -465,7 +465,7 @@ def predict(args) -> None:
     """``densenet-jax predict``: top-k classes of image files, as text or JSON."""
     import json
 
-    from densenet_jax.predict import model_transform, predict as classify
+    from densenet_jax.inference import model_transform, predict as classify
     from densenet_jax.weights.format import stored_class_names
 
     _check_at_least_one(args, "--top", "--batch-size", "--resize", "--crop")

@@ -1,4 +1,4 @@
-"""Classify image files: the preprocessing the weights carry (timm's for the pretrained tags; a
+"""Classify image files (``dj.predict``): the preprocessing the weights carry (timm's for the pretrained tags; a
 training run's own), else torchvision's; batched, top-k classes with names.
 
     results = predict(model, ["cat.jpg", "photos/"], top_k=5)
