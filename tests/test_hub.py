@@ -163,7 +163,7 @@ def test_local_file_with_in_chans_gives_timms_logits(tiny_timm, tmp_path):
     path.write_bytes(files["model.safetensors"])
     overlay = dict(file=str(path), num_classes=10)
     with pytest.raises(dj.CheckpointError, match=(  # the file is not densenet121's: said, not run
-            f"^{path}: holds a DenseNet of growth rate 8, blocks \\(2, 2, 2\\), imagenet stem, not "
+            f"^{path}: holds DenseNet\\(k=8, blocks \\(2, 2, 2\\), imagenet stem\\), not "
             "densenet121.tv_in1k's densenet121: load it without the tag")):
         dj.create_model("densenet121.tv_in1k", pretrained=True, pretrained_cfg_overlay=overlay)
     # Told the architecture the file holds, as timm is below, the file fits (timm's stem width
@@ -237,7 +237,7 @@ def test_offline_without_a_cached_copy_says_what_to_fetch(hub, hf_home, monkeypa
     with pytest.raises(SystemExit):  # another architecture under the tag: refused, in one line
         cli.main(["predict", "--model", "densenet121.tv_in1k", "--weights", str(tiny), str(PHOTO)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{tiny}: holds a DenseNet of growth rate 8" in err[0], err
+    assert len(err) == 1 and f"{tiny}: holds DenseNet(k=8, blocks (2, 2, 2), imagenet stem)" in err[0], err
     torch.manual_seed(0)
     reference = randomize(timm.create_model("densenet121"), seed=5).eval()  # the tag's architecture
     local = tmp_path / "model.safetensors"
