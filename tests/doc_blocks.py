@@ -28,7 +28,7 @@ PYTHON, SHELL, TEXT = ("python", "py"), ("bash", "sh", "shell"), ("text",)
 _FENCE = re.compile(r"^```(\S*)\s*$")
 _NOT_RUN = re.compile(r"^<!-- not run: (\S.*?) -->$")
 # Commands a shell block may use besides the ones checked below: what a user types around them.
-OTHER_COMMANDS = {"cd", "export", "source", "git", "ls", "cat", "uptime", "nvidia-smi", "time"}
+OTHER_COMMANDS = {"cd", "export", "source", "git"}
 
 
 @dataclass
