@@ -372,93 +372,17 @@ def _check_at_least_one(args, *options: str) -> None:
 
 
 def evaluate(args) -> None:
-    """``densenet-jax evaluate``: held-out loss and accuracy of a weights file. A folder's ``val/``
-    alone is read, prepared as ``predict`` prepares images for these weights, and its classes must
-    be the ones the weights were trained on (when they record them)."""
-    _check_at_least_one(args, "--batch-size")
-    _check_dataset_options(args)
-    import optax
+    """``densenet-jax evaluate``: held-out loss and accuracy of a weights file (see
+    :func:`densenet_jax.train.evaluate.evaluate_weights`)."""
+    from densenet_jax.train.evaluate import evaluate_weights
 
-    from densenet_jax.data import load_dataset
-    from densenet_jax.train import parallel
-    from densenet_jax.train.loop import PRECISIONS, evaluation_sums
-    from densenet_jax.factory import load
-
-    model = load(args.weights)
-    if args.dataset == "folder":
-        examples, preprocess, described = _held_out_folder(args, model)
-    else:
-        data = load_dataset(args.dataset, args.data_dir, args.strict, in_chans=model.config.in_chans)
-        if model.config.num_classes != data.num_classes:
-            raise ValueError(f"{args.weights}: has {model.config.num_classes} classes, "
-                             f"{args.dataset} has {data.num_classes}")
-        examples, preprocess, described = data.eval, data.preprocess, ""
-    runner = parallel.make("mesh", model, optax.identity(), compute_dtype=PRECISIONS[args.precision])
-    state = runner.place_state(runner.steps.initial)
-    sums = evaluation_sums(runner, state, examples, preprocess, args.batch_size, args.workers)
-    counted = round(sums["count"])
-    skipped = f", {len(examples) - counted} unreadable skipped" if counted < len(examples) else ""
-    print(f"{args.weights} on {args.dataset} (held-out, {counted} images{skipped}{described}): "
-          f"loss {sums['loss'] / sums['count']:.4f}, accuracy {sums['correct'] / sums['count']:.4f}")
-
-
-def _held_out_folder(args, model):
-    """``(examples, preprocess, description)`` of ``--data-dir``'s ``val/`` for ``evaluate``: its
-    images in the model's channels, the preprocessing ``predict`` uses for the weights (their
-    recorded size, resize, interpolation, mean/std; torchvision's where they record none) at
-    ``--image-size`` when given, and words saying which. DataError naming the folder for a missing
-    ``val/``, and the weights for classes other than the ones they were trained on."""
-    import dataclasses
-    from pathlib import Path
-
-    from densenet_jax.data import transforms as T
-    from densenet_jax.data.datasets import check_source
-    from densenet_jax.data.folder import FileSource, find_split, say_hidden
-    from densenet_jax.predict import model_cfg
-    from densenet_jax.model.registry import HF_HUB_PREFIX
-    from densenet_jax.weights.format import stored_class_names
-
-    check_source("folder", args.data_dir, model.config.in_chans)
-    root = Path(args.data_dir)
-    val = find_split(root, "val")
-    say_hidden(root, [f"val/{h}" for h in val.hidden])
-    if model.config.num_classes != len(val.classes):
-        raise DataError(f"{args.weights}: has {model.config.num_classes} classes, {root / 'val'} has "
-                        f"{len(val.classes)}")
-    # A Hub repo's weights (load takes hf-hub:<repo>) are no local file to read names from.
-    trained = None if args.weights.startswith(HF_HUB_PREFIX) else stored_class_names(args.weights)
-    # A folder's labels are its sorted folder names: other names, even as many, are other classes.
-    if trained is not None and trained != val.classes:
-        raise DataError(_classes_differ(args.weights, trained, root / "val", val.classes))
-    cfg = model_cfg(model)
-    source = ("the weights' preprocessing" if model.pretrained_cfg
-              else "torchvision's preprocessing (the weights record none)")
-    if args.image_size is not None:
-        # timm's --img-size: another size, the recorded crop_pct, interpolation and mean/std.
-        cfg = dataclasses.replace(cfg, input_size=(cfg.in_chans, args.image_size, args.image_size))
-        source += f" at --image-size {args.image_size}"
-    examples = FileSource(val.paths, val.labels, T.IMAGE_MODES[model.config.in_chans], args.strict)
-    return examples, T.eval_transform_from_cfg(**cfg.eval_config()), f"; {source}: {_describe(cfg)}"
-
-
-def _classes_differ(weights, trained: list[str], folder, found: list[str]) -> str:
-    """One line naming both class lists (their first few names) and their first differences."""
-    def names(classes):
-        return ", ".join(classes[:6]) + (f", ... ({len(classes)})" if len(classes) > 6 else "")
-
-    differences = [f"{i}: {a} / {b}" for i, (a, b) in enumerate(zip(trained, found)) if a != b]
-    return (f"{weights}: trained on classes [{names(trained)}], {folder} has [{names(found)}] "
-            f"(first differences, weights / folder: {'; '.join(differences[:3])})")
-
-
-def _describe(cfg) -> str:
-    """A preprocessing cfg in words: ``resize 36 bilinear, centre crop 32, RGB, mean (...), std (...)``."""
-    from densenet_jax.model.pretrained_cfg import resize_size
-
-    size = cfg.input_size[1]
-    channels = {1: "greyscale", 3: "RGB"}[cfg.in_chans]
-    return (f"resize {resize_size(size, cfg.crop_pct)} {cfg.interpolation}, centre crop {size}, {channels}, "
-            f"mean ({', '.join(f'{m:.3f}' for m in cfg.mean)}), std ({', '.join(f'{s:.3f}' for s in cfg.std)})")
+    result = evaluate_weights(args.weights, args.dataset, args.data_dir, batch_size=args.batch_size,
+                              precision=args.precision, workers=args.workers, strict=args.strict,
+                              image_size=args.image_size)
+    skipped = result.examples - result.count
+    unreadable = f", {skipped} unreadable skipped" if skipped > 0 else ""
+    print(f"{args.weights} on {args.dataset} (held-out, {result.count} images{unreadable}"
+          f"{result.preprocessing}): loss {result.loss:.4f}, accuracy {result.accuracy:.4f}")
 
 
 def predict(args) -> None:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from densenet_jax.data import Dataset, eval_batches, load_dataset, train_batches
+from densenet_jax.data import Dataset, load_dataset, train_batches
 from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import steps_per_epoch
 from densenet_jax.errors import DivergedError, Interrupted
@@ -25,6 +25,7 @@ from densenet_jax.model.registry import get_config
 from densenet_jax.train import optim, parallel, workdir
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
 from densenet_jax.train.config import PRECISIONS, TrainConfig
+from densenet_jax.train.evaluate import evaluate_state
 from densenet_jax.train.messages import (architecture_name, check_batch_statistics, epoch_line,
                                          precision_warning, startup_lines, stopped_line)
 from densenet_jax.train.report import (plot_curves, read_metrics, read_partial_epoch, write_metrics,
@@ -340,26 +341,6 @@ class _Timing:
         self.totals["seconds"] = self.base["seconds"] + now - self.started
         self.totals["timed_images"] = self.base["timed_images"] + self.timed * batch_size
         self.totals["timed_seconds"] = self.base["timed_seconds"] + now - self.clock
-
-
-def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int = 0) -> dict:
-    """Mean loss and accuracy of ``state`` on ``data``'s held-out split, over every process."""
-    sums = evaluation_sums(runner, state, data.eval, data.preprocess, batch_size, workers)
-    return {"eval_loss": sums["loss"] / sums["count"], "eval_acc": sums["correct"] / sums["count"]}
-
-
-def evaluation_sums(runner, state, examples, preprocess, batch_size: int, workers: int = 0) -> dict:
-    """Summed loss, correct predictions and ``count``, the number of ``examples`` that counted
-    (an unreadable image's stand-in counts for nothing), of ``state`` over every process, each
-    example prepared by ``preprocess``."""
-    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in eval_batches(examples, preprocess, global_batch=batch_size,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              workers=workers):
-        placed = runner.place_batch(batch["image"], batch["label"], batch["weight"])
-        for k, v in runner.fetch(runner.eval(state, *placed)).items():
-            sums[k] += v
-    return sums
 
 
 class StopSignals:
