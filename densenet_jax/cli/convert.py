@@ -10,6 +10,7 @@ HELP = "a torchvision or timm checkpoint (.pth, .pt, .safetensors) to densenet_j
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
+    """``densenet-jax convert``'s arguments and options, added to ``p``."""
     p.add_argument("input", help="a torch state dict or training checkpoint, or a safetensors file "
                    "(with --to torch: densenet_jax weights)")
     p.add_argument("output", help="the file to write")

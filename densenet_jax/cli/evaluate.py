@@ -12,6 +12,7 @@ HELP = "held-out loss and accuracy of a weights file"
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
+    """``densenet-jax evaluate``'s arguments and options, added to ``p``."""
     p.add_argument("--weights", required=True, help="a densenet_jax .safetensors")
     dataset_options(p, folder="a folder with val/ (train/ is not read)",
                     image_size_help="folder: the centre crop instead of the one the weights record "

@@ -12,6 +12,7 @@ HELP = "a weights file as ONNX, a StableHLO artifact or timm's Hub folder"
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
+    """``densenet-jax export``'s arguments and options, added to ``p``."""
     p.add_argument("output", metavar="OUT", help="the file (onnx, stablehlo) or folder (timm) to write")
     p.add_argument("--weights", required=True, help="a densenet_jax .safetensors")
     p.add_argument("--format", required=True, metavar="{onnx,stablehlo,timm}",

@@ -11,6 +11,7 @@ HELP = "the model names, their parameters and pretrained tags"
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
+    """``densenet-jax models``'s arguments and options, added to ``p``."""
     p.add_argument("--pretrained", action="store_true",
                    help="the pretrained tags: source, preprocessing, published top-1")
 

@@ -17,6 +17,7 @@ HELP = "top-5 classes of image files, prepared as the weights want"
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
+    """``densenet-jax predict``'s arguments and options, added to ``p``."""
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
     p.add_argument("--weights", default=None,
                    help="a densenet_jax .safetensors (e.g. converted torchvision); with --model, a "

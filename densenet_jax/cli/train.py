@@ -32,6 +32,7 @@ def _model_name(name: str) -> str:
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
+    """``densenet-jax train``'s arguments and options, added to ``p``."""
     d = TrainConfig()
     p.add_argument("--model", default=None, type=_model_name, metavar="NAME",
                    help=f"architecture to train from scratch: {', '.join(list_models())}, or any "
