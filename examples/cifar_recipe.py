@@ -10,7 +10,8 @@ C10+ error for DenseNet-BC L=100 k=12 and 5.24% for DenseNet L=40 k=12. --smoke 
 
 import argparse
 
-from densenet_jax.train.loop import Run, TrainConfig
+from densenet_jax.train import TrainConfig
+from densenet_jax.train.loop import Run
 
 RECIPE = dict(epochs=300, batch_size=64, lr=0.1, schedule="cifar", momentum=0.9, weight_decay=1e-4)
 

@@ -9,7 +9,8 @@ checkpoints, metrics.jsonl, curves.png and best.safetensors in --workdir, and re
 
 import argparse
 
-from densenet_jax.train.loop import Run, TrainConfig
+from densenet_jax.train import TrainConfig
+from densenet_jax.train.loop import Run
 
 
 def main():

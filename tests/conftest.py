@@ -62,7 +62,7 @@ def tiny_run(tiny_weights):
     """``make(workdir, **overrides)``: the TrainConfig of a cheap in-process run from
     ``tiny_weights`` on digits, batch 64 (22 steps an epoch, metrics read every 10), one epoch, a
     constant learning rate (so that --epochs changes leave the compiled step as it is)."""
-    from densenet_jax.train.loop import TrainConfig
+    from densenet_jax.train import TrainConfig
 
     def make(workdir, **overrides):
         options = dict(init_from=str(tiny_weights), epochs=1, batch_size=64, schedule="constant",

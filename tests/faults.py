@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint._src.path.atomicity as atomicity
 
 from densenet_jax import cli
-from densenet_jax.train import loop, parallel
+from densenet_jax.train import evaluate, loop, parallel
 from densenet_jax.train.checkpoint import Checkpoints
 
 
@@ -84,11 +84,11 @@ def before_it(fault, original):
     return both
 
 
-def waiting_for_data(n: int, fault, when: str = "come", pipeline: str = "train_batches"):
-    """``loop.<pipeline>`` whose iterators, together, run ``fault`` inside their nth ``next``: once
+def waiting_for_data(n: int, fault, when: str = "come", module=loop, pipeline: str = "train_batches"):
+    """``<module>.<pipeline>`` whose iterators, together, run ``fault`` inside their nth ``next``: once
     the batch has ``come``, as it is ``request``ed, or ``lost``: then the batch never comes, the
     pipeline failing as when its worker processes were ended (RuntimeError)."""
-    calls, original = [0], getattr(loop, pipeline)
+    calls, original = [0], getattr(module, pipeline)
 
     def batches(*args, **kwargs):
         it = original(*args, **kwargs)
@@ -116,7 +116,7 @@ def signal_at(place: str, signum: int, n: int, patch, group: bool = False) -> No
     elif place == "data-starting":  # half a second into the nth pipeline: its workers are starting
         patch(loop, "train_batches", on_nth(n, loop.train_batches, lambda *_a, **_k: threading.Timer(0.5, fault).start()))
     elif place == "eval-lost":
-        patch(loop, "eval_batches", waiting_for_data(n, fault, "lost", "eval_batches"))
+        patch(evaluate, "eval_batches", waiting_for_data(n, fault, "lost", evaluate, "eval_batches"))
     elif place == "dispatch":
         patch(parallel.Runner, "train", on_nth(n, parallel.Runner.train, fault))
     elif place in ("device", "fetch"):  # a staticmethod: stays one when wrapped

@@ -27,6 +27,7 @@ from PIL import Image
 
 import densenet_jax as dj
 from densenet_jax import DataError, cli
+from densenet_jax.cli.train import train_config
 from densenet_jax.data import load_dataset
 from densenet_jax.train import parallel
 from densenet_jax.train.loop import Run
@@ -199,7 +200,7 @@ def test_option_tests_exist_and_pass_the_option(command):
 
 
 def parse_train(*argv) -> Run:
-    return Run(cli.train_config(cli.parser().parse_args(["train", *map(str, argv)])))
+    return Run(train_config(cli.parser().parse_args(["train", *map(str, argv)])))
 
 
 def test_train_options_build_the_run(tmp_path):

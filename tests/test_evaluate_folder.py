@@ -17,6 +17,7 @@ import densenet_jax as dj
 from densenet_jax import DataError, cli
 from densenet_jax.data import load_dataset
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
+from densenet_jax.train.evaluate import evaluate_weights
 from densenet_jax.weights.format import state_arrays, write_safetensors
 from fixtures import write_image_folder
 
@@ -150,3 +151,18 @@ def test_evaluate_counts_only_the_images_that_counted(tmp_path, capsys, images):
     readable = [i for i in range(len(files)) if i != 3]
     reference = expected(weights, [files[i] for i in readable], [labels[i] for i in readable], 36, 32, MEAN, STD)
     assert loss_accuracy(line) == pytest.approx(reference, abs=5e-5)
+
+
+def test_evaluate_weights_is_what_the_command_prints(tmp_path, capsys, images):
+    """The library call behind the command: the same figures, no optimizer, the same refusals."""
+    weights = weights_file(tmp_path / "w.safetensors", class_names=CLASSES, pretrained_cfg=TRAINED_AT_32)
+    result = evaluate_weights(str(weights), "folder", str(images), batch_size=4)
+    line = evaluate(capsys, "--weights", weights, "--dataset", "folder", "--data-dir", images, "--batch-size", 4)
+    assert (result.count, result.examples) == (6, 6) and result.preprocessing in line
+    assert loss_accuracy(line) == pytest.approx((result.loss, result.accuracy), abs=5e-5)
+    for options, said in ((dict(batch_size=0), "--batch-size 0: must be at least 1"),
+                          (dict(image_size=0), "--image-size 0: must be at least 1"),
+                          (dict(precision="fp16"), "--precision 'fp16': must be one of fp32, bf16, fp64")):
+        with pytest.raises(ValueError) as error:
+            evaluate_weights(str(weights), "folder", str(images), **options)
+        assert str(error.value) == said

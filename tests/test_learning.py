@@ -4,7 +4,8 @@ that a broken trainer (labels mixed up, a gradient sign flipped, the update lost
 from flax import nnx
 
 import densenet_jax as dj
-from densenet_jax.train.loop import Run, TrainConfig
+from densenet_jax.train import TrainConfig
+from densenet_jax.train.loop import Run
 
 # Measured: 96.7% after 3 epochs (losses 1.62, 0.34, 0.20). A trainer that learns nothing stays near
 # 10% (one digit in ten); one that learns a label mix-up scores near 0 on the untouched held-out split.

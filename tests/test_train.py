@@ -12,7 +12,8 @@ from flax import nnx
 import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.train import optim, parallel
-from densenet_jax.train.loop import Run, TrainConfig
+from densenet_jax.train import TrainConfig
+from densenet_jax.train.loop import Run
 from densenet_jax.weights.format import state_arrays
 
 

@@ -17,7 +17,9 @@ import densenet_jax as dj
 import train_cli
 from densenet_jax import cli
 from densenet_jax.model.layers import SingleValueStatistics
-from densenet_jax.train.loop import Run, TrainConfig
+from densenet_jax.train import TrainConfig
+from densenet_jax.train.config import DistributedConfig
+from densenet_jax.train.loop import Run
 
 
 def tiny_weights(path, block_config=(2, 2, 2)):
@@ -68,6 +70,53 @@ def test_contradictory_or_out_of_range_options_are_one_line(argv, expected, tmp_
     line = refused([*argv, "--workdir", str(tmp_path / "run")], capsys)
     assert expected in line
     assert not (tmp_path / "run").exists()  # refused before anything started
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(lr=float("nan")), "--lr nan: must be positive"),
+    (dict(lr=float("inf")), "--lr inf: must be positive"),
+    (dict(weight_decay=float("nan")), "--weight-decay nan: must be a number, at least 0"),
+    (dict(epochs=0), "--epochs 0: must be at least 1"),
+    (dict(seed=2**32), "--seed 4294967296: must be 0 to 4294967295"),
+    (dict(momentum=1.0), "--momentum 1.0: must be at least 0 and less than 1"),
+    (dict(head_only=True), "--head-only trains only the classifier of loaded weights: add --init-from FILE"),
+    (dict(warmup_epochs=1), "--warmup-epochs 1 has no effect with --schedule cifar: only cosine warms up"),
+    (dict(data_dir="some/folder"), "--data-dir some/folder is read by --dataset cifar10, cifar100 or folder; "
+                                   "digits ships with scikit-learn"),
+    (dict(dataset="cifar10"), "--data-dir is needed for dataset cifar10"),
+    (dict(dataset="imagenet", data_dir="x"),
+     "--dataset 'imagenet': must be one of digits, cifar10, cifar100, folder"),
+    (dict(image_size=32), "--image-size 32 sets a folder's crop; --dataset digits has images of its own size"),
+    (dict(schedule="step"), "--schedule 'step': must be one of cifar, imagenet, cosine, constant"),
+    (dict(precision="fp16"), "--precision 'fp16': must be one of fp32, bf16, fp64"),
+    (dict(parallel="ddp"), "--parallel 'ddp': must be one of mesh, pmap"),
+    (dict(model="densenet_7"), "unknown model 'densenet_7'; known: densenet121, "),
+    (dict(pretrained="densenet121.ra_in1k", init_from="w.safetensors"),
+     "--pretrained densenet121.ra_in1k names the architecture and its weights: leave --model and --init-from out"),
+])
+def test_the_config_refuses_at_construction_as_the_command_does(options, expected):
+    """A script that builds a TrainConfig is stopped where the command is, in the same words."""
+    with pytest.raises(ValueError) as error:
+        TrainConfig(**options)
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+def test_the_config_fills_in_defaults_that_depend_on_other_options():
+    """Left out, the model is densenet_40_k12 unless weights name it, and a folder's crop 224."""
+    assert TrainConfig().model == "densenet_40_k12" and TrainConfig().image_size is None
+    assert TrainConfig(init_from="w.safetensors").model is None
+    assert TrainConfig(pretrained="densenet121.ra_in1k").model is None
+    assert TrainConfig(dataset="folder", data_dir="images").image_size == 224
+
+
+def test_the_distributed_options_refuse_a_partial_set_at_construction():
+    assert not DistributedConfig().several_hosts
+    with pytest.raises(ValueError, match="^several hosts need .*: --process-id missing$"):
+        DistributedConfig("127.0.0.1:1234", 2)
+    with pytest.raises(ValueError, match="^--process-id 2: must be 0 to 1 for --num-processes 2$"):
+        DistributedConfig("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ValueError, match="^--distributed-timeout 0: must be at least 1$"):
+        DistributedConfig(timeout=0)
 
 
 def test_model_that_contradicts_the_init_from_file_is_refused(tmp_path, capsys):

@@ -165,6 +165,7 @@ def test_trainer_matches_torch_sgd_in_float64(case, tmp_path, capsys):
     50% and 75%", `cosine` with `--warmup-epochs`, `--head-only` freezing the backbone and its BN
     statistics: the trainer's parameters, momentum buffers and BN statistics against torch's, 1e-9."""
     from densenet_jax import cli
+    from densenet_jax.cli.train import train_config
     from densenet_jax.data import train_batches
     from densenet_jax.weights.torch_keys import from_torchvision
     from densenet_jax.train.loop import Run
@@ -177,7 +178,7 @@ def test_trainer_matches_torch_sgd_in_float64(case, tmp_path, capsys):
     args = cli.parser().parse_args(["train", "--init-from", str(weights), "--precision", "fp64",
                                     "--epochs", "2", "--batch-size", str(BATCH), "--no-progress",
                                     "--workdir", str(tmp_path / "run"), *TRAINER_CASES[case]])
-    config = cli.train_config(args)
+    config = train_config(args)
     with jax.enable_x64(True):
         run = Run(config)
         assert run.total_steps == STEPS

@@ -11,7 +11,8 @@ from densenet_jax import cli
 from densenet_jax.errors import CheckpointError, WorkdirError
 from densenet_jax.files import atomic_write_bytes, write_folder
 from densenet_jax.train.workdir import FILE, check
-from densenet_jax.train.loop import Run, TrainConfig
+from densenet_jax.train import TrainConfig
+from densenet_jax.train.loop import Run
 from fixtures import tiny_weights_file
 
 

@@ -14,7 +14,8 @@ from densenet_jax.errors import WorkdirError
 from densenet_jax.model.registry import get_config
 from densenet_jax.data import load_dataset
 from densenet_jax.train.workdir import check, default_workdir, describe, write
-from densenet_jax.train.loop import Run, TrainConfig
+from densenet_jax.train import TrainConfig
+from densenet_jax.train.loop import Run
 from fixtures import write_cifar10
 
 

@@ -1,208 +1,34 @@
 """The ``densenet-jax`` command: ``train``, ``evaluate``, ``predict``, ``models``, ``convert`` and
-``export``."""
+``export``, one module each (its options and a ``run(args)`` that calls the library); here the
+parser that gathers them, and what every command shares: logging, the compilation cache, and user
+errors as one line on stderr."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import math
+import os
 import sys
-import time
+from types import ModuleType
 
-from densenet_jax.errors import CheckpointError, DataError, DivergedError, Interrupted
+import jax
+
+from densenet_jax.cli.options import HelpFormatter
+from densenet_jax.errors import CheckpointError, DivergedError, Interrupted
+
+COMMANDS = ("train", "evaluate", "predict", "models", "convert", "export")
 
 log = logging.getLogger("densenet_jax")
 _HANDLER = logging.StreamHandler()
 _HANDLER.setFormatter(logging.Formatter("%(message)s"))
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown for options that take a value; not for flags, where ``--no-progress``
-    would read "(default: True)", nor for None, which the help words."""
-
-    def _get_help_string(self, action):
-        if action.nargs == 0 or action.default is None:  # a flag, or a default the help describes
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _model_name(name: str) -> str:
-    """``--model``: a name get_config knows (argparse says why not, in one line)."""
-    from densenet_jax.model.registry import get_config
-
-    try:
-        get_config(name)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return name
-
-
-def _train_parser(sub) -> None:
-    from densenet_jax.model.registry import list_models
-    from densenet_jax.train.loop import TrainConfig
-
-    d = TrainConfig()
-    p = sub.add_parser("train", help="train or fine-tune a DenseNet; rerun to resume",
-                       formatter_class=_HelpFormatter)
-    p.add_argument("--model", default=None, type=_model_name, metavar="NAME",
-                   help=f"architecture to train from scratch: {', '.join(list_models())}, or any "
-                        f"densenet_<L>_k<k> / densenet_bc_<L>_k<k> of the paper's family (default "
-                        f"{d.model}; with --init-from, the file's)")
-    _dataset_options(p)
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, over all devices and hosts")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--schedule", default=d.schedule, choices=["cifar", "imagenet", "cosine", "constant"],
-                   help="cifar: lr/10 at 50%% and 75%%; imagenet: lr/10 at 1/3 and 2/3 (30 and 60 of 90 "
-                        "epochs); cosine: warm-up then cosine decay")
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up (cosine only)")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay, as torch's SGD")
-    p.add_argument("--workdir", default=argparse.SUPPRESS,
-                   help="checkpoints, metrics.jsonl, curves.png, *.safetensors; one folder per run "
-                        "(default: runs/<model>-<dataset>, the model being the --init-from file's name)")
-    p.add_argument("--init-from", default=None, metavar="FILE",
-                   help="start from these weights (.safetensors, e.g. converted torchvision); a new "
-                        "head when the class count differs")
-    p.add_argument("--head-only", action="store_true", help="train only the classifier (with --init-from)")
-    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp64"],
-                   help="bf16: compute in bfloat16, keep fp32 parameters, BN statistics and loss (for "
-                        "GPUs and TPUs: on a CPU about 7x slower than fp32); fp64: everything in "
-                        "float64, for reference runs")
-    p.add_argument("--parallel", default=d.parallel, choices=["mesh", "pmap"],
-                   help="mesh: jit over all devices, batch sharded (global BN statistics); "
-                        "pmap: a replica per device, BN synchronised across devices")
-    p.add_argument("--seed", type=int, default=d.seed, help="fixes init, data order, augmentation, dropout")
-    p.add_argument("--drop-rate", type=float, default=d.drop_rate, help="dropout after each dense layer")
-    p.add_argument("--memory-efficient", action="store_true", help="recompute concat-BN-ReLU-conv1 in backward")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
-                   help="also checkpoint every this many steps (always at each epoch's end)")
-    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
-    p.add_argument("--max-steps", type=int, default=d.max_steps,
-                   help="stop after this many steps, checkpointed (0: no limit); rerun to continue")
-    _pretrained_train_options(p)
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    _distributed_options(p)
-
-
-def _pretrained_train_options(p) -> None:
-    p.add_argument("--pretrained", default=None, metavar="TAG",
-                   help="fine-tune a pretrained tag from the Hugging Face Hub (densenet121.ra_in1k; "
-                        "`densenet-jax models --pretrained` lists them) with a new head")
-    p.add_argument("--in-chans", type=int, default=3,
-                   help="input channels: 1 reads folder images as greyscale (conv0 of pretrained "
-                        "weights adapted as timm's adapt_input_conv)")
-
-
-_FOLDER_SPLITS = "a folder with train/ and val/"
-_IMAGE_SIZE_HELP = "folder: training crop (default 224); eval resizes to 8/7 of it and centre-crops"
-
-
-def _dataset_options(p, folder: str = _FOLDER_SPLITS, image_size_help: str = _IMAGE_SIZE_HELP) -> None:
-    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10", "cifar100", "folder"],
-                   help="digits ships with scikit-learn; the others read --data-dir")
-    p.add_argument("--data-dir", default=None, help=f"cifar-10-batches-py / cifar-100-python folder, or {folder}")
-    p.add_argument("--workers", type=int, default=0, help="data loading processes (0: threads only)")
-    p.add_argument("--strict", action="store_true",
-                   help="folder: stop at an unreadable image instead of skipping it with a warning")
-    p.add_argument("--image-size", type=int, default=None, help=image_size_help)
-
-
-def _distributed_options(p) -> None:
-    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="several hosts: process 0's address, passed to jax.distributed.initialize")
-    p.add_argument("--num-processes", type=int, default=None, help="several hosts: how many")
-    p.add_argument("--process-id", type=int, default=None, help="several hosts: this one's index")
-    p.add_argument("--distributed-timeout", type=int, default=300, metavar="SECONDS",
-                   help="several hosts: how long to wait for every process to join before giving up")
-
-
-def _evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="held-out loss and accuracy of a weights file",
-                       formatter_class=_HelpFormatter)
-    p.add_argument("--weights", required=True, help="a densenet_jax .safetensors")
-    _dataset_options(p, folder="a folder with val/ (train/ is not read)",
-                     image_size_help="folder: the centre crop instead of the one the weights record "
-                                     "(their resize ratio, interpolation and mean/std kept; without a "
-                                     "record, torchvision's: resize to 8/7 of it, bilinear; default 224)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per evaluation step")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp64"],
-                   help="bf16: compute in bfloat16; fp64: in float64")
-
-
-def _predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="top-5 classes of image files, prepared as the weights want",
-                       formatter_class=_HelpFormatter)
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
-    p.add_argument("--weights", default=None,
-                   help="a densenet_jax .safetensors (e.g. converted torchvision); with --model, a "
-                        "local copy of that tag's weights (timm's model.safetensors)")
-    _pretrained_predict_options(p)
-    p.add_argument("--labels", default=None, metavar="FILE",
-                   help="class names, one per line (default: those the weights were trained with, "
-                        "ImageNet's for 1000 classes, else numbers)")
-    p.add_argument("--top", type=int, default=5, help="classes to show per image")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--resize", type=int, default=256,
-                   help="torchvision preprocessing (or weights that carry none): shorter side before the crop")
-    p.add_argument("--crop", type=int, default=224, help="torchvision preprocessing: centre crop size")
-    p.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def _pretrained_predict_options(p) -> None:
-    p.add_argument("--model", default=None, metavar="TAG",
-                   help="a pretrained tag (densenet121.tv_in1k), downloaded from the Hugging Face Hub "
-                        "on first use, or hf-hub:<repo>")
-    p.add_argument("--preprocess", default="weights", choices=["weights", "torchvision"],
-                   help="weights: the preprocessing stored with the weights (timm's for the tags); "
-                        "torchvision: resize --resize bilinear, centre crop --crop")
-    p.add_argument("--test-size", action="store_true",
-                   help="the weights' larger test size where they have one (288/0.95 for ra tags)")
-    p.add_argument("--in-chans", type=int, default=None,
-                   help="input channels (1: greyscale); adapts conv0 of 3-channel weights")
-
-
-def _models_parser(sub) -> None:
-    p = sub.add_parser("models", help="the model names, their parameters and pretrained tags")
-    p.add_argument("--pretrained", action="store_true",
-                   help="the pretrained tags: source, preprocessing, published top-1")
-
-
-_CONVERT_HELP = "a torchvision or timm checkpoint (.pth, .pt, .safetensors) to densenet_jax weights, or back"
-
-
-def _convert_parser(sub) -> None:
-    _convert_options(sub.add_parser("convert", help=_CONVERT_HELP,
-                                    formatter_class=_HelpFormatter))
-
-
-def _convert_options(p) -> None:
-    p.add_argument("input", help="a torch state dict or training checkpoint, or a safetensors file "
-                   "(with --to torch: densenet_jax weights)")
-    p.add_argument("output", help="the file to write")
-    p.add_argument("--to", default="densenet_jax", choices=["densenet_jax", "torch"],
-                   help="densenet_jax: .safetensors for densenet_jax.load; torch: a torchvision .pth "
-                        "(needs torch)")
-    p.add_argument("--prefix", default=None,
-                   help="the DenseNet to take from a file that holds several, by the key prefix "
-                        "named in the message (e.g. model_ema.module.)")
-    p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
-
-
-def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="a weights file as ONNX, a StableHLO artifact or timm's Hub folder",
-                       formatter_class=_HelpFormatter)
-    p.add_argument("output", metavar="OUT", help="the file (onnx, stablehlo) or folder (timm) to write")
-    p.add_argument("--weights", required=True, help="a densenet_jax .safetensors")
-    p.add_argument("--format", required=True, metavar="{onnx,stablehlo,timm}",
-                   help="onnx: for onnxruntime; stablehlo: jax.export, for any JAX process; timm: "
-                        "config.json and model.safetensors that timm loads as pretrained weights")
-    p.add_argument("--image-size", type=int, default=224,
-                   help="input height and width (onnx, stablehlo), timm's input_size (timm)")
-    p.add_argument("--layout", default="nhwc", metavar="{nhwc,nchw}", help="onnx: the input's layout")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+def _command(name: str) -> ModuleType:
+    """The module of the command ``name`` (``densenet_jax.cli.<name>``)."""
+    # Imported by name when used: train, evaluate and predict import the train extra (grain,
+    # Pillow), which a pip user who only converts lacks.
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -210,371 +36,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="densenet-jax",
                                 description="DenseNet in JAX: train, evaluate, predict, models, convert, export.")
     sub = p.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
-    _evaluate_parser(sub)
-    _predict_parser(sub)
-    _models_parser(sub)
-    _convert_parser(sub)
-    _export_parser(sub)
+    for name in COMMANDS:
+        module = _command(name)
+        module.add_options(sub.add_parser(name, help=module.HELP, formatter_class=HelpFormatter))
     return p
-
-
-def train_config(args: argparse.Namespace):
-    """The ``TrainConfig`` that parsed ``train`` options describe (each option sets the field of its
-    name, unless left at None for the config's default; the distributed ones are not part of it)."""
-    from densenet_jax.train.loop import TrainConfig
-
-    fields = set(TrainConfig.__dataclass_fields__)
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-
-
-def train(args) -> None:
-    """``densenet-jax train``: train or resume in ``--workdir``, then print a summary."""
-    from densenet_jax.train.loop import Run
-    from densenet_jax.model.registry import architecture_name
-
-    _check_devices(args)
-    config = train_config(args)
-    started = time.perf_counter()
-    run = Run(config)
-    result = run.fit()
-    rows = result["metrics"]
-    if rows and run.is_main:
-        best = max(rows, key=lambda r: r["eval_acc"])
-        print(f"{architecture_name(run.model.config)} on {config.dataset}: "
-              f"held-out accuracy {rows[-1]['eval_acc']:.4f} "
-              f"(best {best['eval_acc']:.4f} at epoch {best['epoch']}), step {result['step']}/"
-              f"{run.total_steps}, {time.perf_counter() - started:.0f} s")
-        print(f"results in {run.workdir}/: metrics.jsonl, curves.png, best.safetensors, "
-              f"model.safetensors (at the end), checkpoints/")
-
-
-def _check_train_options(args) -> None:
-    """Refuse, before any process joins or anything compiles, train options that are out of range
-    or contradict each other (one ValueError naming the options)."""
-    for option, value, least in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
-                                 ("--max-steps", args.max_steps, 0), ("--keep", args.keep, 1),
-                                 ("--checkpoint-every", args.checkpoint_every, 0),
-                                 ("--distributed-timeout", args.distributed_timeout, 1),
-                                 ("--in-chans", args.in_chans, 1), ("--weight-decay", args.weight_decay, 0)):
-        if value < least:
-            raise ValueError(f"{option} {value}: must be at least {least}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr {args.lr}: must be positive")
-    if not math.isfinite(args.weight_decay):
-        raise ValueError(f"--weight-decay {args.weight_decay}: must be a number, at least 0")
-    if not 0 <= args.seed < 2**32:  # what numpy's and JAX's seeds take
-        raise ValueError(f"--seed {args.seed}: must be 0 to {2**32 - 1}")
-    for option, value in (("--momentum", args.momentum), ("--drop-rate", args.drop_rate)):
-        if not 0 <= value < 1:
-            raise ValueError(f"{option} {value}: must be at least 0 and less than 1")
-    _check_dataset_options(args)
-    if args.head_only and not (args.init_from or args.pretrained):
-        raise ValueError("--head-only trains only the classifier of loaded weights: add --init-from FILE")
-    from densenet_jax.train.optim import WARMUP_SCHEDULES
-    if args.warmup_epochs and args.schedule not in WARMUP_SCHEDULES:
-        raise ValueError(f"--warmup-epochs {args.warmup_epochs} has no effect with --schedule {args.schedule}: "
-                         f"only {', '.join(WARMUP_SCHEDULES)} warms up")
-    if not 0 <= args.warmup_epochs < args.epochs:
-        raise ValueError(f"--warmup-epochs {args.warmup_epochs}: must be at least 0 and less than "
-                         f"--epochs {args.epochs}")
-    if args.init_from and args.model:
-        _check_model_matches(args.model, args.init_from)
-    if args.pretrained and (args.model or args.init_from):
-        raise ValueError(f"--pretrained {args.pretrained} names the architecture and its weights: "
-                         "leave --model and --init-from out")
-    _check_distributed_options(args)
-
-
-def _check_dataset_options(args) -> None:
-    """The options train and evaluate share, in range; a --data-dir beside the bundled digits would
-    be ignored, so it is refused."""
-    if args.workers < 0:
-        raise ValueError(f"--workers {args.workers}: must be at least 0")
-    if args.image_size is not None and args.dataset != "folder":
-        raise ValueError(f"--image-size {args.image_size} sets a folder's crop; --dataset {args.dataset} "
-                         "has images of its own size")
-    if args.image_size is not None and args.image_size < 1:
-        raise ValueError(f"--image-size {args.image_size}: must be at least 1")
-    if args.dataset == "digits" and args.data_dir is not None:
-        raise ValueError(f"--data-dir {args.data_dir} is read by --dataset cifar10, cifar100 or folder; "
-                         "digits ships with scikit-learn")
-
-
-def _check_model_matches(model: str, weights: str) -> None:
-    """``--model`` names the architecture of the ``--init-from`` file (heads aside), or is refused."""
-    from densenet_jax.model.registry import architecture_name
-    from densenet_jax.weights.format import read_safetensors
-
-    stored = read_safetensors(weights)[1]
-    if architecture_name(stored) != model:
-        raise ValueError(f"--model {model} contradicts --init-from {weights}, which holds "
-                         f"{architecture_name(stored)}: leave --model out to train the file's architecture")
-
-
-def _check_distributed_options(args) -> None:
-    """Several hosts need all three of --coordinator, --num-processes and --process-id."""
-    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
-             "--process-id": args.process_id}
-    missing = [name for name, value in given.items() if value is None]
-    if len(missing) == 3:
-        return
-    if missing:
-        raise ValueError(f"several hosts need --coordinator HOST:PORT (process 0's address), --num-processes "
-                         f"and --process-id: {' and '.join(missing)} missing")
-    if not 0 <= args.process_id < args.num_processes:
-        raise ValueError(f"--process-id {args.process_id}: must be 0 to {args.num_processes - 1} "
-                         f"for --num-processes {args.num_processes}")
-
-
-def _check_devices(args) -> None:
-    """The global batch must split evenly over processes and devices (else a raw sharding error)."""
-    import jax
-
-    processes, devices = jax.process_count(), jax.device_count()
-    if args.batch_size % devices:
-        raise ValueError(f"--batch-size {args.batch_size} does not split over {devices} devices "
-                         f"({processes} process{'es' * (processes > 1)}): use a multiple of {devices}")
-
-
-def _join_processes(args) -> None:
-    """jax.distributed.initialize, saying what it waits for; after ``--distributed-timeout`` seconds
-    without every process, one line and exit 1 (JAX itself would abort with a C++ stack trace)."""
-    import os
-    import threading
-
-    import jax
-
-    log.info("process %d of %d: waiting up to %d s for the others at %s", args.process_id,
-             args.num_processes, args.distributed_timeout, args.coordinator)
-
-    def give_up():
-        print(f"densenet-jax: error: not every one of {args.num_processes} processes joined at "
-              f"{args.coordinator} within {args.distributed_timeout} s: start the same command on every "
-              f"host, each with its --process-id (0 to {args.num_processes - 1})", file=sys.stderr, flush=True)
-        os._exit(1)
-
-    timer = threading.Timer(args.distributed_timeout, give_up)
-    timer.daemon = True
-    timer.start()
-    # JAX's own deadline later than ours, so that ours speaks first.
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               initialization_timeout=args.distributed_timeout + 60)
-    timer.cancel()
-
-
-def _check_at_least_one(args, *options: str) -> None:
-    """ValueError naming the first of ``options`` (``--batch-size`` ...) whose value is below 1."""
-    for option in options:
-        value = getattr(args, option.lstrip("-").replace("-", "_"))
-        if value < 1:
-            raise ValueError(f"{option} {value}: must be at least 1")
-
-
-def evaluate(args) -> None:
-    """``densenet-jax evaluate``: held-out loss and accuracy of a weights file. A folder's ``val/``
-    alone is read, prepared as ``predict`` prepares images for these weights, and its classes must
-    be the ones the weights were trained on (when they record them)."""
-    _check_at_least_one(args, "--batch-size")
-    _check_dataset_options(args)
-    import optax
-
-    from densenet_jax.data import load_dataset
-    from densenet_jax.train import parallel
-    from densenet_jax.train.loop import PRECISIONS, evaluation_sums
-    from densenet_jax.factory import load
-
-    model = load(args.weights)
-    if args.dataset == "folder":
-        examples, preprocess, described = _held_out_folder(args, model)
-    else:
-        data = load_dataset(args.dataset, args.data_dir, args.strict, in_chans=model.config.in_chans)
-        if model.config.num_classes != data.num_classes:
-            raise ValueError(f"{args.weights}: has {model.config.num_classes} classes, "
-                             f"{args.dataset} has {data.num_classes}")
-        examples, preprocess, described = data.eval, data.preprocess, ""
-    runner = parallel.make("mesh", model, optax.identity(), compute_dtype=PRECISIONS[args.precision])
-    state = runner.place_state(runner.steps.initial)
-    sums = evaluation_sums(runner, state, examples, preprocess, args.batch_size, args.workers)
-    counted = round(sums["count"])
-    skipped = f", {len(examples) - counted} unreadable skipped" if counted < len(examples) else ""
-    print(f"{args.weights} on {args.dataset} (held-out, {counted} images{skipped}{described}): "
-          f"loss {sums['loss'] / sums['count']:.4f}, accuracy {sums['correct'] / sums['count']:.4f}")
-
-
-def _held_out_folder(args, model):
-    """``(examples, preprocess, description)`` of ``--data-dir``'s ``val/`` for ``evaluate``: its
-    images in the model's channels, the preprocessing ``predict`` uses for the weights (their
-    recorded size, resize, interpolation, mean/std; torchvision's where they record none) at
-    ``--image-size`` when given, and words saying which. DataError naming the folder for a missing
-    ``val/``, and the weights for classes other than the ones they were trained on."""
-    import dataclasses
-    from pathlib import Path
-
-    from densenet_jax.data import transforms as T
-    from densenet_jax.data.datasets import check_source
-    from densenet_jax.data.folder import FileSource, find_split, say_hidden
-    from densenet_jax.inference import model_cfg
-    from densenet_jax.model.registry import HF_HUB_PREFIX
-    from densenet_jax.weights.format import stored_class_names
-
-    check_source("folder", args.data_dir, model.config.in_chans)
-    root = Path(args.data_dir)
-    val = find_split(root, "val")
-    say_hidden(root, [f"val/{h}" for h in val.hidden])
-    if model.config.num_classes != len(val.classes):
-        raise DataError(f"{args.weights}: has {model.config.num_classes} classes, {root / 'val'} has "
-                        f"{len(val.classes)}")
-    # A Hub repo's weights (load takes hf-hub:<repo>) are no local file to read names from.
-    trained = None if args.weights.startswith(HF_HUB_PREFIX) else stored_class_names(args.weights)
-    # A folder's labels are its sorted folder names: other names, even as many, are other classes.
-    if trained is not None and trained != val.classes:
-        raise DataError(_classes_differ(args.weights, trained, root / "val", val.classes))
-    cfg = model_cfg(model)
-    source = ("the weights' preprocessing" if model.pretrained_cfg
-              else "torchvision's preprocessing (the weights record none)")
-    if args.image_size is not None:
-        # timm's --img-size: another size, the recorded crop_pct, interpolation and mean/std.
-        cfg = dataclasses.replace(cfg, input_size=(cfg.in_chans, args.image_size, args.image_size))
-        source += f" at --image-size {args.image_size}"
-    examples = FileSource(val.paths, val.labels, T.IMAGE_MODES[model.config.in_chans], args.strict)
-    return examples, T.eval_transform_from_cfg(**cfg.eval_config()), f"; {source}: {_describe(cfg)}"
-
-
-def _classes_differ(weights, trained: list[str], folder, found: list[str]) -> str:
-    """One line naming both class lists (their first few names) and their first differences."""
-    def names(classes):
-        return ", ".join(classes[:6]) + (f", ... ({len(classes)})" if len(classes) > 6 else "")
-
-    differences = [f"{i}: {a} / {b}" for i, (a, b) in enumerate(zip(trained, found)) if a != b]
-    return (f"{weights}: trained on classes [{names(trained)}], {folder} has [{names(found)}] "
-            f"(first differences, weights / folder: {'; '.join(differences[:3])})")
-
-
-def _describe(cfg) -> str:
-    """A preprocessing cfg in words: ``resize 36 bilinear, centre crop 32, RGB, mean (...), std (...)``."""
-    from densenet_jax.model.pretrained_cfg import resize_size
-
-    size = cfg.input_size[1]
-    channels = {1: "greyscale", 3: "RGB"}[cfg.in_chans]
-    return (f"resize {resize_size(size, cfg.crop_pct)} {cfg.interpolation}, centre crop {size}, {channels}, "
-            f"mean ({', '.join(f'{m:.3f}' for m in cfg.mean)}), std ({', '.join(f'{s:.3f}' for s in cfg.std)})")
-
-
-def predict(args) -> None:
-    """``densenet-jax predict``: top-k classes of image files, as text or JSON."""
-    import json
-
-    from densenet_jax.inference import model_transform, predict as classify
-    from densenet_jax.weights.format import stored_class_names
-
-    _check_at_least_one(args, "--top", "--batch-size", "--resize", "--crop")
-
-    if args.crop > args.resize:
-        raise ValueError(f"--crop {args.crop} is larger than --resize {args.resize}: the centre crop "
-                         "is taken from the resized image")
-    model = _predict_model(args)
-    _check_test_size(args, model)
-    labels = args.labels or (stored_class_names(args.weights) if args.weights else None)
-    transform = model_transform(model, args.preprocess, args.test_size, args.resize, args.crop)
-    if not model.config.num_classes:
-        raise CheckpointError(f"{args.weights or args.model}: no classifier (a backbone, num_classes 0): "
-                              "nothing to predict until a head is trained (densenet-jax train --init-from)")
-    results = classify(model, args.images, top_k=args.top, batch_size=args.batch_size,
-                       labels=labels, strict=args.strict, transform=transform,
-                       progress=args.progress and not args.json)
-    if args.json:
-        print(json.dumps(results, indent=1))
-    else:
-        for result in filter(lambda r: "top" in r, results):  # skipped ones were named on stderr
-            print(result["file"])
-            for entry in result["top"]:
-                print(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['class']})")
-    if not any("top" in r for r in results):
-        raise DataError(f"none of the {len(results)} image(s) could be classified (all unreadable)")
-
-
-def _check_test_size(args, model) -> None:
-    """``--test-size`` only where the preprocessing comes from weights that have a test size."""
-    cfg = model.pretrained_cfg
-    if args.test_size and (args.preprocess != "weights" or cfg is None or cfg.test_input_size is None):
-        source = "--preprocess torchvision" if args.preprocess != "weights" else (args.model or args.weights)
-        raise ValueError(f"--test-size: {source} has no larger test size (the ra tags have one)")
-
-
-def _predict_model(args):
-    """The model predict runs: ``--weights FILE``, ``--model TAG`` (or ``hf-hub:<repo>``), or a tag
-    with a local copy of its weights (both)."""
-    from densenet_jax.factory import create_model, load
-    from densenet_jax.model.registry import HF_HUB_PREFIX
-
-    overrides = {} if args.in_chans is None else {"in_chans": args.in_chans}
-    if args.model is None and args.weights is None:
-        raise ValueError("give --model TAG (a pretrained tag) or --weights FILE")
-    if args.model is None:
-        return load(args.weights, **overrides)
-    if args.model.startswith(HF_HUB_PREFIX) and args.weights:
-        raise ValueError("--weights goes with a pretrained tag, not with hf-hub:<repo>")
-    overlay = {"file": args.weights} if args.weights else None
-    return create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay, **overrides)
-
-
-def models(args) -> None:
-    """``densenet-jax models``: every architecture with its parameters and pretrained tags; with
-    ``--pretrained`` every tag with its source, preprocessing and published top-1."""
-    from densenet_jax.model.config import count_params
-    from densenet_jax.model.registry import get_config, list_models
-    from densenet_jax.model.registry import TAGS, split_name
-
-    if not args.pretrained:
-        for name in list_models():
-            tags = [split_name(t)[1] for t in TAGS if split_name(t)[0] == name]
-            print(f"{name:22s} {count_params(get_config(name)):>12,d}  {', '.join(tags)}")
-        print("and any densenet_<L>_k<k> or densenet_bc_<L>_k<k>: the paper's CIFAR family at depth L, "
-              "growth rate k")
-        return
-    for tag, cfg in TAGS.items():
-        size = f"{cfg.input_size[1]}/{cfg.crop_pct}" + (
-            f" (test {cfg.test_input_size[1]}/{cfg.test_crop_pct})" if cfg.test_input_size else "")
-        top1 = "; ".join(f"{t.value:.3f} ({t.protocol})" for t in cfg.top1)
-        print(f"{tag:26s} hf-hub:{cfg.hf_hub_id}  {cfg.interpolation} {size}  top-1 {top1}")
-
-
-def convert(args) -> None:
-    """``densenet-jax convert``: torch checkpoint -> densenet_jax weights, or back (``--to torch``)."""
-    from densenet_jax.weights import torch_files
-
-    if args.to == "torch":
-        if args.prefix is not None:
-            raise ValueError("--prefix picks a DenseNet in a torch checkpoint; densenet_jax weights hold one")
-        print(torch_files.to_torch(args.input, args.output, force=args.force))
-    else:
-        print(torch_files.to_densenet_jax(args.input, args.output, prefix=args.prefix, force=args.force))
-
-
-def export(args) -> None:
-    """``densenet-jax export``: a weights file as ONNX, StableHLO or timm's Hub folder (with the
-    class names the weights were trained with)."""
-    from densenet_jax.export import export as write
-    from densenet_jax.factory import load
-    from densenet_jax.weights.format import stored_class_names
-
-    model = load(args.weights)
-    path = write(model, args.format, args.output, image_size=args.image_size, layout=args.layout,
-                 class_names=stored_class_names(args.weights), force=args.force)
-    print(f"{args.weights} -> {path} ({args.format})")
-
-
-COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "models": models, "convert": convert,
-            "export": export}
 
 
 def _enable_compilation_cache() -> None:
     """Keep compiled programs on disk so that a second run, or a resumed one, skips compilation.
     DENSENET_JAX_CACHE sets the folder; an empty value turns the cache off."""
-    import os
-
-    import jax
     folder = os.environ.get("DENSENET_JAX_CACHE", os.path.expanduser("~/.cache/densenet-jax/xla"))
     if folder:
         jax.config.update("jax_compilation_cache_dir", folder)
@@ -582,13 +52,15 @@ def _enable_compilation_cache() -> None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    """The command line, parsed. ``convert`` is parsed on its own: building train's options imports
-    the training stack (grain, Pillow: the train extra), which a pip user who only converts lacks."""
+    """The command line, parsed. ``convert`` is parsed on its own: the other commands' options
+    import the training stack (grain, Pillow: the train extra), which a pip user who only converts
+    lacks."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"]:
-        p = argparse.ArgumentParser(prog="densenet-jax convert", description=_CONVERT_HELP,
-                                    formatter_class=_HelpFormatter)
-        _convert_options(p)
+        convert = _command("convert")
+        p = argparse.ArgumentParser(prog="densenet-jax convert", description=convert.HELP,
+                                    formatter_class=HelpFormatter)
+        convert.add_options(p)
         return argparse.Namespace(command="convert", **vars(p.parse_args(argv[1:])))
     return parser().parse_args(argv)
 
@@ -605,26 +77,26 @@ def _quiet_resource_tracker() -> None:
         sys.warnoptions.append(_TRACKER_WARNING)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point; user errors end in one line on stderr and a non-zero exit status."""
-    args = _parse(argv)
-    _enable_compilation_cache()
-    # main() may run more than once in a process (tests, notebooks): one handler, on today's stderr.
+def _log_to_stderr() -> None:
+    """The library's progress lines, bare, on today's stderr: main() may run more than once in a
+    process (tests, notebooks), so with one handler."""
     _HANDLER.stream = sys.stderr
     if _HANDLER not in log.handlers:
         log.addHandler(_HANDLER)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; user errors end in one line on stderr and a non-zero exit status."""
+    args = _parse(argv)
+    _enable_compilation_cache()
+    _log_to_stderr()
     _quiet_resource_tracker()
-    import jax
     if getattr(args, "precision", None) == "fp64":
         jax.config.update("jax_enable_x64", True)
     try:
-        if args.command == "train":
-            _check_train_options(args)
-        if getattr(args, "coordinator", None):
-            _join_processes(args)
-        COMMANDS[args.command](args)
+        _command(args.command).run(args)
     except Interrupted as e:
         print(f"densenet-jax: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)  # what a shell reports for a command a signal stopped
@@ -634,7 +106,3 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, DivergedError, ValueError, FileNotFoundError) as e:
         print(f"densenet-jax: error: {e}", file=sys.stderr)
         sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

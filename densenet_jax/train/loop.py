@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from densenet_jax.data import Dataset, eval_batches, load_dataset, train_batches
+from densenet_jax.data import Dataset, load_dataset, train_batches
 from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import steps_per_epoch
 from densenet_jax.errors import DivergedError, Interrupted
@@ -24,6 +24,8 @@ from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.model.registry import get_config
 from densenet_jax.train import optim, parallel, workdir
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
+from densenet_jax.train.config import PRECISIONS, TrainConfig
+from densenet_jax.train.evaluate import evaluate_state
 from densenet_jax.train.messages import (architecture_name, check_batch_statistics, epoch_line,
                                          precision_warning, startup_lines, stopped_line)
 from densenet_jax.train.report import (plot_curves, read_metrics, read_partial_epoch, write_metrics,
@@ -31,42 +33,6 @@ from densenet_jax.train.report import (plot_curves, read_metrics, read_partial_e
 from densenet_jax.weights.format import cast, state_arrays, write_safetensors
 
 log = logging.getLogger("densenet_jax")
-
-# bf16: bfloat16 compute, fp32 parameters, statistics and loss. fp64 (with jax_enable_x64): for
-# reference runs where fp32 rounding would hide whether two set-ups compute the same thing.
-PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp64": jnp.float64}
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    model: str = "densenet_40_k12"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.1
-    schedule: optim.Schedule = "cifar"
-    warmup_epochs: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    workdir: str | None = None  # None: runs/<model>-<dataset> (workdir.default_workdir)
-    init_from: str | None = None
-    pretrained: str | None = None  # a pretrained tag (densenet121.ra_in1k) to fine-tune, from the Hub
-    in_chans: int = 3  # input channels; folder data is read as greyscale for 1
-    head_only: bool = False
-    precision: str = "fp32"
-    parallel: str = "mesh"
-    seed: int = 0
-    drop_rate: float = 0.0
-    memory_efficient: bool = False
-    checkpoint_every: int = 0  # steps; 0: at the end of every epoch
-    keep: int = 3
-    workers: int = 0
-    strict: bool = False  # folder data: an unreadable image stops the run instead of being skipped
-    image_size: int = 224  # folder data: the crop size
-    max_steps: int = 0  # stop after this many steps of this invocation (0: to the end); rerun to go on
-    progress: bool = True
-
 
 def build_model(config: TrainConfig, num_classes: int) -> DenseNet:
     """The model to train: from ``init_from`` or a ``pretrained`` tag (a new head if the class
@@ -375,26 +341,6 @@ class _Timing:
         self.totals["seconds"] = self.base["seconds"] + now - self.started
         self.totals["timed_images"] = self.base["timed_images"] + self.timed * batch_size
         self.totals["timed_seconds"] = self.base["timed_seconds"] + now - self.clock
-
-
-def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int = 0) -> dict:
-    """Mean loss and accuracy of ``state`` on ``data``'s held-out split, over every process."""
-    sums = evaluation_sums(runner, state, data.eval, data.preprocess, batch_size, workers)
-    return {"eval_loss": sums["loss"] / sums["count"], "eval_acc": sums["correct"] / sums["count"]}
-
-
-def evaluation_sums(runner, state, examples, preprocess, batch_size: int, workers: int = 0) -> dict:
-    """Summed loss, correct predictions and ``count``, the number of ``examples`` that counted
-    (an unreadable image's stand-in counts for nothing), of ``state`` over every process, each
-    example prepared by ``preprocess``."""
-    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in eval_batches(examples, preprocess, global_batch=batch_size,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              workers=workers):
-        placed = runner.place_batch(batch["image"], batch["label"], batch["weight"])
-        for k, v in runner.fetch(runner.eval(state, *placed)).items():
-            sums[k] += v
-    return sums
 
 
 class StopSignals:

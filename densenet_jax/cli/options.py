@@ -1,0 +1,35 @@
+"""What several commands' parsers share: the help layout and the data set's options."""
+
+from __future__ import annotations
+
+import argparse
+
+from densenet_jax.train.config import DATASETS, FOLDER_IMAGE_SIZE
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown for options that take a value; not for flags, where ``--no-progress``
+    would read "(default: True)", nor for None, which the help words."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None:  # a flag, or a default the help describes
+            return action.help
+        return super()._get_help_string(action)
+
+
+FOLDER_SPLITS = "a folder with train/ and val/"
+IMAGE_SIZE_HELP = (f"folder: training crop (default {FOLDER_IMAGE_SIZE}); eval resizes to 8/7 of it "
+                   "and centre-crops")
+
+
+def dataset_options(p: argparse.ArgumentParser, folder: str = FOLDER_SPLITS,
+                    image_size_help: str = IMAGE_SIZE_HELP) -> None:
+    """``--dataset``, ``--data-dir``, ``--workers``, ``--strict`` and ``--image-size``; ``folder``
+    says what a folder data set holds, ``image_size_help`` what ``--image-size`` sets."""
+    p.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="digits ships with scikit-learn; the others read --data-dir")
+    p.add_argument("--data-dir", default=None, help=f"cifar-10-batches-py / cifar-100-python folder, or {folder}")
+    p.add_argument("--workers", type=int, default=0, help="data loading processes (0: threads only)")
+    p.add_argument("--strict", action="store_true",
+                   help="folder: stop at an unreadable image instead of skipping it with a warning")
+    p.add_argument("--image-size", type=int, default=None, help=image_size_help)

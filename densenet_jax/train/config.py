@@ -1,0 +1,204 @@
+"""What a training run is asked to do, checked when it is described.
+
+:class:`TrainConfig` refuses at construction every value that is out of range or contradicts
+another, so that a script fails as ``densenet-jax train`` does: at once, in one line naming the
+command's option. What only this machine can tell (the devices a batch is split over, what a weights
+file holds, whether a folder is there) is checked by the functions below, or when the run reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+
+import jax
+import jax.numpy as jnp
+
+from densenet_jax.model.registry import architecture_name, get_config
+from densenet_jax.train import optim
+from densenet_jax.weights.format import read_safetensors
+
+# bf16: bfloat16 compute, fp32 parameters, statistics and loss. fp64 (with jax_enable_x64): for
+# reference runs where fp32 rounding would hide whether two set-ups compute the same thing.
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp64": jnp.float64}
+SCHEDULES: tuple[str, ...] = typing.get_args(optim.Schedule)
+PARALLEL = ("mesh", "pmap")
+DATASETS = ("digits", "cifar10", "cifar100", "folder")
+DEFAULT_MODEL = "densenet_40_k12"
+FOLDER_IMAGE_SIZE = 224
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A training run's settings, as ``densenet-jax train`` takes them (each field is the option of
+    its name). ValueError at construction, in one line naming the option, for a value out of range,
+    an unknown name (model, data set, schedule, precision, parallel form) or options that contradict
+    each other (see :func:`check_data_options` for the data set's)."""
+
+    # None: the architecture init_from or pretrained holds, else DEFAULT_MODEL (filled in).
+    model: str | None = None
+    dataset: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.1
+    schedule: optim.Schedule = "cifar"
+    warmup_epochs: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    workdir: str | None = None  # None: runs/<model>-<dataset> (workdir.default_workdir)
+    init_from: str | None = None
+    pretrained: str | None = None  # a pretrained tag (densenet121.ra_in1k) to fine-tune, from the Hub
+    in_chans: int = 3  # input channels; folder data is read as greyscale for 1
+    head_only: bool = False
+    precision: str = "fp32"
+    parallel: str = "mesh"
+    seed: int = 0
+    drop_rate: float = 0.0
+    memory_efficient: bool = False
+    checkpoint_every: int = 0  # steps; 0: at the end of every epoch
+    keep: int = 3
+    workers: int = 0
+    strict: bool = False  # folder data: an unreadable image stops the run instead of being skipped
+    # Folder data: the crop size (None: FOLDER_IMAGE_SIZE, filled in); the others have their own.
+    image_size: int | None = None
+    max_steps: int = 0  # stop after this many steps of this invocation (0: to the end); rerun to go on
+    progress: bool = True
+
+    def __post_init__(self):
+        check_at_least(("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                       ("--max-steps", self.max_steps, 0), ("--keep", self.keep, 1),
+                       ("--checkpoint-every", self.checkpoint_every, 0), ("--in-chans", self.in_chans, 1),
+                       ("--weight-decay", self.weight_decay, 0))
+        self._check_optimizer()
+        if not 0 <= self.seed < 2**32:  # what numpy's and JAX's seeds take
+            raise ValueError(f"--seed {self.seed}: must be 0 to {2**32 - 1}")
+        if not 0 <= self.drop_rate < 1:
+            raise ValueError(f"--drop-rate {self.drop_rate}: must be at least 0 and less than 1")
+        check_data_options(self.dataset, self.data_dir, self.workers, self.image_size)
+        self._check_starting_point()
+        check_choice("--precision", self.precision, PRECISIONS)
+        check_choice("--parallel", self.parallel, PARALLEL)
+        if self.model is None and not (self.init_from or self.pretrained):
+            self.model = DEFAULT_MODEL
+        if self.image_size is None and self.dataset == "folder":
+            self.image_size = FOLDER_IMAGE_SIZE
+
+    def _check_optimizer(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr {self.lr}: must be positive")
+        if not math.isfinite(self.weight_decay):
+            raise ValueError(f"--weight-decay {self.weight_decay}: must be a number, at least 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum {self.momentum}: must be at least 0 and less than 1")
+        check_choice("--schedule", self.schedule, SCHEDULES)
+        if self.warmup_epochs and self.schedule not in optim.WARMUP_SCHEDULES:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs} has no effect with --schedule "
+                             f"{self.schedule}: only {', '.join(optim.WARMUP_SCHEDULES)} warms up")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must be at least 0 and less than "
+                             f"--epochs {self.epochs}")
+
+    def _check_starting_point(self) -> None:
+        """The architecture and the weights it starts from: named once, by one of the options."""
+        if self.head_only and not (self.init_from or self.pretrained):
+            raise ValueError("--head-only trains only the classifier of loaded weights: add --init-from FILE")
+        if self.pretrained and (self.model or self.init_from):
+            raise ValueError(f"--pretrained {self.pretrained} names the architecture and its weights: "
+                             "leave --model and --init-from out")
+        if self.model is not None:
+            get_config(self.model)  # ValueError naming the known models
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Several hosts: process 0's ``coordinator`` address (HOST:PORT), ``num_processes`` and this
+    one's ``process_id``, all three or none; ``timeout``: seconds to wait for every process to join.
+    ValueError at construction, naming the command's options, for a partial or out-of-range set."""
+
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    timeout: int = 300
+
+    def __post_init__(self):
+        check_at_least(("--distributed-timeout", self.timeout, 1))
+        given = {"--coordinator": self.coordinator, "--num-processes": self.num_processes,
+                 "--process-id": self.process_id}
+        missing = [name for name, value in given.items() if value is None]
+        if len(missing) == len(given):
+            return
+        if missing:
+            raise ValueError(f"several hosts need --coordinator HOST:PORT (process 0's address), "
+                             f"--num-processes and --process-id: {' and '.join(missing)} missing")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"--process-id {self.process_id}: must be 0 to {self.num_processes - 1} "
+                             f"for --num-processes {self.num_processes}")
+
+    @property
+    def several_hosts(self) -> bool:
+        """Whether processes are to join (a coordinator is given)."""
+        return self.coordinator is not None
+
+
+def check_at_least(*bounds: tuple[str, float, float]) -> None:
+    """ValueError naming the first ``(option, value, least)`` whose value is below its least."""
+    for option, value, least in bounds:
+        if value < least:
+            raise ValueError(f"{option} {value}: must be at least {least}")
+
+
+def check_choice(option: str, value: str, choices) -> None:
+    """ValueError naming ``option`` and its ``choices`` unless ``value`` is one of them."""
+    if value not in choices:
+        raise ValueError(f"{option} {value!r}: must be one of {', '.join(choices)}")
+
+
+def check_data_options(dataset: str, data_dir: str | None, workers: int, image_size: int | None) -> None:
+    """What training and evaluation ask of a data set, before it is read: a known name, a
+    ``data_dir`` for the ones read from one and none beside the bundled digits (it would be
+    ignored), ``workers`` at least 0, and ``image_size`` only for a folder, at least 1. ValueError
+    in one line naming the option."""
+    check_choice("--dataset", dataset, DATASETS)
+    if workers < 0:
+        raise ValueError(f"--workers {workers}: must be at least 0")
+    if image_size is not None and dataset != "folder":
+        raise ValueError(f"--image-size {image_size} sets a folder's crop; --dataset {dataset} "
+                         "has images of its own size")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"--image-size {image_size}: must be at least 1")
+    if dataset == "digits" and data_dir is not None:
+        raise ValueError(f"--data-dir {data_dir} is read by --dataset cifar10, cifar100 or folder; "
+                         "digits ships with scikit-learn")
+    if dataset != "digits" and data_dir is None:
+        raise ValueError(f"--data-dir is needed for dataset {dataset}")
+
+
+def compute_dtype(precision: str):
+    """The dtype that ``precision`` computes in. ValueError for an unknown precision, and for fp64
+    while JAX's 64-bit mode is off (float64 arrays would silently be float32)."""
+    check_choice("--precision", precision, PRECISIONS)
+    if precision == "fp64" and not jax.config.jax_enable_x64:
+        raise ValueError("--precision fp64 needs jax_enable_x64 (JAX_ENABLE_X64=1)")
+    return PRECISIONS[precision]
+
+
+def check_model_matches(config: TrainConfig) -> None:
+    """``config.model`` names the architecture of the ``config.init_from`` file (heads aside), when
+    both are given; else ValueError. Reads the file's header (CheckpointError, FileNotFoundError)."""
+    if not (config.model and config.init_from):
+        return
+    stored = architecture_name(read_safetensors(config.init_from)[1])
+    if stored != config.model:
+        raise ValueError(f"--model {config.model} contradicts --init-from {config.init_from}, which holds "
+                         f"{stored}: leave --model out to train the file's architecture")
+
+
+def check_devices(batch_size: int) -> None:
+    """ValueError unless the global batch splits evenly over every process's devices (else a raw
+    sharding error once compiled). After ``jax.distributed.initialize``, where there are hosts."""
+    processes, devices = jax.process_count(), jax.device_count()
+    if batch_size % devices:
+        raise ValueError(f"--batch-size {batch_size} does not split over {devices} devices "
+                         f"({processes} process{'es' * (processes > 1)}): use a multiple of {devices}")
