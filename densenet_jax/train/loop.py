@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from densenet_jax.train.messages import (architecture_name, check_batch_statisti
                                          precision_warning, startup_lines, stopped_line)
 from densenet_jax.train.report import (plot_curves, read_metrics, read_partial_epoch, write_metrics,
                                        write_partial_epoch)
+from densenet_jax.train.signals import StopSignals
 from densenet_jax.weights.format import cast, state_arrays, write_safetensors
 
 log = logging.getLogger("densenet_jax")
@@ -395,33 +394,6 @@ def evaluation_sums(runner, state, examples, preprocess, batch_size: int, worker
         for k, v in runner.fetch(runner.eval(state, *placed)).items():
             sums[k] += v
     return sums
-
-
-class StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to stop at the next point it looks (before
-    another step starts, or once the one in flight is done and its metrics read), checkpointing
-    the last completed step; a second one stops at once. Handlers can only be set from the main
-    thread; elsewhere the signals keep their usual effect."""
-
-    STOPPING = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self) -> StopSignals:
-        self.received: int | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.STOPPING}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received:
-            raise KeyboardInterrupt
-        self.received = signum
-        log.warning("%s: stopping after this step, with a checkpoint (send it again to stop at once)",
-                    signal.Signals(signum).name)
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 def _progress(enabled: bool, **kwargs):
