@@ -225,7 +225,7 @@ class Run:
 
     def _restore(self, checkpoints: Checkpoints):
         initial = self.runner.steps.initial
-        # The unplaced initial state is the template: a pmap-placed one has a device axis.
+        # A host template: the checkpoint is read into numpy, then placed as the runner places states.
         restored = checkpoints.restore_latest_good(jax.tree.map(np.asarray, initial))
         if self.is_main:  # the folder is this run's now (a different one was refused by now)
             workdir.write(self.workdir, self.record)
