@@ -394,5 +394,5 @@ def evaluation_sums(runner, state, examples, preprocess, batch_size: int, worker
 
 
 def _progress(enabled: bool, **kwargs):
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: optional (the train extra), needed only once a run trains
     return tqdm(disable=not enabled, dynamic_ncols=True, leave=True, **kwargs)

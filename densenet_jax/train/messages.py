@@ -73,9 +73,8 @@ def stopped_line(step: int, steps_per_epoch: int, total_steps: int) -> str:
 
 
 def precision_warning(precision: str) -> str | None:
-    """A warning when ``precision`` is bf16 on a CPU, where XLA has no bf16 convolution or matmul
-    path here: training took about 7x as long as in fp32 on this project's 2-core CPU (measured
-    for issue 16); bf16 pays off on GPUs and TPUs."""
+    """A warning when ``precision`` is bf16 on a CPU, where XLA has no fast bf16 convolution or
+    matmul path, so that nobody takes the slowness for a fault; bf16 pays off on GPUs and TPUs."""
     if precision == "bf16" and jax.default_backend() == "cpu":
         return ("warning: --precision bf16 on a CPU is about 7x slower than fp32 (XLA:CPU has no fast "
                 "bf16 path); it is meant for GPUs and TPUs")
