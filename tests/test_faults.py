@@ -12,7 +12,8 @@ import pytest
 import faults
 from densenet_jax.errors import Interrupted
 from densenet_jax.train.checkpoint import Checkpoints
-from densenet_jax.train.loop import Run, StopSignals
+from densenet_jax.train.loop import Run
+from densenet_jax.train.signals import StopSignals
 from train_cli import RUN, assert_same_weights, train
 
 

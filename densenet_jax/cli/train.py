@@ -13,8 +13,8 @@ import jax
 
 from densenet_jax.cli.options import dataset_options
 from densenet_jax.model.registry import architecture_name, get_config, list_models
-from densenet_jax.train.config import (PARALLEL, PRECISIONS, SCHEDULES, DistributedConfig, TrainConfig,
-                                       check_devices, check_model_matches)
+from densenet_jax.train.checks import check_model_matches
+from densenet_jax.train.config import PARALLEL, PRECISIONS, SCHEDULES, DistributedConfig, TrainConfig
 from densenet_jax.train.loop import Run
 
 log = logging.getLogger("densenet_jax")
@@ -111,10 +111,9 @@ def run(args: argparse.Namespace) -> None:
     """Train or resume in ``--workdir``, then print a summary. Every option is checked before any
     process joins or anything compiles."""
     config, distributed = train_config(args), distributed_config(args)
-    check_model_matches(config)
     if distributed.several_hosts:
+        check_model_matches(config)  # before this process waits for the others (Run checks it too)
         _join_processes(distributed)
-    check_devices(config.batch_size)
     started = time.perf_counter()
     trainer = Run(config)
     result = trainer.fit()

@@ -12,12 +12,10 @@ import dataclasses
 import math
 import typing
 
-import jax
 import jax.numpy as jnp
 
-from densenet_jax.model.registry import architecture_name, get_config
+from densenet_jax.model.registry import get_config
 from densenet_jax.train import optim
-from densenet_jax.weights.format import read_safetensors
 
 # bf16: bfloat16 compute, fp32 parameters, statistics and loss. fp64 (with jax_enable_x64): for
 # reference runs where fp32 rounding would hide whether two set-ups compute the same thing.
@@ -173,32 +171,3 @@ def check_data_options(dataset: str, data_dir: str | None, workers: int, image_s
                          "digits ships with scikit-learn")
     if dataset != "digits" and data_dir is None:
         raise ValueError(f"--data-dir is needed for dataset {dataset}")
-
-
-def compute_dtype(precision: str):
-    """The dtype that ``precision`` computes in. ValueError for an unknown precision, and for fp64
-    while JAX's 64-bit mode is off (float64 arrays would silently be float32)."""
-    check_choice("--precision", precision, PRECISIONS)
-    if precision == "fp64" and not jax.config.jax_enable_x64:
-        raise ValueError("--precision fp64 needs jax_enable_x64 (JAX_ENABLE_X64=1)")
-    return PRECISIONS[precision]
-
-
-def check_model_matches(config: TrainConfig) -> None:
-    """``config.model`` names the architecture of the ``config.init_from`` file (heads aside), when
-    both are given; else ValueError. Reads the file's header (CheckpointError, FileNotFoundError)."""
-    if not (config.model and config.init_from):
-        return
-    stored = architecture_name(read_safetensors(config.init_from)[1])
-    if stored != config.model:
-        raise ValueError(f"--model {config.model} contradicts --init-from {config.init_from}, which holds "
-                         f"{stored}: leave --model out to train the file's architecture")
-
-
-def check_devices(batch_size: int) -> None:
-    """ValueError unless the global batch splits evenly over every process's devices (else a raw
-    sharding error once compiled). After ``jax.distributed.initialize``, where there are hosts."""
-    processes, devices = jax.process_count(), jax.device_count()
-    if batch_size % devices:
-        raise ValueError(f"--batch-size {batch_size} does not split over {devices} devices "
-                         f"({processes} process{'es' * (processes > 1)}): use a multiple of {devices}")

@@ -28,7 +28,8 @@ from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.pretrained_cfg import PretrainedCfg, resize_size
 from densenet_jax.model.registry import HF_HUB_PREFIX
 from densenet_jax.inference import model_cfg
-from densenet_jax.train.config import check_at_least, check_data_options, compute_dtype
+from densenet_jax.train.checks import compute_dtype
+from densenet_jax.train.config import check_at_least, check_data_options
 from densenet_jax.weights.format import stored_class_names
 
 BatchSums = Callable[[dict], dict]  # a host batch (image, label, weight) -> its summed loss, correct, count

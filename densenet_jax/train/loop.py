@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
-import threading
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from densenet_jax.data import Dataset, load_dataset, train_batches
@@ -19,17 +18,21 @@ from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import steps_per_epoch
 from densenet_jax.errors import DivergedError, Interrupted
 from densenet_jax.factory import create_model, load
-from densenet_jax.model.densenet import DenseNet, smallest_input
+from densenet_jax.model.config import DenseNetConfig
+from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.model.registry import get_config
 from densenet_jax.train import optim, parallel, workdir
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
 from densenet_jax.train.config import PRECISIONS, TrainConfig
 from densenet_jax.train.evaluate import evaluate_state
-from densenet_jax.train.messages import (architecture_name, check_batch_statistics, epoch_line,
-                                         precision_warning, startup_lines, stopped_line)
+from densenet_jax.train.checks import (check_batch_norm_inputs, check_devices, check_image_size,
+                                       check_model_matches, check_precision_available, check_steps_per_epoch)
+from densenet_jax.train.messages import epoch_line, precision_warning, startup_lines, stopped_line
+from densenet_jax.train.meter import EMPTY_TOTALS, EpochMeter
 from densenet_jax.train.report import (plot_curves, read_metrics, read_partial_epoch, write_metrics,
                                        write_partial_epoch)
+from densenet_jax.train.signals import StopSignals
 from densenet_jax.weights.format import cast, state_arrays, write_safetensors
 
 log = logging.getLogger("densenet_jax")
@@ -40,8 +43,6 @@ def build_model(config: TrainConfig, num_classes: int) -> DenseNet:
     rngs = nnx.Rngs(config.seed)
     options = dict(drop_rate=config.drop_rate, memory_efficient=config.memory_efficient,
                    in_chans=config.in_chans)
-    if config.init_from and config.pretrained:
-        raise ValueError("--init-from and --pretrained both name the starting weights: give one")
     if config.init_from:
         return load(config.init_from, num_classes=num_classes, rngs=rngs, **options)
     if config.pretrained:
@@ -49,6 +50,40 @@ def build_model(config: TrainConfig, num_classes: int) -> DenseNet:
         return create_model(config.pretrained, pretrained=True, num_classes=num_classes, rngs=rngs,
                             proj_drop_rate=options.pop("drop_rate"), **options)
     return DenseNet(get_config(config.model, num_classes=num_classes, **options), rngs=rngs)
+
+
+def training_model(config: TrainConfig, data: Dataset) -> DenseNet:
+    """:func:`build_model` for ``data``, in the run's precision, once it is known to train on
+    ``data``'s images: said before the work directory is touched or anything compiles."""
+    model = build_model(config, data.num_classes)
+    check_image_size(model.config, data.image_size, config.dataset)
+    if not config.head_only:  # a frozen backbone normalises with its running statistics
+        check_batch_norm_inputs(model, config.batch_size, data.image_size)
+    if warning := precision_warning(config.precision):
+        log.warning(warning)
+    check_precision_available(config.precision)
+    if config.precision == "fp64":
+        cast(model, jnp.float64)
+    return model
+
+
+def update_direction(config: TrainConfig) -> optax.GradientTransformation:
+    """The optimizer without its learning rate, which the loop passes to every step."""
+    tx = optim.sgd(config.momentum, config.weight_decay)
+    return optim.head_only(tx) if config.head_only else tx
+
+
+def step_store(config: TrainConfig, architecture: DenseNetConfig) -> tuple[Path, str] | None:
+    """Where the traced train step is kept for reruns (beside XLA's compilation cache, when that
+    is on), and everything the step depends on besides its code and argument shapes."""
+    cache = jax.config.jax_compilation_cache_dir
+    if not cache:
+        return None
+    # The learning rate is an argument of the step, so its schedule shapes nothing in it.
+    not_in_program = {"workdir", "max_steps", "checkpoint_every", "keep", "workers", "progress",
+                      "strict", "data_dir", "init_from", "lr", "epochs", "schedule", "warmup_epochs"}
+    shaping = {k: v for k, v in dataclasses.asdict(config).items() if k not in not_in_program}
+    return Path(cache) / "densenet-jax-steps", repr((sorted(shaping.items()), architecture))
 
 
 def preprocessing_cfg(data: Dataset) -> PretrainedCfg:
@@ -66,11 +101,17 @@ def preprocessing_cfg(data: Dataset) -> PretrainedCfg:
 
 
 class Run:
-    """One training run in its work directory; ``fit`` resumes from the latest checkpoint there."""
+    """One training run in its work directory.
+
+    Set up when made (data, model, schedule, the steps placed on the devices), refusing what cannot
+    train before the folder is touched. :meth:`fit` then restores the latest checkpoint, trains
+    epoch by epoch (each ended by an evaluation, a report and a checkpoint) and writes the final
+    weights.
+    """
 
     def __init__(self, config: TrainConfig):
-        if config.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        check_model_matches(config)
+        check_devices(config.batch_size)
         self.config = config
         self.workdir = Path(config.workdir or workdir.default_workdir(
             config.pretrained or config.model, config.dataset, config.init_from, config.data_dir))
@@ -78,48 +119,19 @@ class Run:
         # Read the data first: a bad folder fails in a second, not after compiling.
         self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict, config.image_size,
                                           config.in_chans)
-        self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size,
-                                               jax.process_count())
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"batch size {config.batch_size} exceeds the {len(self.data.train)} "
-                             "training examples")
+        self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size, jax.process_count())
+        check_steps_per_epoch(self.steps_per_epoch, config.batch_size, len(self.data.train))
         self.total_steps = config.epochs * self.steps_per_epoch
-        self.model = build_model(config, self.data.num_classes)
-        minimum = smallest_input(self.model.config)
-        if self.data.image_size < minimum:  # said before the work directory is touched
-            raise ValueError(f"images of {self.data.image_size}x{self.data.image_size} are too small for "
-                             f"{architecture_name(self.model.config)}: at least {minimum}x{minimum}"
-                             + (" (--image-size)" if config.dataset == "folder" else ""))
-        if not config.head_only:  # a frozen backbone normalises with its running statistics
-            check_batch_statistics(self.model, config.batch_size, self.data.image_size)
-        if warning := precision_warning(config.precision):
-            log.warning(warning)
-        self.first_step_seconds: float | None = None  # this process's first step: compilation
-        if config.precision == "fp64":
-            if not jax.config.jax_enable_x64:
-                raise ValueError("--precision fp64 needs jax_enable_x64 (JAX_ENABLE_X64=1)")
-            cast(self.model, jnp.float64)
+        self.model = training_model(config, self.data)
         self.schedule = optim.learning_rate(config.schedule, config.lr, self.total_steps,
                                             self.steps_per_epoch, config.warmup_epochs)
-        tx = optim.sgd(config.momentum, config.weight_decay)
-        if config.head_only:
-            tx = optim.head_only(tx)
-        self.runner = parallel.make(config.parallel, self.model, tx, self._step_store(), seed=config.seed,
+        self.runner = parallel.make(config.parallel, self.model, update_direction(config),
+                                    step_store(config, self.model.config), seed=config.seed,
                                     compute_dtype=PRECISIONS[config.precision],
                                     freeze_features=config.head_only)
-
-    def _step_store(self) -> tuple[Path, str] | None:
-        """Where the traced train step is kept for reruns (beside XLA's compilation cache, when that
-        is on), and everything the step depends on besides its code and argument shapes."""
-        cache = jax.config.jax_compilation_cache_dir
-        if not cache:
-            return None
-        # The learning rate is an argument of the step, so its schedule shapes nothing in it.
-        not_in_program = {"workdir", "max_steps", "checkpoint_every", "keep", "workers", "progress",
-                          "strict", "data_dir", "init_from", "lr", "epochs", "schedule", "warmup_epochs"}
-        shaping = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in not_in_program}
-        key = repr((sorted(shaping.items()), self.model.config))
-        return Path(cache) / "densenet-jax-steps", key
+        self.record = workdir.describe(config, self.model.config, self.data)  # what run.json holds
+        self.first_step_seconds: float | None = None  # this process's first step: compilation
+        self.rows: list[dict] = []  # metrics.jsonl's, one per evaluated epoch
 
     def fit(self) -> dict:
         """Train from the latest intact checkpoint to the end (or ``max_steps`` further).
@@ -129,70 +141,24 @@ class Run:
         nothing written or compiled, when the work directory belongs to another run (see
         :mod:`densenet_jax.train.workdir`). A run already complete is left as it is.
         """
-        c = self.config
         # Whose folder this is, checked before anything in it is created or compiled.
-        self.record = workdir.describe(c, self.model.config, self.data)
         workdir.check(self.workdir, self.record, has_checkpoints(self.workdir / "checkpoints"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        checkpoints = Checkpoints(self.workdir / "checkpoints", keep=c.keep)
+        checkpoints = Checkpoints(self.workdir / "checkpoints", keep=self.config.keep)
         try:
             with StopSignals() as signals:
-                state, step = self._train(checkpoints, signals)
+                state, start = self._restore(checkpoints)
+                self._begin(start)
+                state, step = self._train(state, start, checkpoints, signals)
         finally:
             checkpoints.close()
-        final = self.workdir / "model.safetensors"
-        # A complete run's files are left as they are; the final weights are written once (or
-        # again, if a kill came between the last checkpoint and them).
-        if step >= self.total_steps and self.is_main and (step > self.start_step or not final.exists()):
-            self._write_weights(state, final)
-            log.info("final weights: %s", final)
+        self._finish(state, start, step)
         return {"step": step, "state": state, "metrics": self.rows}
 
-    def _train(self, checkpoints: Checkpoints, signals: StopSignals):
-        c = self.config
-        state, start = self._restore(checkpoints)
-        self.start_step = start
-        if self.is_main:
-            for line in startup_lines(self, start):
-                log.info(line)
-        self.rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
-        if start >= self.total_steps:
-            log.info("%s: complete at step %d of %d; nothing to do (a larger --epochs continues it, "
-                     "another --workdir starts a new run)", self.workdir, start, self.total_steps)
-        stop = min(self.total_steps, start + c.max_steps) if c.max_steps else self.total_steps
-        step = start
-        while step < stop:
-            epoch, first = divmod(step, self.steps_per_epoch)
-            last = min(self.steps_per_epoch, first + stop - step)
-            state, step, train_metrics = self._train_epoch(state, epoch, first, last, checkpoints, signals)
-            if step % self.steps_per_epoch == 0 and step > epoch * self.steps_per_epoch:  # it ended here
-                first_step = self.first_step_seconds if epoch == start // self.steps_per_epoch else None
-                evaluation = self._evaluate_unless_stopped(state, signals)
-                if evaluation is not None:
-                    self.rows.append({"epoch": epoch + 1, "step": step, **train_metrics, **evaluation,
-                                      "first_step_seconds": first_step})
-                    self._report(state, self.rows)
-                    if self.is_main:
-                        log.info(epoch_line(self.rows[-1], c.epochs))
-            # A stop acknowledged anywhere (data wait, step, device wait, fetch, evaluation, a
-            # checkpoint write) ends here, with the last completed step checkpointed.
-            if step % self.steps_per_epoch == 0 or step == stop or signals.received:
-                self._checkpoint(checkpoints, step, state)
-            if signals.received:
-                raise Interrupted(signals.received, step)
-        if step < self.total_steps and self.is_main:
-            log.info(stopped_line(step, self.steps_per_epoch, self.total_steps))
-        return state, step
-
-    def _checkpoint(self, checkpoints: Checkpoints, step: int, state) -> None:
-        if step != checkpoints.latest_step():
-            if step % self.steps_per_epoch and self.is_main:
-                write_partial_epoch(self.workdir, step, self.totals, self.config.keep + 1)
-            checkpoints.save(step, self.runner.host_state(state))
-
     def _restore(self, checkpoints: Checkpoints):
+        """The placed state to start from and its step: the latest intact checkpoint's, or step 0's."""
         initial = self.runner.steps.initial
-        # The unplaced initial state is the template: a pmap-placed one has a device axis.
+        # A host template: the checkpoint is read into numpy, then placed as the runner places states.
         restored = checkpoints.restore_latest_good(jax.tree.map(np.asarray, initial))
         if self.is_main:  # the folder is this run's now (a different one was refused by now)
             workdir.write(self.workdir, self.record)
@@ -202,75 +168,97 @@ class Run:
         log.info("resuming from %s at step %d", checkpoints.directory, step)
         return self.runner.place_state(host), step
 
-    def _train_epoch(self, state, epoch, first, last, checkpoints, signals):
-        """Steps ``first``..``last`` of ``epoch``; returns early, every step's metrics checked, when
-        a stop signal came (the caller checkpoints)."""
+    def _begin(self, start: int) -> None:
+        """Say what trains on what, where and from which step; take up the metrics up to ``start``."""
+        if self.is_main:
+            for line in startup_lines(self.config, self.data, self.model, self.workdir, start=start,
+                                      steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps):
+                log.info(line)
+        self.rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
+        if start >= self.total_steps:
+            log.info("%s: complete at step %d of %d; nothing to do (a larger --epochs continues it, "
+                     "another --workdir starts a new run)", self.workdir, start, self.total_steps)
+
+    def _train(self, state, start: int, checkpoints: Checkpoints, signals: StopSignals):
+        """Epochs, or their parts, from step ``start`` to the end or ``max_steps`` further, each
+        ended by its evaluation and a checkpoint: (state, the step reached)."""
         c = self.config
+        stop = min(self.total_steps, start + c.max_steps) if c.max_steps else self.total_steps
+        step = start
+        while step < stop:
+            epoch, first = divmod(step, self.steps_per_epoch)
+            last = min(self.steps_per_epoch, first + stop - step)
+            state, step, meter = self._train_epoch(state, epoch, first, last, checkpoints, signals)
+            if step == (epoch + 1) * self.steps_per_epoch:  # the epoch ended, not a stop within it
+                self._end_epoch(state, epoch, meter, epoch == start // self.steps_per_epoch, signals)
+            # A stop acknowledged anywhere (data wait, step, device wait, fetch, evaluation, a
+            # checkpoint write) ends here, with the last completed step checkpointed.
+            if step % self.steps_per_epoch == 0 or step == stop or signals.received:
+                self._checkpoint(checkpoints, step, state, meter.totals)
+            if signals.received:
+                raise Interrupted(signals.received, step)
+        if step < self.total_steps and self.is_main:
+            log.info(stopped_line(step, self.steps_per_epoch, self.total_steps))
+        return state, step
+
+    def _train_epoch(self, state, epoch: int, first: int, last: int, checkpoints: Checkpoints,
+                     signals: StopSignals):
+        """Steps ``first``..``last`` of ``epoch``: (state, step, the epoch's meter). Returns early,
+        every step's metrics checked, when a stop signal came (the caller checkpoints)."""
+        c = self.config
+        step = epoch * self.steps_per_epoch + first
+        meter = EpochMeter(self._epoch_totals(step) if first else dict(EMPTY_TOTALS), c.batch_size)
         batches = train_batches(self.data.train, self.data.augment, seed=c.seed, epoch=epoch,
                                 global_batch=c.batch_size, start_step=first,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count(), workers=c.workers)
         bar = _progress(c.progress and self.is_main, total=self.steps_per_epoch, initial=first,
                         desc=f"epoch {epoch + 1}/{c.epochs}")
-        step = epoch * self.steps_per_epoch + first
-        self.totals = totals = self._epoch_totals(step) if first else dict(EMPTY_TOTALS)
-        timing = _Timing(totals)
-        pending = []
         for i in range(first, last):
-            try:
-                batch = next(batches)
-            except Exception:
-                if signals.received:  # a SIGTERM to the process group ended the data workers too
-                    break
-                raise
-            if signals.received:  # it came during the data wait: no further step
+            batch = _next_batch(batches, signals)
+            if batch is None:
                 break
-            images, labels = self.runner.place_batch(batch["image"], batch["label"])
-            dispatched = time.perf_counter()
-            state, metrics = self.runner.train(state, images, labels, self.schedule(step))
-            step += 1
-            if self.first_step_seconds is None:
-                jax.block_until_ready(metrics)
-                self.first_step_seconds = timing.untimed_step(dispatched)
-            else:
-                timing.timed += 1
-            pending.append((step, metrics))
+            state, step = self._step(state, step, batch, meter)
             save = c.checkpoint_every and step % c.checkpoint_every == 0
-            # Fetching syncs, so only every few steps; always before a checkpoint, so that no
-            # checkpoint ever holds a state that a NaN loss has touched.
-            if save or len(pending) == 10 or i + 1 == last:
-                self._fetch_metrics(pending, timing, checkpoints)
-                bar.set_postfix(loss=f"{totals['loss'] / totals['steps']:.4f}",
-                                acc=f"{totals['correct'] / (totals['steps'] * c.batch_size):.4f}",
-                                img_s=f"{images_per_second(totals, c.batch_size):.0f}")
+            # Reading metrics waits for the device, so only every few steps; always before a
+            # checkpoint, so that no checkpoint ever holds a state that a NaN loss has touched.
+            if save or len(meter.pending) == 10 or i + 1 == last:
+                self._read_metrics(meter, checkpoints)
+                bar.set_postfix(**meter.postfix())
             bar.update(1)
             if save:
-                self._checkpoint(checkpoints, step, state)
+                self._checkpoint(checkpoints, step, state, meter.totals)
             if signals.received:
                 break
         # A stop can leave steps unread (it came after this step's fetch): read them before the
         # caller checkpoints this state.
-        self._fetch_metrics(pending, timing, checkpoints)
+        self._read_metrics(meter, checkpoints)
         bar.close()
-        seen = max(totals["steps"], 1)
-        return state, step, {"train_loss": totals["loss"] / seen,
-                             "train_acc": totals["correct"] / (seen * c.batch_size),
-                             "images_per_sec": images_per_second(totals, c.batch_size),
-                             "seconds": totals["seconds"]}
+        return state, step, meter
 
-    def _fetch_metrics(self, pending: list, timing: _Timing, checkpoints: Checkpoints) -> None:
-        """Add the ``(step, metrics)`` in ``pending`` to the epoch's totals and empty it.
-        DivergedError at the first NaN or Inf loss or gradient norm."""
-        totals = timing.totals
-        for at, m in pending:
-            m = self.runner.fetch(m)
+    def _step(self, state, step: int, batch: dict, meter: EpochMeter):
+        """Dispatch the train step after ``step`` on ``batch``: (state, step + 1). This process's first
+        step is awaited, so that its time (compilation) is told apart from the others'."""
+        images, labels = self.runner.place_batch(batch["image"], batch["label"])
+        dispatched = time.perf_counter()
+        state, metrics = self.runner.train(state, images, labels, self.schedule(step))
+        first = self.first_step_seconds is None
+        if first:
+            jax.block_until_ready(metrics)
+            self.first_step_seconds = meter.first_step_done(dispatched)
+        meter.dispatched(step + 1, metrics, timed=not first)
+        return state, step + 1
+
+    def _read_metrics(self, meter: EpochMeter, checkpoints: Checkpoints) -> None:
+        """Add the pending steps' metrics to the epoch's totals. DivergedError at the first NaN or
+        Inf loss or gradient norm."""
+        for at, metrics in meter.pending:
+            m = self.runner.fetch(metrics)
             if not np.isfinite([m["loss"], m["grad_norm"]]).all():
                 raise DivergedError(at, m["loss"], m["grad_norm"], checkpoints.latest_step())
-            totals["loss"] += m["loss"]
-            totals["correct"] += m["correct"]
-        totals["steps"] += len(pending)
-        pending.clear()
-        timing.update(self.config.batch_size)
+            meter.add(m)
+        meter.pending.clear()
+        meter.update_times()
 
     def _epoch_totals(self, step: int) -> dict:
         """The running sums of the epoch that a mid-epoch checkpoint at ``step`` stopped in."""
@@ -279,6 +267,18 @@ class Run:
             log.warning("warning: no record of the steps before %d in this epoch; its train loss and "
                         "accuracy cover only the steps from %d on", step, step)
         return totals or dict(EMPTY_TOTALS)
+
+    def _end_epoch(self, state, epoch: int, meter: EpochMeter, first_epoch: bool, signals: StopSignals):
+        """Evaluate the epoch's state and report its row; nothing when a stop signal ended the
+        evaluation. The first epoch of this invocation's row times its first step apart."""
+        evaluation = self._evaluate_unless_stopped(state, signals)
+        if evaluation is None:
+            return
+        first_step = self.first_step_seconds if first_epoch else None
+        self.rows.append({"epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch, **meter.summary(),
+                          **evaluation, "first_step_seconds": first_step})
+        if self.is_main:
+            self._report(state)
 
     def _evaluate_unless_stopped(self, state, signals: StopSignals) -> dict | None:
         """The epoch's evaluation; None when a stop signal ended it (a SIGTERM to the process
@@ -294,82 +294,51 @@ class Run:
         """Loss and accuracy on the held-out split."""
         return evaluate_state(self.runner, state, self.data, self.config.batch_size, self.config.workers)
 
-    def _report(self, state, rows):
-        if not self.is_main:
-            return
-        write_metrics(self.workdir / "metrics.jsonl", rows)
-        plot_curves(self.workdir / "curves.png", rows)
-        if rows[-1]["eval_acc"] >= max(r["eval_acc"] for r in rows):
+    def _report(self, state) -> None:
+        """metrics.jsonl, curves.png, best.safetensors when this epoch is the best, and its line."""
+        write_metrics(self.workdir / "metrics.jsonl", self.rows)
+        plot_curves(self.workdir / "curves.png", self.rows)
+        if self.rows[-1]["eval_acc"] >= max(r["eval_acc"] for r in self.rows):
             self._write_weights(state, self.workdir / "best.safetensors")
+        log.info(epoch_line(self.rows[-1], self.config.epochs))
 
-    def _write_weights(self, state, path: Path):
+    def _checkpoint(self, checkpoints: Checkpoints, step: int, state, totals: dict) -> None:
+        """Save ``state`` at ``step`` unless it is saved already; a mid-epoch one with its epoch's
+        ``totals``, so that the resumed epoch reports what an uninterrupted one would."""
+        if step != checkpoints.latest_step():
+            if step % self.steps_per_epoch and self.is_main:
+                write_partial_epoch(self.workdir, step, totals, self.config.keep + 1)
+            checkpoints.save(step, self.runner.host_state(state))
+
+    def _finish(self, state, start: int, step: int) -> None:
+        """The final weights, once the run is complete: written once, or again if a kill came
+        between the last checkpoint and them; a complete run's files are left as they are."""
+        final = self.workdir / "model.safetensors"
+        if step >= self.total_steps and self.is_main and (step > start or not final.exists()):
+            self._write_weights(state, final)
+            log.info("final weights: %s", final)
+
+    def _write_weights(self, state, path: Path) -> None:
         model = self.runner.steps.model(self.runner.host_state(state))
         write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
                           model.config.replace(memory_efficient=False, drop_rate=0.0, head_drop_rate=0.0), path,
                           class_names=self.data.class_names, pretrained_cfg=preprocessing_cfg(self.data))
 
 
-# An epoch's running sums: loss and correct predictions over its steps, wall seconds, and the images
-# and seconds of the steps timed for images/s (all but a process's first, which compiles).
-EMPTY_TOTALS = {"loss": 0.0, "correct": 0.0, "steps": 0, "seconds": 0.0, "timed_images": 0, "timed_seconds": 0.0}
+def _next_batch(batches, signals: StopSignals) -> dict | None:
+    """The next batch, or None when a stop signal came while it was awaited: no further step then.
+    A SIGTERM to the process group ends the data workers too, which fails the pipeline."""
+    try:
+        batch = next(batches)
+    except Exception:
+        if signals.received:
+            return None
+        raise
+    return None if signals.received else batch
 
 
-def images_per_second(totals: dict, batch_size: int) -> float:
-    """Training throughput without compilation; when only the first step ran, with it."""
-    if totals["timed_images"]:
-        return totals["timed_images"] / totals["timed_seconds"]
-    return totals["steps"] * batch_size / max(totals["seconds"], 1e-9)
-
-
-class _Timing:
-    """Keeps an epoch's ``seconds`` and the timed images and seconds (for images/s, all steps but a
-    process's first, which compiles) in ``totals``, on top of what a resumed epoch had."""
-
-    def __init__(self, totals: dict):
-        self.totals, self.base = totals, dict(totals)
-        self.started = self.clock = time.perf_counter()  # clock: where the timed steps begin
-        self.timed = 0
-
-    def untimed_step(self, dispatched: float) -> float:
-        """The first step ended now: timing starts here; returns that step's seconds."""
-        self.clock = time.perf_counter()
-        return self.clock - dispatched
-
-    def update(self, batch_size: int) -> None:
-        """Bring the totals' times up to now."""
-        now = time.perf_counter()
-        self.totals["seconds"] = self.base["seconds"] + now - self.started
-        self.totals["timed_images"] = self.base["timed_images"] + self.timed * batch_size
-        self.totals["timed_seconds"] = self.base["timed_seconds"] + now - self.clock
-
-
-class StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to stop at the next point it looks (before
-    another step starts, or once the one in flight is done and its metrics read), checkpointing
-    the last completed step; a second one stops at once. Handlers can only be set from the main
-    thread; elsewhere the signals keep their usual effect."""
-
-    STOPPING = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self) -> StopSignals:
-        self.received: int | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.STOPPING}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received:
-            raise KeyboardInterrupt
-        self.received = signum
-        log.warning("%s: stopping after this step, with a checkpoint (send it again to stop at once)",
-                    signal.Signals(signum).name)
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 def _progress(enabled: bool, **kwargs):
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: optional (the train extra), needed only once a run trains
     return tqdm(disable=not enabled, dynamic_ncols=True, leave=True, **kwargs)

@@ -1,12 +1,14 @@
 """What a training run tells its user: a start-up block, a line per epoch, where a stopped run
-stands, and the checks that refuse a run before anything compiles."""
+stands, and a warning for a precision that is slow where it runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+from densenet_jax.data import Dataset
 from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.registry import architecture_name
 
@@ -16,23 +18,15 @@ def parameter_count(model: DenseNet) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def startup_lines(run, start: int) -> list[str]:
+def startup_lines(config, data: Dataset, model: DenseNet, workdir: Path, *, start: int,
+                  steps_per_epoch: int, total_steps: int) -> list[str]:
     """The block a run prints before its first step: what trains on what, where, and from where.
 
-    ``run`` is a :class:`densenet_jax.train.loop.Run`; ``start`` the step it starts (or resumes) at.
+    ``config`` is the run's TrainConfig; ``start`` the step it starts (or resumes) at.
     """
-    c, data, model = run.config, run.data, run.model
+    c = config
     source = f" from {c.init_from}" if c.init_from else ""
     devices = jax.device_count()
-    epoch, into = divmod(start, run.steps_per_epoch)
-    if start >= run.total_steps:
-        where = f"complete at step {start}"
-    elif into:
-        where = f"resuming at step {start} (epoch {epoch + 1}, {into} of its {run.steps_per_epoch} steps done)"
-    elif start:
-        where = f"resuming at step {start} (the start of epoch {epoch + 1})"
-    else:
-        where = "starting at step 0"
     return [
         f"model: {architecture_name(model.config)}{source}, {parameter_count(model):,} parameters, "
         f"{model.config.num_classes} classes{', head only' if c.head_only else ''}",
@@ -40,11 +34,23 @@ def startup_lines(run, start: int) -> list[str]:
         f"{data.image_size}x{data.image_size}",
         f"devices: {devices} {jax.default_backend()} device{'s' * (devices > 1)} in "
         f"{jax.process_count()} process{'es' * (jax.process_count() > 1)} ({c.parallel})",
-        f"batch {c.batch_size} ({c.batch_size // devices} per device), {run.steps_per_epoch} steps per "
-        f"epoch, {c.epochs} epochs = {run.total_steps} steps; lr {c.lr}, {c.schedule} schedule; "
+        f"batch {c.batch_size} ({c.batch_size // devices} per device), {steps_per_epoch} steps per "
+        f"epoch, {c.epochs} epochs = {total_steps} steps; lr {c.lr}, {c.schedule} schedule; "
         f"precision {c.precision}",
-        f"work directory: {run.workdir}; {where}",
+        f"work directory: {workdir}; {starting_point(start, steps_per_epoch, total_steps)}",
     ]
+
+
+def starting_point(start: int, steps_per_epoch: int, total_steps: int) -> str:
+    """Where a run starts: at step 0, resuming (at an epoch's start or within it), or complete."""
+    epoch, into = divmod(start, steps_per_epoch)
+    if start >= total_steps:
+        return f"complete at step {start}"
+    if into:
+        return f"resuming at step {start} (epoch {epoch + 1}, {into} of its {steps_per_epoch} steps done)"
+    if start:
+        return f"resuming at step {start} (the start of epoch {epoch + 1})"
+    return "starting at step 0"
 
 
 def epoch_line(row: dict, epochs: int) -> str:
@@ -67,24 +73,9 @@ def stopped_line(step: int, steps_per_epoch: int, total_steps: int) -> str:
 
 
 def precision_warning(precision: str) -> str | None:
-    """A warning when ``precision`` is bf16 on a CPU, where XLA has no bf16 convolution or matmul
-    path here: training took about 7x as long as in fp32 on this project's 2-core CPU (measured
-    for issue 16); bf16 pays off on GPUs and TPUs."""
+    """A warning when ``precision`` is bf16 on a CPU, where XLA has no fast bf16 convolution or
+    matmul path, so that nobody takes the slowness for a fault; bf16 pays off on GPUs and TPUs."""
     if precision == "bf16" and jax.default_backend() == "cpu":
         return ("warning: --precision bf16 on a CPU is about 7x slower than fp32 (XLA:CPU has no fast "
                 "bf16 path); it is meant for GPUs and TPUs")
     return None
-
-
-def check_batch_statistics(model: DenseNet, batch_size: int, image_size: int) -> None:
-    """Refuse, before compiling, a train step in which some BatchNorm would average one value per
-    channel (see :class:`densenet_jax.model.layers.SingleValueStatistics`, raised with the layer's path).
-
-    Only a global batch of 1 can do that (mesh and pmap both average over the global batch), so only
-    then is the forward pass traced, abstractly (``jax.eval_shape``: shapes only, no compilation).
-    """
-    if batch_size != 1:
-        return
-    graphdef, state = nnx.split(model)  # merged anew inside: the trace never touches ``model``
-    spec = jax.ShapeDtypeStruct((1, image_size, image_size, model.config.in_chans), jnp.float32)
-    jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, spec)

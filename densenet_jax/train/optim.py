@@ -2,8 +2,8 @@
 
 The learning rate is not part of the optimizer: the loop evaluates the schedule on the host and
 passes each step's rate to the compiled train step as an argument (:func:`apply_learning_rate`), so
-that one compiled step serves every ``--lr``, ``--epochs`` and ``--schedule`` (issue 16: baking the
-schedule into the step cost a recompilation, 16 s for the digits model, for each new value).
+that one compiled step serves every ``--lr``, ``--epochs`` and ``--schedule``: a schedule baked
+into the step would cost a recompilation for each new value.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from densenet_jax.model.densenet import DenseNet
 from densenet_jax.train.trace_cache import StoredJit
@@ -24,10 +24,13 @@ PMAP_AXIS = "batch"
 
 
 class Runner:
-    """What both forms share: run the steps on placed state and batches, read results back."""
+    """What both forms share: state replicated and the batch split over a 1-D mesh of every device;
+    run the steps on them, read results back."""
 
     steps: Steps
     rest: object
+    replicated: NamedSharding
+    sharded: NamedSharding
 
     def train(self, state, images, labels, lr: float):
         """One training step at learning rate ``lr`` on placed state and batch: (new state, metrics)."""
@@ -37,6 +40,14 @@ class Runner:
         """Sums of loss, correct predictions and weights over a placed batch."""
         return self._eval(state, self.rest, images, labels, weights)
 
+    def place_state(self, state: TrainState) -> TrainState:
+        """``state`` replicated over the mesh."""
+        return jax.device_put(state, self.replicated)
+
+    def place_batch(self, *arrays: np.ndarray) -> list[jax.Array]:
+        """This process's slice of the global batch, as one global array per input."""
+        return [jax.make_array_from_process_local_data(self.sharded, a) for a in arrays]
+
     @staticmethod
     def host_state(state: TrainState) -> TrainState:
         """The state as numpy arrays on this host (every host and device holds all of it)."""
@@ -44,8 +55,8 @@ class Runner:
 
     @staticmethod
     def fetch(metrics) -> dict[str, float]:
-        """Scalar metrics as floats (under pmap, the first device's copy: all are equal)."""
-        return {k: float(np.asarray(v.addressable_data(0)).reshape(-1)[0]) for k, v in metrics.items()}
+        """Scalar metrics as floats (every device holds the same value)."""
+        return {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
 
 
 class Mesh(Runner):
@@ -58,8 +69,12 @@ class Mesh(Runner):
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation,
                  store: tuple[Path, str] | None = None, **step_options):
         self.steps = Steps(model, tx, **step_options)
-        # Auto axes: XLA propagates the shardings (the batch split, weights replicated) by itself.
-        mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        # Auto, not make_mesh's default Explicit: the model is written without sharding
+        # annotations, and under Explicit axes JAX refuses ops whose output sharding it cannot
+        # infer (the pooling's reshape of the batch-split activations). Under Auto XLA propagates
+        # the batch split and the replicated weights itself, which makes BatchNorm's statistics the
+        # global batch's.
+        mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))
         self.rest = jax.device_put(self.steps.rest, self.replicated)
@@ -73,43 +88,43 @@ class Mesh(Runner):
                                   out_shardings=(self.replicated, self.replicated))
         self._eval = jax.jit(self.steps.eval, out_shardings=self.replicated)
 
-    def place_state(self, state: TrainState) -> TrainState:
-        """``state`` replicated over the mesh."""
-        return jax.device_put(state, self.replicated)
-
-    def place_batch(self, *arrays: np.ndarray) -> list[jax.Array]:
-        """This process's slice of the global batch, as one global array per input."""
-        return [jax.make_array_from_process_local_data(self.sharded, a) for a in arrays]
-
 
 class Pmap(Runner):
-    """pmap over this process's devices (pmap spans every process's devices under jax.distributed)."""
+    """pmap's semantics, each device a replica running the steps on its slice of the batch, with
+    BatchNorm statistics, gradients and metrics averaged or summed across the ``batch`` axis.
+
+    Written as jit over ``jax.shard_map``, which is what ``jax.pmap`` itself now runs on: the form
+    JAX maintains, without pmap's stacked per-device copies of the state.
+    """
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation, **step_options):
         self.steps = Steps(model, tx, axis_name=PMAP_AXIS, **step_options)
-        self.devices = jax.local_devices()
-        self.rest = self.steps.rest
-        self._train = jax.pmap(self.steps.train, axis_name=PMAP_AXIS, in_axes=(0, None, 0, 0, None),
-                               donate_argnums=0)
-        self._eval = jax.pmap(self.steps.eval, axis_name=PMAP_AXIS, in_axes=(0, None, 0, 0, 0))
-
-    def place_state(self, state: TrainState) -> TrainState:
-        """One copy per local device, stacked along a leading axis as pmap takes it."""
-        stacked = NamedSharding(jax.sharding.Mesh(np.array(self.devices), ("replica",)), P("replica"))
-        n = len(self.devices)
-        return jax.device_put(jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), state), stacked)
+        # pmap's device order (each process's devices together), which fixes the device, and so
+        # the dropout key, that each slice of the batch gets. Auto: shard_map sets every sharding.
+        devices = [d for i in range(jax.process_count()) for d in jax.local_devices(i)]
+        mesh = jax.sharding.Mesh(np.array(devices), (PMAP_AXIS,), axis_types=(AxisType.Auto,))
+        self.replicated = NamedSharding(mesh, P())
+        self.sharded = NamedSharding(mesh, P(PMAP_AXIS))
+        self.local_device_count = jax.local_device_count()
+        self.rest = jax.device_put(self.steps.rest, self.replicated)
+        split = P(PMAP_AXIS)
+        self._train = jax.jit(self._map(mesh, self.steps.train, (P(), P(), split, split, P())),
+                              donate_argnums=0)
+        self._eval = jax.jit(self._map(mesh, self.steps.eval, (P(), P(), split, split, split)))
 
     @staticmethod
-    def host_state(state: TrainState) -> TrainState:
-        """The first device's replica, without the device axis, as numpy arrays."""
-        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), state)
+    def _map(mesh, step, in_specs):
+        # check_vma=False, as pmap has it: the step averages each device's own gradients itself
+        # (pmean), which shard_map's replication typing does not express; with the check on, the
+        # model's custom VJPs are refused for giving per-device cotangents to replicated weights.
+        return jax.shard_map(step, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
 
-    def place_batch(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        """This process's batch split into one slice per local device."""
-        n = len(self.devices)
-        if len(arrays[0]) % n:
-            raise ValueError(f"per-process batch {len(arrays[0])} is not divisible by {n} devices")
-        return [a.reshape(n, len(a) // n, *a.shape[1:]) for a in arrays]
+    def place_batch(self, *arrays: np.ndarray) -> list[jax.Array]:
+        """This process's batch, one slice per local device."""
+        if len(arrays[0]) % self.local_device_count:
+            raise ValueError(f"per-process batch {len(arrays[0])} is not divisible by "
+                             f"{self.local_device_count} devices")
+        return super().place_batch(*arrays)
 
 
 def make(kind: str, model: DenseNet, tx: optax.GradientTransformation,

@@ -28,7 +28,7 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 def plot_curves(path: Path, rows: list[dict]) -> None:
     """Loss and accuracy against epoch, train and held-out, as a PNG."""
-    import matplotlib
+    import matplotlib  # lazy: optional (the train extra), needed only once an epoch ends
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -49,7 +49,7 @@ def plot_curves(path: Path, rows: list[dict]) -> None:
 
 
 # Beside the checkpoints, the running sums of the epoch each mid-epoch checkpoint stopped in, so that
-# a resumed epoch reports the same train loss and accuracy as an uninterrupted one (issue 16.2).
+# a resumed epoch reports the same train loss and accuracy as an uninterrupted one.
 PARTIAL = "partial_epochs.json"
 
 

@@ -27,10 +27,10 @@ class Steps:
 
     ``rest`` is what the model holds besides parameters and statistics (dropout's RNG state); it
     never changes, because dropout is reseeded from (seed, step) in every step, which keeps a resumed
-    run identical to an uninterrupted one. With ``axis_name`` the steps run under pmap/shard_map:
-    BatchNorm statistics and gradients are averaged across that axis. ``freeze_features`` runs the
-    backbone in eval mode while training (its BatchNorm statistics stay as loaded), for head-only
-    fine-tuning.
+    run identical to an uninterrupted one. With ``axis_name`` the steps run per device under
+    shard_map: BatchNorm statistics and gradients are averaged across that axis.
+    ``freeze_features`` runs the backbone in eval mode while training (its BatchNorm statistics stay
+    as loaded), for head-only fine-tuning.
     """
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation, *,

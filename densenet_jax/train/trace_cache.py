@@ -52,7 +52,7 @@ class StoredJit:
 
     def __call__(self, *args):
         leaves, treedef = jax.tree.flatten(args)
-        # Shapes and dtypes only: asking ~1,500 arrays for their sharding costs 1 ms a step, and
+        # Shapes and dtypes only: asking every array for its sharding is a cost on every step, and
         # within a process the runner always places them alike (the file's key has the shardings).
         signature = (treedef, tuple((x.shape, x.dtype) for x in leaves))
         if signature not in self._calls:

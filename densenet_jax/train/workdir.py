@@ -78,7 +78,7 @@ def describe(config, architecture, data) -> dict:
 
 def _file_identity(path: str) -> str:
     """``name (sha256 <first 12 hex digits>)``: the same file wherever it was moved, and a
-    different one under the same name told apart. Hashing reads the file (0.1 s for densenet121)."""
+    different one under the same name told apart."""
     digest = hashlib.sha256()
     with open(Path(path).expanduser(), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
