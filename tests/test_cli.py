@@ -210,7 +210,7 @@ def test_train_options_build_the_run(tmp_path):
     broken.write_bytes(b"not an image")
     strict = parse_train("--dataset", "folder", "--data-dir", root, "--strict", "--batch-size", 4,
                          "--workdir", tmp_path / "strict")
-    with pytest.raises(DataError, match="dog/0.jpg: unreadable image"):  # found when read (issue 13)
+    with pytest.raises(DataError, match="dog/0.jpg: unreadable image"):  # found when read
         strict.data.train[4]
     run = parse_train("--model", "densenet_bc_100_k12", "--dataset", "folder", "--data-dir", root,
                       "--image-size", 40, "--drop-rate", 0.1, "--memory-efficient", "--seed", 7,
@@ -260,7 +260,7 @@ def evaluate(capsys, *argv, expect: int = 0) -> tuple[float, float, str]:
 
 def direct(model, data) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` over ``data``'s held-out split, in one batch."""
-    # An unreadable image's stand-in counts for nothing in evaluation (weight 0, issue 13).
+    # An unreadable image's stand-in counts for nothing in evaluation (weight 0).
     examples = [data.preprocess(e) for e in (data.eval[i] for i in range(len(data.eval))) if not e.get("skipped")]
     images = np.stack([e["image"] for e in examples])
     labels = np.array([e["label"] for e in examples])

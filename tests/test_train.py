@@ -18,8 +18,9 @@ from densenet_jax.weights.format import state_arrays
 
 
 # bf16 against fp32, three steps of the tiny model from the same weights on the same batches
-# (README, Training): the relative loss difference per step (measured 6e-4), and the worst relative L2
-# difference of a kernel or a BN running statistic after them (measured 7e-3).
+# (docs/training.md): the relative loss difference per step, and the worst relative L2 difference of
+# a kernel or a BN running statistic after them; bounds a few times above what bf16 rounding gives
+# (docs/performance.md, "Measurements behind the code")
 BF16_LOSS, BF16_STATE = 5e-3, 2e-2
 
 
@@ -46,7 +47,7 @@ def test_schedules():
 
 def test_host_schedules_and_lr_argument_equal_optax_sgd_with_its_schedules():
     """The rate computed on the host and applied in the step gives optax.sgd's updates with optax's
-    own schedule compiled in (the form it replaced, issue 16.3)."""
+    own schedule compiled in (the form it replaced)."""
     references = {"cifar": optax.piecewise_constant_schedule(0.1, {50: 0.1, 75: 0.1}),
                   "imagenet": optax.piecewise_constant_schedule(0.1, {33: 0.1, 66: 0.1}),
                   "cosine": optax.warmup_cosine_decay_schedule(0.0, 0.1, 20, 100),
