@@ -14,12 +14,13 @@ import functools
 import hashlib
 import importlib.metadata
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
 import jax
 from jax import export
+
+from densenet_jax.files import atomic_write_bytes
 
 log = logging.getLogger("densenet_jax")
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -74,9 +75,7 @@ class StoredJit:
 
         exported = export.export(jax.jit(flat, out_shardings=self.out_sharding))(*leaves)
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(exported.serialize())
-        tmp.replace(path)
+        atomic_write_bytes(path, bytes(exported.serialize()))
         return exported
 
     def _key(self, leaves, treedef) -> str:
