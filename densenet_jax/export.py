@@ -56,8 +56,11 @@ def onnx_bytes(model: DenseNet, *, image_size: int = 224, layout: str = "nhwc") 
     (batch, in_chans, image_size, image_size) for "nchw"; batch is dynamic (the symbol ``batch``). Output
     ``logits``: float32 (batch, num_classes). The weights are initializers inside the graph.
     """
-    from jax2onnx import to_onnx
-
+    try:
+        from jax2onnx import to_onnx  # lazy: optional (the [export] extra)
+    except ImportError:
+        raise ValueError("ONNX export needs jax2onnx (the [export] extra: pip install jax2onnx "
+                         "onnxruntime)") from None
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     check_image_size(model.config, image_size)

@@ -90,6 +90,8 @@ def build_model(config: DenseNetConfig, weights: Weights | None = None, *, rngs:
         assign(model, _fitted_arrays(weights, model), source=weights.source)
         if weights.pretrained_cfg is not None:
             model.pretrained_cfg = weights.pretrained_cfg.with_in_chans(config.in_chans)
+        if config.num_classes == weights.config.num_classes:  # a new head's classes are unnamed
+            model.class_names = weights.class_names
     if not features_only:
         return model
     backbone = DenseNetFeatures(model, out_indices)

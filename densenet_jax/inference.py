@@ -58,6 +58,8 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
     Raises DataError naming a path that does not exist or a folder that cannot be listed, or saying
     that no images were found."""
     paths = list(paths)
+    if not paths:
+        raise DataError("no image files or folders given")
     files = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -99,10 +101,11 @@ def model_transform(model: DenseNet, preprocess: str = "weights", use_test_size:
     return T.eval_transform_from_cfg(**model_cfg(model, preprocess, resize, crop).eval_config(use_test_size))
 
 
-def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,
+def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,
             labels: str | Path | list[str] | None = None, resize: int = 256, crop: int = 224,
             strict: bool = False, progress: bool = False, transform: T.Compose | None = None) -> list[dict]:
-    """Top-``top_k`` classes of every image in ``paths`` (files or folders), in file order; a
+    """Top-``top_k`` classes of every image in ``paths`` (a file or folder, or several), in file
+    order, named by ``labels``, else by the names the weights record (``model.class_names``); a
     progress bar (with ``progress``) when there is more than one image. Images are prepared by
     ``transform``, by default as the weights want (:func:`model_transform`: ``model.pretrained_cfg``,
     or torchvision's ``resize``/``crop`` for weights that carry none).
@@ -113,9 +116,9 @@ def predict(model: DenseNet, paths: Iterable[str | Path], *, top_k: int = 5, bat
     """
     from tqdm import tqdm
 
-    files = image_files(paths)
+    files = image_files([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     batch_size = min(batch_size, len(files))
-    names = class_names(model.config.num_classes, labels)
+    names = class_names(model.config.num_classes, model.class_names if labels is None else labels)
     top_k = min(top_k, len(names))
     model.eval()
     forward = nnx.cached_partial(nnx.jit(lambda m, x: jax.nn.softmax(m(x), axis=-1)), model)

@@ -20,8 +20,8 @@ def main():
 
     model = dj.load(args.weights)
     for result in dj.predict(model, args.images, top_k=5):
-        print(result["file"])
-        for entry in result["top"]:
+        print(result["file"], result.get("skipped", ""))
+        for entry in result.get("top", []):
             print(f"  {entry['probability']:6.1%}  {entry['name']}")
 
 

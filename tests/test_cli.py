@@ -339,3 +339,17 @@ def test_predict_options(tmp_path, capsys):
         cli.main(["predict", "--weights", str(weights), *map(str, photos), "--strict", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and len(err) == 1 and "dog/1.jpg: unreadable image" in err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "nope"], "densenet-jax train: error: argument --model: unknown model 'nope'"),
+    (["train", "--epochs", "1e9"], "densenet-jax train: error: argument --epochs: invalid int value"),
+    (["models", "--nope"], "densenet-jax: error: unrecognized arguments: --nope"),
+    (["convert"], "densenet-jax convert: error: the following arguments are required"),
+])
+def test_what_the_command_line_refuses_is_one_line(argv, message, capsys):
+    """argparse's refusals are one line naming the option, exit status 2, not the usage block."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(message), err

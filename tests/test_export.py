@@ -26,7 +26,8 @@ from flax import nnx
 import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.errors import CheckpointError
-from densenet_jax.export import onnx_bytes, write_folder
+from densenet_jax.export import onnx_bytes
+from densenet_jax.files import write_folder
 from densenet_jax.model.layers import max_pool_3x3_s2
 from densenet_jax.weights.format import state_arrays, write_safetensors
 from conftest import flax_twin
@@ -301,3 +302,11 @@ def test_a_folder_output_is_replaced_whole_or_not_at_all(tmp_path):
     write_folder(out, {"config.json": b"{}"}, force=True)
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_bytes() == b"{}"
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]  # no temporary or old folder left
+
+
+def test_onnx_without_the_export_extra_is_one_line(monkeypatch):
+    """Without jax2onnx, the ONNX export says which extra it needs instead of a ModuleNotFoundError."""
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)  # as if not installed
+    model = dj.create_model("densenet_bc_16_k12", num_classes=3)
+    with pytest.raises(ValueError, match=r"^ONNX export needs jax2onnx \(the \[export\] extra"):
+        onnx_bytes(model, image_size=32)

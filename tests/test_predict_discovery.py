@@ -89,3 +89,19 @@ def test_predict_skips_broken_links_and_fifos_with_the_reason(tree, weights, cap
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and lines == [
         f"densenet-jax: error: {tree / 'pipe.jpg'}: unreadable image (not a regular file: a FIFO)"]
+
+
+def test_python_predict_names_the_classes_the_weights_record(tree, weights, tmp_path):
+    """dj.load keeps the class names a weights file records, dj.predict names the classes with them
+    (as the command does), dj.save writes them back, and a new head's classes are unnamed."""
+    model = dj.load(weights)
+    assert model.class_names == ["x", "y", "z"]
+    (result,) = dj.predict(model, tree / "a.png", top_k=3)  # one path, not a list of them
+    cli_top = json.loads(json.dumps(result["top"]))
+    assert sorted(entry["name"] for entry in result["top"]) == ["x", "y", "z"]
+    assert [entry["name"] for entry in cli_top] == [["x", "y", "z"][entry["class"]] for entry in cli_top]
+    dj.save(model, tmp_path / "again.safetensors")
+    assert dj.load(tmp_path / "again.safetensors").class_names == ["x", "y", "z"]
+    assert dj.load(weights, num_classes=5).class_names is None
+    with pytest.raises(dj.DataError, match="^no image files or folders given$"):
+        dj.predict(model, [])

@@ -318,7 +318,7 @@ def test_convert_needs_torch_for_pickles_only(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("exit 1") == 2, result.stdout
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 2 and all("pip install densenet-jax[convert]" in line for line in lines), lines
+    assert len(lines) == 2 and all("the [convert] extra: pip install torch torchvision" in line for line in lines), lines
     assert "tv.pth" in lines[0] and "again.pth" in lines[1], lines
     np.testing.assert_array_equal(conv_kernel(dj.load(out)), torch_kernel(model))
     assert not (tmp_path / "again.pth").exists()

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -41,14 +42,14 @@ def refused(argv, capsys) -> str:
     (["--epochs", "0"], "--epochs 0: must be at least 1"),
     (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
     (["--max-steps", "-1"], "--max-steps -1: must be at least 0"),
-    (["--lr", "0"], "--lr 0.0: must be positive"),
+    (["--lr", "0"], "--lr 0.0: must be a positive number"),
     (["--momentum", "5"], "--momentum 5.0: must be at least 0 and less than 1"),
     (["--drop-rate", "-0.1"], "--drop-rate -0.1: must be at least 0 and less than 1"),
     (["--weight-decay", "-1"], "--weight-decay -1.0: must be at least 0"),
     (["--workers", "-2"], "--workers -2: must be at least 0"),
     (["--dataset", "folder", "--data-dir", "nowhere", "--image-size", "0"], "--image-size 0: must be at least 1"),
     (["--image-size", "16"], "--image-size 16 sets a folder's crop; --dataset digits has images of its own size"),
-    (["--lr", "nan"], "--lr nan: must be positive"),
+    (["--lr", "nan"], "--lr nan: must be a positive number"),
     (["--weight-decay", "inf"], "--weight-decay inf: must be a number, at least 0"),
     (["--seed", "-1"], "--seed -1: must be 0 to 4294967295"),
     (["--seed", "99999999999999999999"], "--seed 99999999999999999999: must be 0 to 4294967295"),
@@ -73,10 +74,11 @@ def test_contradictory_or_out_of_range_options_are_one_line(argv, expected, tmp_
 
 
 @pytest.mark.parametrize("options, expected", [
-    (dict(lr=float("nan")), "--lr nan: must be positive"),
-    (dict(lr=float("inf")), "--lr inf: must be positive"),
+    (dict(lr=float("nan")), "--lr nan: must be a positive number"),
+    (dict(lr=float("inf")), "--lr inf: must be a positive number"),
     (dict(weight_decay=float("nan")), "--weight-decay nan: must be a number, at least 0"),
     (dict(epochs=0), "--epochs 0: must be at least 1"),
+    (dict(workdir=""), "--workdir '': name a folder"),
     (dict(seed=2**32), "--seed 4294967296: must be 0 to 4294967295"),
     (dict(momentum=1.0), "--momentum 1.0: must be at least 0 and less than 1"),
     (dict(head_only=True), "--head-only trains only the classifier of loaded weights: add --init-from FILE"),
@@ -99,6 +101,22 @@ def test_the_config_refuses_at_construction_as_the_command_does(options, expecte
     with pytest.raises(ValueError) as error:
         TrainConfig(**options)
     assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(epochs=1.5), "--epochs 1.5: must be an integer"),
+    (dict(epochs="3"), "--epochs '3': must be an integer"),
+    (dict(batch_size=True), "--batch-size True: must be an integer"),
+    (dict(seed=1.5), "--seed 1.5: must be an integer"),
+    (dict(lr="0.1"), "--lr '0.1': must be a number"),
+    (dict(head_only=1), "--head-only 1: must be True or False"),
+    (dict(model=121), "--model 121: must be a string"),
+])
+def test_the_config_refuses_values_of_another_type(options, expected):
+    """A wrong type is named at construction, not found by a crash after an epoch of training."""
+    with pytest.raises(TypeError, match=f"^{re.escape(expected)}$"):
+        TrainConfig(**options)
+    TrainConfig(epochs=np.int64(2), lr=np.float32(0.1))  # numpy's numbers are numbers
 
 
 def test_the_config_fills_in_defaults_that_depend_on_other_options():

@@ -63,6 +63,16 @@ def test_images_too_small_are_refused_before_the_work_directory_is_touched(tmp_p
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("where, message", [("afile", "is a file"), ("afile/sub/run", "lies under")])
+def test_a_workdir_that_cannot_be_a_folder_is_one_line(tmp_path, where, message):
+    """A --workdir that is a file, or lies under one, is refused before any work, naming it."""
+    (tmp_path / "afile").write_text("mine")
+    workdir = tmp_path / where
+    with pytest.raises(WorkdirError, match=f"^--workdir {workdir}: {message}"):
+        Run(TrainConfig(model="densenet_bc_16_k12", workdir=str(workdir)))
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_a_run_that_never_checkpointed_does_not_claim_its_folder(tmp_path):
     record = {"identity": {"batch_size": 8}, "optimizer": {}}
     (tmp_path / FILE).write_text(json.dumps({"identity": {"batch_size": 16}, "optimizer": {}}))

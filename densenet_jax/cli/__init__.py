@@ -31,9 +31,17 @@ def _command(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusals are one line (``densenet-jax train: error: ...``, exit
+    status 2) rather than the whole usage block: ``--help`` shows that."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``densenet-jax`` argument parser, with its subcommands."""
-    p = argparse.ArgumentParser(prog="densenet-jax",
+    p = Parser(prog="densenet-jax",
                                 description="DenseNet in JAX: train, evaluate, predict, models, convert, export.")
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
@@ -58,8 +66,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["convert"]:
         convert = _command("convert")
-        p = argparse.ArgumentParser(prog="densenet-jax convert", description=convert.HELP,
-                                    formatter_class=HelpFormatter)
+        p = Parser(prog="densenet-jax convert", description=convert.HELP, formatter_class=HelpFormatter)
         convert.add_options(p)
         return argparse.Namespace(command="convert", **vars(p.parse_args(argv[1:])))
     return parser().parse_args(argv)

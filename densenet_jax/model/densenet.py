@@ -188,10 +188,12 @@ class DenseNet(nnx.Module):
     ``forward_features`` ends after norm5 and its ReLU (timm's ``features``), while
     ``model.features(x)`` is torchvision's ``features`` (norm5 before the ReLU).
     ``pretrained_cfg``: the preprocessing its weights expect (a
-    :class:`densenet_jax.model.pretrained_cfg.PretrainedCfg`), None when unknown (random init).
+    :class:`densenet_jax.model.pretrained_cfg.PretrainedCfg`), None when unknown (random init);
+    ``class_names``: its classes' names, when its weights record them (a training run's do).
     """
 
     pretrained_cfg = None
+    class_names = None
 
     def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
         self.config = config

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 
 import jax.numpy as jnp
@@ -65,6 +66,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_types(self)
         check_at_least(("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                        ("--max-steps", self.max_steps, 0), ("--keep", self.keep, 1),
                        ("--checkpoint-every", self.checkpoint_every, 0), ("--in-chans", self.in_chans, 1),
@@ -75,6 +77,8 @@ class TrainConfig:
         if not 0 <= self.drop_rate < 1:
             raise ValueError(f"--drop-rate {self.drop_rate}: must be at least 0 and less than 1")
         check_data_options(self.dataset, self.data_dir, self.workers, self.image_size)
+        if self.workdir == "":
+            raise ValueError("--workdir '': name a folder (or leave it out for runs/<model>-<dataset>)")
         self._check_starting_point()
         check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--parallel", self.parallel, PARALLEL)
@@ -85,7 +89,7 @@ class TrainConfig:
 
     def _check_optimizer(self) -> None:
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr {self.lr}: must be positive")
+            raise ValueError(f"--lr {self.lr}: must be a positive number")
         if not math.isfinite(self.weight_decay):
             raise ValueError(f"--weight-decay {self.weight_decay}: must be a number, at least 0")
         if not 0 <= self.momentum < 1:
@@ -138,6 +142,24 @@ class DistributedConfig:
     def several_hosts(self) -> bool:
         """Whether processes are to join (a coordinator is given)."""
         return self.coordinator is not None
+
+
+# What a field's annotation asks of its value; bool is no number here, though Python counts it one.
+_KINDS = {"int": ((numbers.Integral,), "an integer"), "float": ((numbers.Real,), "a number"),
+          "bool": ((bool,), "True or False"), "str": ((str,), "a string")}
+
+
+def check_types(config) -> None:
+    """TypeError naming the option whose value is not of its field's type (``epochs=1.5``, ``seed="0"``,
+    ``batch_size=True``), before any range check compares it."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        kind = str(field.type).split(" | ")[0]
+        if kind not in _KINDS or (value is None and "None" in str(field.type)):
+            continue
+        types, what = _KINDS[kind]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise TypeError(f"--{field.name.replace('_', '-')} {value!r}: must be {what}")
 
 
 def check_at_least(*bounds: tuple[str, float, float]) -> None:

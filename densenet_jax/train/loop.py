@@ -115,6 +115,7 @@ class Run:
         self.config = config
         self.workdir = Path(config.workdir or workdir.default_workdir(
             config.pretrained or config.model, config.dataset, config.init_from, config.data_dir))
+        workdir.check_folder(self.workdir)
         self.is_main = jax.process_index() == 0
         # Read the data first: a bad folder fails in a second, not after compiling.
         self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict, config.image_size,

@@ -86,6 +86,17 @@ def _file_identity(path: str) -> str:
     return f"{Path(path).name} (sha256 {digest.hexdigest()[:12]})"
 
 
+def check_folder(workdir: Path) -> None:
+    """WorkdirError unless ``workdir`` is, or can become, a folder: it is not a file and does not
+    lie under one (the nearest part of it that exists is a folder)."""
+    for part in (workdir, *workdir.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "is a file" if part == workdir else f"lies under {part}, a file"
+                raise WorkdirError(f"--workdir {workdir}: {where}; name a folder")
+            return
+
+
 def check(workdir: Path, record: dict, has_checkpoints: bool) -> None:
     """Check that ``workdir`` belongs to the run ``record`` describes, or to none.
 

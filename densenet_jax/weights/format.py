@@ -116,18 +116,19 @@ def _sorted_header(payload: bytes) -> bytes:
 class Weights:
     """A set of weights ready to go into a model: our keys and layouts (``features.conv0.kernel``,
     HWIO), the config they fit, where they came from (named in messages), and the preprocessing
-    they expect when known."""
+    they expect and the names of their classes when known."""
     arrays: dict[str, np.ndarray]
     config: DenseNetConfig
     source: str
     pretrained_cfg: PretrainedCfg | None = None
+    class_names: list[str] | None = None
 
 
 def read_weights(path: str | os.PathLike) -> Weights:
-    """The weights, config and stored preprocessing of a densenet_jax safetensors file;
-    CheckpointError naming the file for anything unusable."""
+    """The weights, config, stored preprocessing and class names of a densenet_jax safetensors
+    file; CheckpointError naming the file for anything unusable."""
     arrays, config = read_safetensors(path)
-    return Weights(arrays, config, str(path), stored_pretrained_cfg(path))
+    return Weights(arrays, config, str(path), stored_pretrained_cfg(path), stored_class_names(path))
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
@@ -211,7 +212,7 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
 
 
 def save(model: DenseNet, path: str | os.PathLike) -> None:
-    """Write ``model``'s weights, config and preprocessing (``model.pretrained_cfg``, when it has
-    one) to ``path`` (safetensors), atomically."""
+    """Write ``model``'s weights, config, preprocessing and class names (``model.pretrained_cfg``,
+    ``model.class_names``, when it has them) to ``path`` (safetensors), atomically."""
     write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()}, model.config, path,
-                      pretrained_cfg=model.pretrained_cfg)
+                      pretrained_cfg=model.pretrained_cfg, class_names=model.class_names)

@@ -31,7 +31,7 @@ from densenet_jax.model.registry import architecture_name
 from densenet_jax.weights.format import (FORMAT, atomic_write_bytes, check_output, file_format, read_safetensors,
                                   stored_class_names, stored_pretrained_cfg, write_safetensors)
 
-EXTRA = "pip install densenet-jax[convert]"
+EXTRA = "the [convert] extra: pip install torch torchvision"
 # torch.hub's download names: the hex after the stem's last '-' is a prefix of the file's SHA-256
 # (torch.hub.HASH_REGEX and download_url_to_file; torchvision's densenet121-a639ec97.pth).
 _HUB_HASH = re.compile(r"-([0-9a-f]{8,64})$")
