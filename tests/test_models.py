@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import densenet_jax as dj
+from densenet_jax.model.densenet import smallest_input
 from densenet_jax.weights.format import assign, state_arrays
 from torch_twins import TORCHVISION_MODELS, cifar_bc_model, torchvision_model
 
@@ -137,7 +138,7 @@ def test_bad_inputs_are_refused_while_tracing():
         model(jnp.ones((1, 28, 40, 3)))
     # The smallest accepted size traces (eval_shape: running it op by op would take seconds).
     assert nnx.eval_shape(lambda m, x: m(x), model, jnp.ones((1, 29, 29, 3))).shape == (1, 1000)
-    assert dj.models.smallest_input(dj.get_config("densenet_bc_100_k12")) == 4
+    assert smallest_input(dj.get_config("densenet_bc_100_k12")) == 4
 
 
 def test_create_model_reads_timms_dropout_spelling_for_timms_names():
