@@ -36,6 +36,7 @@ class Parser(argparse.ArgumentParser):
     status 2) rather than the whole usage block: ``--help`` shows that."""
 
     def error(self, message: str):
+        """Print ``message`` in one line naming the command, and exit with status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
