@@ -17,7 +17,7 @@ from densenet_jax.data import Dataset, load_dataset, train_batches
 from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import steps_per_epoch
 from densenet_jax.errors import DivergedError, Interrupted
-from densenet_jax.factory import create_model, load
+from densenet_jax.factory import build_model, create_model, load
 from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
@@ -37,7 +37,8 @@ from densenet_jax.weights.format import cast, state_arrays, write_safetensors
 
 log = logging.getLogger("densenet_jax")
 
-def build_model(config: TrainConfig, num_classes: int) -> DenseNet:
+
+def starting_model(config: TrainConfig, num_classes: int) -> DenseNet:
     """The model to train: from ``init_from`` or a ``pretrained`` tag (a new head if the class
     count differs, conv0 adapted to ``in_chans``), or fresh."""
     rngs = nnx.Rngs(config.seed)
@@ -49,13 +50,13 @@ def build_model(config: TrainConfig, num_classes: int) -> DenseNet:
         # proj_drop_rate: the per-layer dropout whatever the name (timm's drop_rate is the head's).
         return create_model(config.pretrained, pretrained=True, num_classes=num_classes, rngs=rngs,
                             proj_drop_rate=options.pop("drop_rate"), **options)
-    return DenseNet(get_config(config.model, num_classes=num_classes, **options), rngs=rngs)
+    return build_model(get_config(config.model, num_classes=num_classes, **options), rngs=rngs)
 
 
 def training_model(config: TrainConfig, data: Dataset) -> DenseNet:
-    """:func:`build_model` for ``data``, in the run's precision, once it is known to train on
+    """:func:`starting_model` for ``data``, in the run's precision, once it is known to train on
     ``data``'s images: said before the work directory is touched or anything compiles."""
-    model = build_model(config, data.num_classes)
+    model = starting_model(config, data.num_classes)
     check_image_size(model.config, data.image_size, config.dataset)
     if not config.head_only:  # a frozen backbone normalises with its running statistics
         check_batch_norm_inputs(model, config.batch_size, data.image_size)
