@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import typing
 
 import jax.numpy as jnp
@@ -146,7 +147,7 @@ class DistributedConfig:
 
 # What a field's annotation asks of its value; bool is no number here, though Python counts it one.
 _KINDS = {"int": ((numbers.Integral,), "an integer"), "float": ((numbers.Real,), "a number"),
-          "bool": ((bool,), "True or False"), "str": ((str,), "a string")}
+          "bool": ((bool,), "True or False"), "str": ((str, os.PathLike), "a string")}
 
 
 def check_types(config) -> None:
