@@ -20,7 +20,9 @@ def main():
 
     model = dj.load(args.weights)
     for result in dj.predict(model, args.images, top_k=5):
-        print(result["file"], result.get("skipped", ""))
+        print(result["file"])
+        if "skipped" in result:  # an unreadable image, with the reason
+            print(f"  skipped: {result['skipped']}")
         for entry in result.get("top", []):
             print(f"  {entry['probability']:6.1%}  {entry['name']}")
 
