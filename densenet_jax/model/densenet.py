@@ -11,11 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from densenet_jax.model.config import DenseNetConfig
-from densenet_jax.model.layers import BatchNorm, Conv2d, Linear, avg_pool_2x2, named_layer_errors, sample_count
+from densenet_jax.model.layers import (BatchNorm, Conv2d, Linear, SingleValueStatistics, avg_pool_2x2,
+                                       named_layer_errors, sample_count)
 from densenet_jax.model.registry import get_config
+from densenet_jax.model.remat import BOTTLENECK, efficient_block, layer_features
 from densenet_jax.model.stem import Pool, pooled_size, stem_layers, stem_pool, transition_pool
 
 
@@ -23,8 +24,10 @@ class DenseLayer(nnx.Module):
     """BN-ReLU-Conv1x1 (the bottleneck, to bn_size*k channels) then BN-ReLU-Conv3x3 to k channels.
 
     Without a bottleneck (bn_size None) the layer is BN-ReLU-Conv3x3, held as norm1/conv1.
-    The layer reads the concatenation of all earlier feature maps in its block. With
-    ``memory_efficient`` it keeps only the bottleneck's output for the backward pass (see below).
+    The layer reads the concatenation of all earlier feature maps in its block. Inside a
+    memory-efficient :class:`DenseBlock` the block differentiates its layers itself (remat.py); a
+    layer called on its own with ``memory_efficient`` keeps only the bottleneck's output for the
+    backward pass (a ``jax.checkpoint`` policy).
     """
 
     def __init__(self, in_channels: int, growth_rate: int, bn_size: int | None, drop_rate: float,
@@ -41,42 +44,48 @@ class DenseLayer(nnx.Module):
         self.memory_efficient = memory_efficient
 
     def __call__(self, features: list[jax.Array]) -> jax.Array:
-        new_features = self._new_features
+        def new_features(features):
+            return layer_features(self.parts(), jnp.concatenate(features, axis=-1))
+
         if self.memory_efficient:
             new_features = jax.checkpoint(new_features, policy=_KEEP_BOTTLENECK)
         out, stats = new_features(features)
         # Updated here, once, outside the checkpoint: recomputation in the backward pass must not
         # move the running statistics a second time.
-        for norm, batch_stats in zip((self.norm1, self.norm2), stats):
-            if batch_stats is not None:
-                norm.update_running(*batch_stats, sample_count(features[0].shape, norm.axis_name))
+        self.update_running(stats, features[0].shape)
         if self.dropout is not None:
             out = self.dropout(out)
         return out
 
-    def _new_features(self, features: list[jax.Array]):
-        """The layer's k new channels and its batch statistics; pure, so it can be recomputed."""
-        y, stats1 = self.norm1.apply(jnp.concatenate(features, axis=-1))
-        out = self.conv1(jax.nn.relu(y))
-        if self.conv2 is None:
-            return out, (stats1,)
-        y, stats2 = self.norm2.apply(checkpoint_name(out, _BOTTLENECK))
-        return self.conv2(jax.nn.relu(y)), (stats1, stats2)
+    def parts(self):
+        """The layer's modules that hold weights: norm1, conv1, norm2, conv2 (the last two None
+        without a bottleneck)."""
+        return self.norm1, self.conv1, self.norm2, self.conv2
+
+    def update_running(self, stats, input_shape: tuple[int, ...]) -> None:
+        """Move the norms' running statistics with the batch statistics ``stats`` of an input of
+        ``input_shape`` (None entries: a norm in eval mode)."""
+        for norm, batch_stats in zip((self.norm1, self.norm2), stats):
+            if batch_stats is not None:
+                norm.update_running(*batch_stats, sample_count(input_shape, norm.axis_name))
 
 
-# memory_efficient keeps, of each dense layer's work, only the bottleneck convolution's output: the
-# concatenation, both BN-ReLUs and the 1x1 convolution are recomputed in the backward pass. The
-# concatenation is what grows with depth; the BN-ReLUs are cheap elementwise work.
-_BOTTLENECK = "densenet_bottleneck"
-_KEEP_BOTTLENECK = jax.checkpoint_policies.save_only_these_names(_BOTTLENECK)
+# A layer on its own with memory_efficient keeps only the bottleneck convolution's output: the
+# concatenation, both BN-ReLUs and the 1x1 convolution are recomputed in the backward pass.
+_KEEP_BOTTLENECK = jax.checkpoint_policies.save_only_these_names(BOTTLENECK)
 
 
 class DenseBlock(nnx.Module):
-    """``num_layers`` dense layers, each fed every feature map before it; returns their concatenation."""
+    """``num_layers`` dense layers, each fed every feature map before it; returns their concatenation.
+
+    With ``memory_efficient`` the block's backward pass recomputes one layer at a time from the
+    block's output (remat.py): what it keeps grows linearly with depth, not quadratically.
+    """
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int | None,
                  drop_rate: float, memory_efficient: bool, *, rngs: nnx.Rngs):
         self.num_layers = num_layers
+        self.memory_efficient = memory_efficient
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate,
                                memory_efficient, rngs=rngs)
@@ -87,10 +96,24 @@ class DenseBlock(nnx.Module):
         return [getattr(self, f"denselayer{i + 1}") for i in range(self.num_layers)]
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.memory_efficient:
+            return self._efficient(x)
         features = [x]
         for layer in self.layers():
             features.append(layer(features))
         return jnp.concatenate(features, axis=-1)
+
+    def _efficient(self, x: jax.Array) -> jax.Array:
+        layers = self.layers()
+        # Refused here, where the layer is known by its path; each layer sees x's batch and size.
+        for layer in layers:
+            for norm in layer.parts()[::2]:
+                if norm is not None and not norm.use_running_average and sample_count(x.shape, norm.axis_name) == 1:
+                    raise SingleValueStatistics(norm, tuple(x.shape[:-1]) + (norm.scale.shape[0],))
+        out, stats = efficient_block([layer.parts() for layer in layers], [layer.dropout for layer in layers], x)
+        for layer, layer_stats in zip(layers, stats):
+            layer.update_running(layer_stats, x.shape)
+        return out
 
 
 class Transition(nnx.Module):
