@@ -53,6 +53,14 @@ def test_eight_devices_match_one(tmp_path, single_device, mode):
     assert_same_training(tmp_path, single_device)
 
 
+@pytest.mark.parametrize("mode", ["mesh", "pmap"])
+def test_memory_efficient_on_eight_devices_matches_plain_on_one(tmp_path, single_device, mode):
+    """--memory-efficient recomputes each dense layer in the backward pass, BatchNorm's mean across
+    devices included (pmap: an axis-name collective inside the recomputation): the same training."""
+    train(tmp_path, *FP64, "--parallel", mode, "--memory-efficient", devices=8)
+    assert_same_training(tmp_path, single_device)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
