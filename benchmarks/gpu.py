@@ -1,11 +1,18 @@
 """The GPU figures in one run: parity at highest precision, bf16 training and inference throughput
-against torch (channels-last + autocast, eager and torch.compile), and peak memory of plain vs
-memory-efficient training against torchvision's memory_efficient=True.
+against torch (channels-last + autocast, eager and torch.compile), and the memory of a training
+step: plain vs memory-efficient, against torchvision's memory_efficient=False/True.
 
     bash benchmarks/gpu.sh                    # on a GPU machine, from the checkout
-    python benchmarks/gpu.py --smoke          # the same code path on CPU, tiny sizes
+    bash benchmarks/gpu.sh --only memory      # the memory figures alone
+    python benchmarks/gpu.py --smoke          # the same code paths on CPU, tiny sizes
 
-Peak memory is measured one configuration per process. Writes benchmarks/results/<gpu>.md.
+Memory, as benchmarks/memory.py measures it on the CPU: the compiled train step's temporary buffers
+(XLA's memory_analysis, the trainer's step, plain vs memory-efficient), and the peak a training
+process reaches, one configuration per process: ``device.memory_stats()["peak_bytes_in_use"]``
+for JAX, ``torch.cuda.max_memory_allocated()`` for torch, densenet121 at each ``--memory-batches``
+batch; from two batches, the largest one within 8, 16 and 32 GiB (a straight line, extrapolated
+where beyond the batches measured). On the CPU these peaks do not exist and are reported as null,
+never estimated. Writes benchmarks/results/<gpu>.md.
 """
 
 from __future__ import annotations
@@ -83,7 +90,7 @@ def torch_setup(memory_efficient=False):
     return torch, model.to(device).to(memory_format=torch.channels_last), device
 
 
-def torch_train_step(batch, size, compile=False, memory_efficient=False):
+def torch_train_step(batch, size, compile=False, memory_efficient=False, precision="bf16"):
     torch, model, device = torch_setup(memory_efficient)
     import torch.nn.functional as F
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
@@ -94,7 +101,7 @@ def torch_train_step(batch, size, compile=False, memory_efficient=False):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = F.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
@@ -142,12 +149,15 @@ def parity(size, batch) -> dict:
             float(np.abs(got - expected).max() / np.abs(expected).max())}
 
 
-# --- peak memory, one configuration per process --------------------------------------------------
+# --- memory: the compiled step, and peaks one configuration per process --------------------------
 
-def peak_memory_child(kind: str, batch: int, size: int) -> dict:
+KINDS = ("jax_plain", "jax_memory_efficient", "torch_plain", "torch_memory_efficient")
+
+
+def peak_memory_child(kind: str, batch: int, size: int, precision: str = "bf16") -> dict:
     if kind.startswith("jax"):
         import jax
-        step = jax_train_step(batch, size, "bf16", memory_efficient=kind == "jax_memory_efficient")
+        step = jax_train_step(batch, size, precision, memory_efficient=kind == "jax_memory_efficient")
         for _ in range(3):
             step()
         stats = jax.devices()[0].memory_stats() or {}
@@ -155,7 +165,8 @@ def peak_memory_child(kind: str, batch: int, size: int) -> dict:
         seconds = timed(step, 5, 3)
     else:
         import torch
-        step = torch_train_step(batch, size, memory_efficient=kind == "torch_memory_efficient")
+        step = torch_train_step(batch, size, memory_efficient=kind == "torch_memory_efficient",
+                                precision=precision)
         for _ in range(3):
             step()
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -163,17 +174,43 @@ def peak_memory_child(kind: str, batch: int, size: int) -> dict:
     return {"peak_gib": None if peak is None else peak / 2**30, "step_s": seconds}
 
 
-def peak_memory(batch, size) -> dict:
+def peak_memory(batches, size, precision) -> dict:
+    """{batch: {kind: peak}} for densenet121, each in a fresh process; and the largest batch within
+    8, 16 and 32 GiB from a line through the two largest batches measured."""
     out = {}
-    for kind in ("jax_plain", "jax_memory_efficient", "torch_plain", "torch_memory_efficient"):
-        result = subprocess.run([sys.executable, __file__, "--child", kind, "--batch", str(batch),
-                                 "--size", str(size)], capture_output=True, text=True,
-                                env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-                                     "PYTHONPATH": str(ROOT)})
-        lines = result.stdout.strip().splitlines()
-        out[kind] = json.loads(lines[-1]) if result.returncode == 0 and lines else \
-            {"error": (result.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return out
+    for batch in batches:
+        out[str(batch)] = row = {}
+        for kind in KINDS:
+            result = subprocess.run([sys.executable, __file__, "--child", kind, "--batch", str(batch),
+                                     "--size", str(size), "--memory-precision", precision],
+                                    capture_output=True, text=True,
+                                    env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+                                         "PYTHONPATH": str(ROOT)})
+            lines = result.stdout.strip().splitlines()
+            row[kind] = json.loads(lines[-1]) if result.returncode == 0 and lines else \
+                {"error": (result.stderr.strip().splitlines() or ["?"])[-1][:200]}
+            print("peak memory", batch, kind, row[kind], flush=True)
+    largest = {}
+    for kind in KINDS:
+        points = sorted((int(b), r[kind]["peak_gib"]) for b, r in out.items() if r[kind].get("peak_gib"))
+        if len(points) < 2:
+            continue
+        (ba, ga), (bb, gb) = points[-2:]
+        slope = (gb - ga) / (bb - ba)
+        largest[kind] = {f"{budget}_gib": {"batch": int(bb + (budget - gb) / slope),
+                                           "extrapolated": bb + (budget - gb) / slope > bb}
+                         for budget in (8, 16, 32)}
+    return {"precision": precision, "size": size, "by_batch": out, "largest_batch": largest}
+
+
+def compiled_memory(smoke: bool) -> dict:
+    """The trainer's compiled step on this device: temporary buffers, plain vs memory-efficient
+    (benchmarks/memory.py's measure, here for the accelerator's compiler)."""
+    sys.path.insert(0, str(HERE))
+    from memory import compiled_part
+    configs = [("densenet_bc_16_k12", 4, 32)] if smoke else [
+        ("densenet121", 32, 224), ("densenet121", 128, 224), ("densenet_bc_100_k12", 64, 32)]
+    return compiled_part(configs, kinds=("trainer",))
 
 
 def main():
@@ -183,15 +220,37 @@ def main():
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--only", choices=["memory"], help="only the memory figures")
+    p.add_argument("--memory-batches", default="64,256", help="densenet121 batches for the peaks")
+    p.add_argument("--memory-precision", default="bf16", choices=["bf16", "fp32"],
+                   help="what the peak-memory steps compute in (torch: autocast or not)")
     args = p.parse_args()
     if args.child:
-        print(json.dumps(peak_memory_child(args.child, args.batch, args.size)))
+        print(json.dumps(peak_memory_child(args.child, args.batch, args.size, args.memory_precision)))
         return
     batch, size, iters, rounds = (args.batch, args.size, 10, 5) if not args.smoke else (4, 64, 1, 2)
+    memory_batches = [2] if args.smoke else [int(b) for b in args.memory_batches.split(",")]
     import jax
     import torch
     device = jax.devices()[0].device_kind
-    results = {"device": device, "batch": batch, "size": size, "parity": parity(224, 8 if not args.smoke else 1)}
+    results = {"device": device, "batch": batch, "size": size}
+    if args.only != "memory":
+        results["parity"] = parity(224, 8 if not args.smoke else 1)
+        results["throughput"] = throughput(args, batch, size, iters, rounds)
+    results["compiled_memory"] = compiled_memory(args.smoke)
+    results["peak_memory_train"] = peak_memory(memory_batches, 32 if args.smoke else 224, args.memory_precision)
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+    # A smoke run checks the code path; its numbers are not results.
+    out = Path("/tmp/gpu-smoke.md") if args.smoke else HERE / "results" / f"{slug}.md"
+    text = (f"# {device}\n\n{datetime.date.today()}, jax {jax.__version__}, torch {torch.__version__}. "
+            f"Command: `python benchmarks/gpu.py {' '.join(sys.argv[1:])}`\n\n```json\n"
+            f"{json.dumps(results, indent=2)}\n```\n")
+    out.write_text(text)
+    print(text)
+
+
+def throughput(args, batch, size, iters, rounds) -> dict:
+    """Images per second and first-call seconds of each contender."""
     throughput = {}
     contenders = {
         "train densenet_jax bf16": lambda: jax_train_step(batch, size, "bf16"),
@@ -213,16 +272,7 @@ def main():
         except Exception as e:
             throughput[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"}
         print(name, throughput[name], flush=True)
-    results["throughput"] = throughput
-    results["peak_memory_train_bf16"] = peak_memory(batch, size)
-    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
-    # A smoke run checks the code path; its numbers are not results.
-    out = Path("/tmp/gpu-smoke.md") if args.smoke else HERE / "results" / f"{slug}.md"
-    text = (f"# {device}\n\n{datetime.date.today()}, jax {jax.__version__}, torch {torch.__version__}. "
-            f"Command: `python benchmarks/gpu.py {' '.join(sys.argv[1:])}`\n\n```json\n"
-            f"{json.dumps(results, indent=2)}\n```\n")
-    out.write_text(text)
-    print(text)
+    return throughput
 
 
 if __name__ == "__main__":

@@ -119,13 +119,15 @@ def analysis(compiled) -> dict:
             "output_gib": m.output_size_in_bytes / GIB, "alias_gib": m.alias_size_in_bytes / GIB}
 
 
-def compiled_part(configs) -> dict:
+def compiled_part(configs, kinds=("trainer", "user_jit")) -> dict:
     import jax
+    builders = {"trainer": compiled_trainer_step, "user_jit": compiled_user_step}
     out = {}
     for name, batch, size in configs:
         key = f"{name} b{batch} {size}"
         out[key] = {}
-        for kind, build in (("trainer", compiled_trainer_step), ("user_jit", compiled_user_step)):
+        for kind in kinds:
+            build = builders[kind]
             row = {}
             for me, mode in MODES.items():
                 start = time.perf_counter()
