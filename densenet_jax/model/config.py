@@ -42,7 +42,8 @@ class DenseNetConfig:
         ``drop_rate``, timm's ``proj_drop_rate``.
     num_classes: the classifier's outputs; 0 for no classifier (timm's convention: the model returns
         the pooled features, as a checkpoint saved without its head holds).
-    memory_efficient: recompute each layer's concat-BN-ReLU-conv1 in the backward pass.
+    memory_efficient: keep only each dense block's output for the backward pass, which recomputes
+        the block's layers one at a time (model/remat.py): memory linear in depth.
     in_chans: the input images' channels (timm's name): conv0 takes this many.
     aa_layer: None, or "blur": timm's anti-aliasing (``aa_layer=BlurPool2d``): the stem's 3x3/2
         max-pool becomes a 3x3/1 max-pool then a 3x3 binomial blur with stride 2 (reflect padding).
