@@ -148,7 +148,7 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
                         raise
                     warn_skipped(e)
                     skipped[path] = f"unreadable image ({e.reason})"
-            report = _per_label if _has_thresholds(model) else _top
+            report = _top if _thresholds(model) is None else _per_label
             top = iter(report(np.asarray(forward(_padded(np.stack(batch), batch_size))), kept, names, top_k)
                        if batch else [])
             results += [{"file": str(p), "skipped": skipped[p]} if p in skipped else next(top) for p in chunk]
@@ -170,7 +170,7 @@ def output_probabilities(model: DenseNet, logits: jax.Array) -> jax.Array:
     """What ``predict`` reports for ``logits`` (N, C): softmax over the classes, or for weights
     with operating points (``model.pretrained_cfg.op_threshs``: torchxrayvision's) the sigmoid of
     each output, then :func:`op_norm`, as xrv's ``DenseNet.forward`` gives them."""
-    threshs = model.pretrained_cfg.op_threshs if model.pretrained_cfg is not None else None
+    threshs = _thresholds(model)
     if threshs is None:
         return jax.nn.softmax(logits, axis=-1)
     return op_norm(jax.nn.sigmoid(logits), threshs)
@@ -190,8 +190,8 @@ def _top(probabilities: np.ndarray, files: list[Path], names: list[str], k: int)
     return results
 
 
-def _has_thresholds(model: DenseNet) -> bool:
-    return model.pretrained_cfg is not None and model.pretrained_cfg.op_threshs is not None
+def _thresholds(model: DenseNet) -> tuple[float, ...] | None:
+    return None if model.pretrained_cfg is None else model.pretrained_cfg.op_threshs
 
 
 def _per_label(probabilities: np.ndarray, files: list[Path], names: list[str], k: int) -> list[dict]:

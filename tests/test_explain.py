@@ -50,11 +50,11 @@ def timm_twin(tmp_path_factory):
     return model, path
 
 
-@pytest.mark.parametrize("label", [None, 2, "owl"])
+@pytest.mark.parametrize("label", [None, "owl"])
 def test_grad_cam_equals_torch_grad_cam_with_hooks(timm_twin, label):
     model, path = timm_twin
     x = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
-    index = {None: None, 2: 2, "owl": 3}[label]
+    index = {None: None, "owl": 3}[label]
     theirs = torch_grad_cam(model, nchw(x), index)
     ours = np.asarray(grad_cam(load(path), x, label))
     assert ours.shape == theirs.shape == (3, 4, 4) and ours.dtype == np.float32
