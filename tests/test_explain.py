@@ -68,8 +68,12 @@ def test_explain_writes_the_overlay_and_the_map(timm_twin, tmp_path, capsys):
     pixels = np.random.default_rng(1).integers(0, 256, (80, 96, 3), dtype=np.uint8)
     Image.fromarray(pixels, "RGB").save(photo)
     out = tmp_path / "cam.png"
-    cli.main(["explain", "--weights", str(path), str(photo), "--out", str(out), "--json",
-              "--preprocess", "torchvision"])
+    out.write_bytes(b"an earlier heatmap")
+    argv = ["explain", "--weights", str(path), str(photo), "--out", str(out), "--json", "--preprocess", "torchvision"]
+    with pytest.raises(SystemExit):  # kept without --force
+        cli.main(argv)
+    assert "cam.png" in capsys.readouterr().err and out.read_bytes() == b"an earlier heatmap"
+    cli.main([*argv, "--force"])
     result = json.loads(capsys.readouterr().out)
     # torchvision's eval preprocessing (resize 256, crop 224) in torch, then the torch Grad-CAM.
     import torchvision.transforms as TT
