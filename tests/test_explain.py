@@ -69,7 +69,8 @@ def test_explain_writes_the_overlay_and_the_map(timm_twin, tmp_path, capsys):
     Image.fromarray(pixels, "RGB").save(photo)
     out = tmp_path / "cam.png"
     out.write_bytes(b"an earlier heatmap")
-    argv = ["explain", "--weights", str(path), str(photo), "--out", str(out), "--json", "--preprocess", "torchvision"]
+    argv = ["explain", "--weights", str(path), str(photo), "--out", str(out), "--json",
+            "--preprocess", "torchvision"]
     with pytest.raises(SystemExit):  # kept without --force
         cli.main(argv)
     assert "cam.png" in capsys.readouterr().err and out.read_bytes() == b"an earlier heatmap"

@@ -60,7 +60,8 @@ class PretrainedCfg:
 
     def __post_init__(self):
         if self.op_threshs is not None:  # JSON keeps NaN as null
-            object.__setattr__(self, "op_threshs", tuple(math.nan if t is None else float(t) for t in self.op_threshs))
+            threshs = tuple(math.nan if t is None else float(t) for t in self.op_threshs)
+            object.__setattr__(self, "op_threshs", threshs)
         for name in ("input_size", "test_input_size", "mean", "std"):
             value = getattr(self, name)
             if value is not None:
