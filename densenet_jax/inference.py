@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -22,7 +23,7 @@ from densenet_jax.data.images import IMG_EXTENSIONS, UnreadableImage, read_image
 from densenet_jax.data.listing import list_tree
 from densenet_jax.errors import DataError
 from densenet_jax.model.densenet import DenseNet
-from densenet_jax.model.pretrained_cfg import PretrainedCfg, torchvision_cfg
+from densenet_jax.model.pretrained_cfg import PretrainedCfg, torchvision_cfg, xrv_cfg
 
 
 def class_names(num_classes: int, labels: str | Path | list[str] | None = None) -> list[str]:
@@ -85,12 +86,18 @@ def model_cfg(model: DenseNet, preprocess: str = "weights", resize: int = 256, c
     """The preprocessing for ``model``: with ``preprocess="weights"`` the one its weights carry
     (``model.pretrained_cfg``: a tag's as timm evaluates it, or the one a training run evaluated
     with), falling back to :func:`torchvision_cfg` at ``resize`` / ``crop`` for weights that carry
-    none; ``"torchvision"``: torchvision's, always. ValueError for another ``preprocess``."""
-    if preprocess not in ("weights", "torchvision"):
-        raise ValueError(f"preprocess must be 'weights' or 'torchvision', got {preprocess!r}")
+    none; ``"torchvision"``: torchvision's, always; ``"xrv"``: torchxrayvision's at 224
+    (:func:`xrv_cfg`; a one-channel model). ValueError for another ``preprocess``."""
+    if preprocess not in ("weights", "torchvision", "xrv"):
+        raise ValueError(f"preprocess must be 'weights', 'torchvision' or 'xrv', got {preprocess!r}")
     cfg = model.pretrained_cfg
     if preprocess == "weights" and cfg is not None:
         return cfg
+    if preprocess == "xrv":
+        if model.config.in_chans != 1:
+            raise ValueError(f"--preprocess xrv gives grey images; the model takes {model.config.in_chans} "
+                             "channels (--in-chans 1 adapts its first convolution)")
+        return xrv_cfg(num_classes=model.config.num_classes)
     return torchvision_cfg(resize, crop, model.config.in_chans)
 
 
@@ -113,6 +120,10 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
     An unreadable image (also a broken link, a FIFO or a device: :func:`read_image`) is skipped with
     a warning naming it and listed with the reason, as ``{"file": ..., "skipped": ...}``
     (``strict``: UnreadableImage, a DataError, instead).
+
+    Weights with operating points (torchxrayvision's, converted with ``--xrv-weights``) give each
+    output's sigmoid rescaled by :func:`op_norm` (0.5 at its threshold), as xrv's model does, and
+    each result also holds ``"probabilities"``: ``{name: probability}`` for every named output.
     """
     from tqdm import tqdm
 
@@ -121,7 +132,7 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
     names = class_names(model.config.num_classes, model.class_names if labels is None else labels)
     top_k = min(top_k, len(names))
     model.eval()
-    forward = nnx.cached_partial(nnx.jit(lambda m, x: jax.nn.softmax(m(x), axis=-1)), model)
+    forward = nnx.cached_partial(nnx.jit(lambda m, x: output_probabilities(m, m(x))), model)
     transform = transform or model_transform(model, resize=resize, crop=crop)
     results = []
     with tqdm(total=len(files), disable=not progress or len(files) < 2, unit="image") as bar:
@@ -137,11 +148,32 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
                         raise
                     warn_skipped(e)
                     skipped[path] = f"unreadable image ({e.reason})"
-            top = iter(_top(np.asarray(forward(_padded(np.stack(batch), batch_size))), kept, names, top_k)
+            report = _top if _thresholds(model) is None else _per_label
+            top = iter(report(np.asarray(forward(_padded(np.stack(batch), batch_size))), kept, names, top_k)
                        if batch else [])
             results += [{"file": str(p), "skipped": skipped[p]} if p in skipped else next(top) for p in chunk]
             bar.update(len(chunk))
     return results
+
+
+def op_norm(probabilities: jax.Array, op_threshs) -> jax.Array:
+    """torchxrayvision's ``op_norm``: each output's probability rescaled so that its operating
+    point maps to 0.5, ``p / (2 t)`` below ``t`` and ``1 - (1 - p) / (2 (1 - t))`` from it up;
+    0.5 where the threshold is NaN (an output the weights were not trained on). ``probabilities``
+    (N, C) after the sigmoid, ``op_threshs`` C values; float32 out."""
+    t = jnp.asarray(op_threshs, jnp.float32)
+    scaled = jnp.where(probabilities < t, probabilities / (t * 2), 1.0 - (1.0 - probabilities) / ((1 - t) * 2))
+    return jnp.where(jnp.isnan(t), 0.5, scaled)
+
+
+def output_probabilities(model: DenseNet, logits: jax.Array) -> jax.Array:
+    """What ``predict`` reports for ``logits`` (N, C): softmax over the classes, or for weights
+    with operating points (``model.pretrained_cfg.op_threshs``: torchxrayvision's) the sigmoid of
+    each output, then :func:`op_norm`, as xrv's ``DenseNet.forward`` gives them."""
+    threshs = _thresholds(model)
+    if threshs is None:
+        return jax.nn.softmax(logits, axis=-1)
+    return op_norm(jax.nn.sigmoid(logits), threshs)
 
 
 def _padded(images: np.ndarray, size: int) -> np.ndarray:
@@ -155,4 +187,19 @@ def _top(probabilities: np.ndarray, files: list[Path], names: list[str], k: int)
         order = np.argsort(-p, kind="stable")[:k]
         results.append({"file": str(path), "top": [
             {"class": int(c), "name": names[c], "probability": float(p[c])} for c in order]})
+    return results
+
+
+def _thresholds(model: DenseNet) -> tuple[float, ...] | None:
+    return None if model.pretrained_cfg is None else model.pretrained_cfg.op_threshs
+
+
+def _per_label(probabilities: np.ndarray, files: list[Path], names: list[str], k: int) -> list[dict]:
+    """Every named output's probability (torchxrayvision's weights name "" the outputs they were
+    not trained on, which op_norm sets to 0.5: left out), with the ``k`` highest as ``top``."""
+    results = _top(probabilities, files, names, len(names))
+    for result in results:
+        result["top"] = [entry for entry in result["top"] if entry["name"]]
+        result["probabilities"] = {entry["name"]: entry["probability"] for entry in result["top"]}
+        result["top"] = result["top"][:k]
     return results

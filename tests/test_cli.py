@@ -42,6 +42,8 @@ _EVALUATE = "test_cli.py::test_evaluate_options"
 _PREDICT = "test_cli.py::test_predict_options"
 _HUB_PREDICT = "test_hub.py::test_predict_model_tag_gives_timms_probabilities"
 _EXPORT_ONNX = "test_export.py::test_onnx_densenet121_nchw_from_the_cli"
+_EXPLAIN = "test_explain.py::test_explain_writes_the_overlay_and_the_map"
+_EXPLAIN_XRV = "test_xrv.py::test_explain_xrv_weights_by_pathology_name"
 OPTION_TESTS: dict[str, dict[str, list[str]]] = {
     "train": {
         "--model": [_RUN],
@@ -102,6 +104,14 @@ OPTION_TESTS: dict[str, dict[str, list[str]]] = {
         "--test-size": [_HUB_PREDICT],
         "--in-chans": [_HUB_PREDICT],
     },
+    "explain": {
+        "--weights": [_EXPLAIN, _EXPLAIN_XRV],
+        "--label": [_EXPLAIN_XRV, "test_xrv.py::test_unknown_label_is_one_line"],
+        "--out": [_EXPLAIN, _EXPLAIN_XRV],
+        "--json": [_EXPLAIN, _EXPLAIN_XRV],
+        "--preprocess": [_EXPLAIN],
+        "--force": [_EXPLAIN],
+    },
     "models": {
         "--pretrained": ["test_hub.py::test_models_command_lists_names_params_tags_and_top1"],
     },
@@ -109,6 +119,8 @@ OPTION_TESTS: dict[str, dict[str, list[str]]] = {
         "--to": ["test_torch_files.py::test_a_checkpoint_without_classifier_converts_as_a_backbone",
                  "test_torch_files.py::test_conversions_give_the_same_bytes_every_time"],
         "--prefix": ["test_torch_files.py::test_prefix_picks_the_ema_copy_and_safetensors_need_no_container"],
+        "--preprocess": ["test_xrv.py::test_convert_preprocess_xrv_records_the_pipeline_alone"],
+        "--xrv-weights": ["test_xrv.py::test_bad_xrv_conversions_are_one_line"],
         "--force": ["test_bad_input.py::test_outputs_are_never_clobbered_or_half_written"],
     },
     "export": {

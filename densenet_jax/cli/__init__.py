@@ -1,5 +1,5 @@
-"""The ``densenet-jax`` command: ``train``, ``evaluate``, ``predict``, ``models``, ``convert`` and
-``export``, one module each (its options and a ``run(args)`` that calls the library); here the
+"""The ``densenet-jax`` command: ``train``, ``evaluate``, ``predict``, ``explain``, ``models``,
+``convert`` and ``export``, one module each (its options and a ``run(args)`` that calls the library); here the
 parser that gathers them, and what every command shares: logging, the compilation cache, and user
 errors as one line on stderr."""
 
@@ -17,7 +17,7 @@ import jax
 from densenet_jax.cli.options import HelpFormatter
 from densenet_jax.errors import CheckpointError, DivergedError, Interrupted
 
-COMMANDS = ("train", "evaluate", "predict", "models", "convert", "export")
+COMMANDS = ("train", "evaluate", "predict", "explain", "models", "convert", "export")
 
 log = logging.getLogger("densenet_jax")
 _HANDLER = logging.StreamHandler()
@@ -43,7 +43,7 @@ class Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     """The ``densenet-jax`` argument parser, with its subcommands."""
     p = Parser(prog="densenet-jax",
-                                description="DenseNet in JAX: train, evaluate, predict, models, convert, export.")
+                                description="DenseNet in JAX: train, evaluate, predict, explain, models, convert, export.")
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         module = _command(name)

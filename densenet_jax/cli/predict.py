@@ -40,9 +40,10 @@ def _pretrained_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="TAG",
                    help="a pretrained tag (densenet121.tv_in1k), downloaded from the Hugging Face Hub "
                         "on first use, or hf-hub:<repo>")
-    p.add_argument("--preprocess", default="weights", choices=["weights", "torchvision"],
+    p.add_argument("--preprocess", default="weights", choices=["weights", "torchvision", "xrv"],
                    help="weights: the preprocessing stored with the weights (timm's for the tags); "
-                        "torchvision: resize --resize bilinear, centre crop --crop")
+                        "torchvision: resize --resize bilinear, centre crop --crop; xrv: torchxrayvision's "
+                        "(grey, [-1024, 1024], central square resized to 224)")
     p.add_argument("--test-size", action="store_true",
                    help="the weights' larger test size where they have one (288/0.95 for ra tags)")
     p.add_argument("--in-chans", type=int, default=None,
@@ -81,7 +82,7 @@ def _check_test_size(args: argparse.Namespace, model: DenseNet) -> None:
     """``--test-size`` only where the preprocessing comes from weights that have a test size."""
     cfg = model.pretrained_cfg
     if args.test_size and (args.preprocess != "weights" or cfg is None or cfg.test_input_size is None):
-        source = "--preprocess torchvision" if args.preprocess != "weights" else (args.model or args.weights)
+        source = f"--preprocess {args.preprocess}" if args.preprocess != "weights" else (args.model or args.weights)
         raise ValueError(f"--test-size: {source} has no larger test size (the ra tags have one)")
 
 

@@ -147,6 +147,32 @@ class ConvertMode:
         return {**example, "image": image if image.mode == self.mode else image.convert(self.mode)}
 
 
+class XRayCenterCropResize:
+    """torchxrayvision's ``XRayCenterCrop`` then ``XRayResizer(size)`` on a normalised HW1 float32
+    image: the largest central square (offsets ``dim // 2 - side // 2``), resized to ``size`` x
+    ``size`` by scikit-image's ``resize`` as XRayResizer calls it (bilinear, Gaussian
+    anti-aliasing when shrinking, zeros beyond the edges), on the (1, H, W) layout it uses."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, example, rng=None):
+        # scikit-image is torchxrayvision's resizer: the same function gives the same numbers.
+        # Imported here: only weights with torchxrayvision's preprocessing need it (the [xrv] extra).
+        try:
+            from skimage.transform import resize
+        except ImportError:
+            raise ValueError("torchxrayvision's preprocessing (crop_mode 'xrv') needs scikit-image: "
+                             "pip install 'densenet-jax[xrv]'") from None
+        image = np.asarray(example["image"])
+        height, width = image.shape[:2]
+        side = min(height, width)
+        top, left = height // 2 - side // 2, width // 2 - side // 2
+        square = np.moveaxis(image[top:top + side, left:left + side], -1, 0)
+        out = resize(square, (square.shape[0], self.size, self.size), mode="constant", preserve_range=True)
+        return {**example, "image": np.moveaxis(out.astype(np.float32), 0, -1)}
+
+
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 IMAGE_MODES = {1: "L", 3: "RGB"}
 
@@ -156,9 +182,13 @@ def eval_transform_from_cfg(input_size: tuple[int, int, int], interpolation: str
     """timm's eval preprocessing (``create_transform(**resolve_data_config(...))``) for a pretrained
     cfg's values: the image in the mode its channel count needs, shorter side to
     floor(size / crop_pct) with ``interpolation`` (PIL, antialiased), the central size x size,
-    then ``(x / 255 - mean) / std``; HWC float32 out. Square input sizes, centre crops only."""
+    then ``(x / 255 - mean) / std``; HWC float32 out. Square input sizes, centre crops only.
+    ``crop_mode="xrv"``: torchxrayvision's order instead: the grey image normalised, then
+    :class:`XRayCenterCropResize`."""
 
     channels, height, width = input_size
+    if crop_mode == "xrv" and height == width and channels == 1:
+        return Compose([ConvertMode("L"), Normalize(mean, std), XRayCenterCropResize(height)])
     if height != width or crop_mode != "center":
         raise ValueError(f"input_size {tuple(input_size)}, crop_mode {crop_mode!r}: only square "
                          "centre crops are supported")

@@ -13,6 +13,7 @@ import math
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_MODES = ("center", "xrv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,12 @@ class PretrainedCfg:
     also evaluates at. interpolation: "bicubic" or "bilinear" (PIL's, antialiased). crop_pct: the
     centre crop's share of the resized image (resize to floor(size / crop_pct), then crop size).
     mean, std: per channel, on the [0, 1] scale. top1: published results, percent.
+    crop_mode: "center" (timm's: resize, then the centre crop) or "xrv" (torchxrayvision's: the
+    grey image normalised by mean/std first, then its largest central square (XRayCenterCrop),
+    resized to input_size by scikit-image's antialiased bilinear resize (XRayResizer); crop_pct
+    and interpolation unused). op_threshs: per-output operating points (torchxrayvision's, NaN
+    where an output has none); when set, predictions are sigmoid then ``op_norm`` (see
+    :func:`densenet_jax.inference.op_norm`).
     """
 
     architecture: str | None = None
@@ -49,8 +56,12 @@ class PretrainedCfg:
     num_classes: int = 1000
     license: str | None = None
     top1: tuple[Top1, ...] = ()
+    op_threshs: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        if self.op_threshs is not None:  # JSON keeps NaN as null
+            threshs = tuple(math.nan if t is None else float(t) for t in self.op_threshs)
+            object.__setattr__(self, "op_threshs", threshs)
         for name in ("input_size", "test_input_size", "mean", "std"):
             value = getattr(self, name)
             if value is not None:
@@ -58,8 +69,11 @@ class PretrainedCfg:
         object.__setattr__(self, "top1", tuple(t if isinstance(t, Top1) else Top1(**t) for t in self.top1))
         if self.interpolation not in ("bicubic", "bilinear"):
             raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}")
-        if self.crop_mode != "center":
-            raise ValueError(f"crop_mode {self.crop_mode!r}: only 'center' is supported")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode {self.crop_mode!r}: one of {', '.join(CROP_MODES)}")
+        if self.crop_mode == "xrv" and self.input_size[0] != 1:
+            raise ValueError(f"crop_mode 'xrv' takes grey images: input_size {self.input_size} has "
+                             f"{self.input_size[0]} channels")
         if len(self.mean) != self.input_size[0] or len(self.std) != self.input_size[0]:
             raise ValueError(f"mean {self.mean} and std {self.std} need {self.input_size[0]} values each")
 
@@ -94,8 +108,11 @@ class PretrainedCfg:
         return dataclasses.replace(self, mean=mean, std=std, **sizes)
 
     def to_json(self) -> str:
-        """The cfg as stored in a weights file's metadata."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """The cfg as stored in a weights file's metadata (strict JSON: a NaN threshold as null)."""
+        values = dataclasses.asdict(self)
+        if self.op_threshs is not None:
+            values["op_threshs"] = [None if math.isnan(t) else t for t in self.op_threshs]
+        return json.dumps(values, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainedCfg:
@@ -117,3 +134,17 @@ def torchvision_cfg(resize: int = 256, crop: int = 224, in_chans: int = 3) -> Pr
     greyscale, with their averages)."""
     return PretrainedCfg(input_size=(3, crop, crop), interpolation="bilinear",
                          crop_pct=crop / resize).with_in_chans(in_chans)
+
+
+# torchxrayvision's xrv.utils.normalize(img, 255): (2 * x / 255 - 1) * 1024, which is
+# (x / 255 - 0.5) / (1 / 2048); both steps are exact in float32 (powers of two), so the same numbers.
+XRV_MEAN, XRV_STD = (0.5,), (1 / 2048,)
+
+
+def xrv_cfg(size: int = 224, num_classes: int = 18, op_threshs=None, tag: str | None = None) -> PretrainedCfg:
+    """torchxrayvision's input pipeline as a cfg: an 8-bit grey image scaled to [-1024, 1024]
+    (``xrv.datasets.normalize(img, 255)``), its central square (``XRayCenterCrop``) resized to
+    ``size`` (``XRayResizer``); with ``op_threshs``, its operating points (NaN: none)."""
+    return PretrainedCfg(tag=tag, input_size=(1, size, size), interpolation="bilinear",
+                         crop_pct=1.0, crop_mode="xrv", mean=XRV_MEAN, std=XRV_STD, num_classes=num_classes,
+                         op_threshs=op_threshs)

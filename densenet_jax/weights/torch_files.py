@@ -30,6 +30,7 @@ from densenet_jax.weights.torch_keys import (choose_prefix, densenet_keys, dense
 from densenet_jax.model.registry import architecture_name
 from densenet_jax.weights.format import (FORMAT, atomic_write_bytes, check_output, file_format, read_safetensors,
                                   stored_class_names, stored_pretrained_cfg, write_safetensors)
+from densenet_jax.weights import xrv
 
 EXTRA = "the [convert] extra: pip install torch torchvision"
 # torch.hub's download names: the hex after the stem's last '-' is a prefix of the file's SHA-256
@@ -51,11 +52,14 @@ class TorchCheckpoint:
         torch.compile, ...).
     others: the prefixes of the other DenseNets in the file (an EMA copy, a teacher).
     ignored: how many tensors outside ``prefix`` (optimizer state, other modules) were left out.
+    op_threshs: torchxrayvision's operating points, where the file holds its ``op_threshs``
+        buffer beside the network (NaN where an output has none), else None.
     """
     state_dict: dict[str, np.ndarray]
     prefix: str
     others: tuple[str, ...]
     ignored: int
+    op_threshs: np.ndarray | None = None
 
 
 def read_torch_checkpoint(path: str | Path, prefix: str | None = None) -> TorchCheckpoint:
@@ -74,10 +78,13 @@ def read_torch_checkpoint(path: str | Path, prefix: str | None = None) -> TorchC
                               "load it as it is, or densenet-jax convert --to torch for a .pth)")
     flat = _read_safetensors(path) if kind == "safetensors" else _flatten(_unpickle(path))
     chosen = choose_prefix(flat, str(path), prefix)  # keys only: other tensors are never converted
-    state_dict = {key[len(chosen):]: _to_numpy(key, flat[key], path) for key in densenet_keys(flat, chosen)}
+    threshs = flat.get(chosen + xrv.THRESHOLDS_KEY)  # not weights, and NaN in it is meaningful
+    state_dict = {key[len(chosen):]: _to_numpy(key, flat[key], path) for key in densenet_keys(flat, chosen)
+                  if key != chosen + xrv.THRESHOLDS_KEY}
     return TorchCheckpoint(state_dict=state_dict, prefix=chosen,
                            others=tuple(p for p in densenet_prefixes(flat) if p != chosen),
-                           ignored=len(flat) - len(state_dict))
+                           ignored=len(flat) - len(state_dict) - (threshs is not None),
+                           op_threshs=None if threshs is None else np.asarray(threshs, np.float64))
 
 
 def _check_input(path: Path) -> None:
@@ -199,16 +206,30 @@ def _first_line(e: BaseException) -> str:
 
 
 def to_densenet_jax(source: str | Path, output: str | Path, *, prefix: str | None = None,
-                    force: bool = False) -> str:
+                    force: bool = False, preprocess: str | None = None, xrv_weights: str | None = None) -> str:
     """Convert the torchvision/timm DenseNet checkpoint ``source`` to densenet_jax weights at
     ``output`` (atomically; an existing ``output`` only with ``force``). The architecture is read off
     the checkpoint's shapes; a checkpoint without a classifier gives a headless file
-    (``num_classes`` 0). Returns the line that says what was converted. Raises CheckpointError."""
+    (``num_classes`` 0). Returns the line that says what was converted. Raises CheckpointError.
+
+    torchxrayvision's DenseNets (:mod:`densenet_jax.weights.xrv`): ``preprocess="xrv"`` records its
+    input pipeline; ``xrv_weights`` (``densenet121-res224-all``, ...) also the names and
+    thresholds its table gives those weights; a file holding xrv's ``op_threshs`` buffer records
+    them and the pipeline unasked. ValueError for another ``preprocess``."""
+    if preprocess not in (None, "xrv"):
+        raise ValueError(f"--preprocess {preprocess!r}: the only preprocessing convert records is 'xrv'")
     source, output = Path(source), Path(output)
     check_output(output, force=force, source=source)
+    published = xrv.xrv_weights(xrv_weights) if xrv_weights else None
     found = read_torch_checkpoint(source, prefix)
     arrays, config = from_torchvision(found.state_dict, str(source))
-    write_safetensors(arrays, config, output)
+    cfg = class_names = None
+    if preprocess or published or found.op_threshs is not None:
+        cfg, class_names = xrv.xrv_record(config.num_classes, str(source), published, found.op_threshs)
+        if config.in_chans != 1:
+            raise CheckpointError(f"{source}: torchxrayvision's preprocessing gives 1 channel; the network takes "
+                                  f"{config.in_chans}")
+    write_safetensors(arrays, config, output, class_names=class_names, pretrained_cfg=cfg)
     name = architecture_name(config)
     head = (f"{config.num_classes} classes" if config.num_classes else
             "no classifier (a backbone: load it with features_only=True, or num_classes=N for a new head)")
@@ -219,6 +240,9 @@ def to_densenet_jax(source: str | Path, output: str | Path, *, prefix: str | Non
         line += f" (also in the file: {', '.join(map(repr, found.others))}; --prefix picks one)"
     if found.ignored:
         line += f"; {found.ignored} other tensor{'s' if found.ignored > 1 else ''} left out"
+    if cfg is not None:
+        line += (f"; torchxrayvision's preprocessing recorded{' with op_threshs' if cfg.op_threshs else ''}"
+                 f"{f' and the names of {xrv_weights}' if class_names else ''}")
     return line
 
 
