@@ -4,6 +4,9 @@ training run's own), else torchvision's; batched, top-k classes with names.
     results = predict(model, ["cat.jpg", "photos/"], top_k=5)
     results[0] == {"file": "cat.jpg", "top": [{"class": 281, "name": "tabby", "probability": 0.61}, ...]}
     results[1] == {"file": "photos/broken.jpg", "skipped": "unreadable image (OSError: ...)"}
+
+Multi-label weights (``model.multi_label``) give every label's probability, a sigmoid each:
+``{"file": "chest.png", "probabilities": {"Effusion": 0.81, "Nodule": 0.07, ...}}``.
 """
 
 from __future__ import annotations
@@ -110,6 +113,9 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
     ``transform``, by default as the weights want (:func:`model_transform`: ``model.pretrained_cfg``,
     or torchvision's ``resize``/``crop`` for weights that carry none).
 
+    For multi-label weights each result holds ``probabilities`` instead of ``top``: every label's
+    sigmoid, by name, in the labels' order (``top_k`` does not apply).
+
     An unreadable image (also a broken link, a FIFO or a device: :func:`read_image`) is skipped with
     a warning naming it and listed with the reason, as ``{"file": ..., "skipped": ...}``
     (``strict``: UnreadableImage, a DataError, instead).
@@ -121,7 +127,9 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
     names = class_names(model.config.num_classes, model.class_names if labels is None else labels)
     top_k = min(top_k, len(names))
     model.eval()
-    forward = nnx.cached_partial(nnx.jit(lambda m, x: jax.nn.softmax(m(x), axis=-1)), model)
+    activation = jax.nn.sigmoid if model.multi_label else lambda logits: jax.nn.softmax(logits, axis=-1)
+    forward = nnx.cached_partial(nnx.jit(lambda m, x: activation(m(x))), model)
+    read_out = _labels if model.multi_label else _top
     transform = transform or model_transform(model, resize=resize, crop=crop)
     results = []
     with tqdm(total=len(files), disable=not progress or len(files) < 2, unit="image") as bar:
@@ -137,7 +145,7 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
                         raise
                     warn_skipped(e)
                     skipped[path] = f"unreadable image ({e.reason})"
-            top = iter(_top(np.asarray(forward(_padded(np.stack(batch), batch_size))), kept, names, top_k)
+            top = iter(read_out(np.asarray(forward(_padded(np.stack(batch), batch_size))), kept, names, top_k)
                        if batch else [])
             results += [{"file": str(p), "skipped": skipped[p]} if p in skipped else next(top) for p in chunk]
             bar.update(len(chunk))
@@ -147,6 +155,11 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
 def _padded(images: np.ndarray, size: int) -> np.ndarray:
     """The batch padded to ``size`` images, so that every batch runs the same compiled program."""
     return np.concatenate([images, np.zeros((size - len(images), *images.shape[1:]), images.dtype)])
+
+
+def _labels(probabilities: np.ndarray, files: list[Path], names: list[str], _k: int) -> list[dict]:
+    return [{"file": str(path), "probabilities": {name: float(v) for name, v in zip(names, p)}}
+            for path, p in zip(files, probabilities)]
 
 
 def _top(probabilities: np.ndarray, files: list[Path], names: list[str], k: int) -> list[dict]:
