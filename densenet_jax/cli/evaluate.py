@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _as_json(result: Evaluation) -> dict:
     """The evaluation as JSON: every field, the multi-label ones only for multi-label weights."""
-    fields = dataclasses.asdict(result)
+    fields = {**dataclasses.asdict(result), "preprocessing": result.preprocessing.removeprefix("; ")}
     multi = ("auroc", "mean_auroc", "auprc", "mean_auprc")
     return {k: v for k, v in fields.items() if result.auroc is not None or k not in multi}
 

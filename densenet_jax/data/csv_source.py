@@ -68,6 +68,7 @@ class Table:
     multi_label: bool
 
     def subset(self, rows: np.ndarray) -> Table:
+        """The table of the rows at indices ``rows`` only."""
         return Table([self.paths[i] for i in rows], self.labels[rows],
                      None if self.patients is None else [self.patients[i] for i in rows], self.names,
                      self.multi_label)
