@@ -88,6 +88,8 @@ def test_csv_path_column_and_single_label_class_names(tmp_path):
     assert not table.multi_label and table.names == ["effusion", "nodule", "normal"]
     np.testing.assert_array_equal(table.labels, [1, 2, 0, 2])
     assert table.labels.dtype == np.int32
+    (tmp_path / "labels.csv").write_text("file,grade\na.png,10\nb.png,2\nc.png,1\nd.png,2\n")
+    assert read_table(tmp_path, "labels.csv", CsvSpec()).names == ["1", "2", "10"]  # integers: as numbers
 
 
 def test_val_fraction_holds_out_whole_patients_the_same_way_each_time(tmp_path):
