@@ -152,6 +152,9 @@ def read_table(root: Path, csv_name: str, spec: CsvSpec, class_names: list[str] 
     if multi_label:
         labels = _multi_labels(cells, label_names, spec.uncertain, csv_path, rows)
         return Table(paths, labels, patients, list(label_names), True)
+    if len(label_cols) > 1:
+        raise DataError(f"{csv_path}: one label per image is read from one column of class names, "
+                        f"not {len(label_cols)} ({', '.join(label_names)})")
     column = [v[0].strip() for v in cells]
     names = class_names or _sorted_classes(column)
     return Table(paths, _class_indices(column, names, csv_path, rows), patients, names, False)
