@@ -20,7 +20,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 FOLDER_SPLITS = "a folder with train/ and val/"
 IMAGE_SIZE_HELP = (f"folder: training crop (default {FOLDER_IMAGE_SIZE}); eval resizes to 8/7 of it "
-                   "and centre-crops")
+                   "and centre-crops; csv: resize and centre crop, train and eval")
 
 
 def dataset_options(p: argparse.ArgumentParser, folder: str = FOLDER_SPLITS,
