@@ -2,6 +2,7 @@
 chosen on the mean AUROC, predict and evaluate for multi-label weights, grey images at 224 and 512."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -211,3 +212,19 @@ def test_grey_images_train_and_predict_at_512(tmp_path, capsys):
     x = ((grey - cfg.mean[0]) / cfg.std[0])[None, :, :, None]
     expected = 1 / (1 + np.exp(-np.asarray(model(x), np.float64)[0]))
     np.testing.assert_allclose([probabilities[k] for k in SHAPES], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(dataset="csv", data_dir="x", val_csv="v.csv"), "--dataset csv needs --train-csv FILE"),
+    (dict(dataset="csv", data_dir="x", train_csv="t.csv"), "--dataset csv needs --val-csv FILE, or --val-fraction"),
+    (dict(dataset="csv", data_dir="x", train_csv="t.csv", val_csv="v.csv", val_fraction=0.2),
+     "--val-fraction splits the training CSV; leave it out with --val-csv"),
+    (dict(dataset="csv", data_dir="x", train_csv="t.csv", val_fraction=1.0), "--val-fraction 1.0: must be between 0 and 1"),
+    (dict(dataset="csv", data_dir="x", train_csv="t.csv", val_fraction=0.2, uncertain="maybe"),
+     "--uncertain 'maybe': must be one of ignore, zeros, ones"),
+    (dict(train_csv="t.csv"), "--train-csv is read by --dataset csv, not digits"),
+    (dict(pos_weight="2,-1"), "--pos-weight '2,-1': 'auto' or positive numbers separated by commas"),
+])
+def test_csv_and_pos_weight_options_are_refused_at_construction(options, expected):
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
+        TrainConfig(**options)

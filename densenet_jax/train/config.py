@@ -73,7 +73,7 @@ class TrainConfig:
     train_csv: str | None = None
     val_csv: str | None = None
     path_column: str | None = None
-    label_columns: list[str] | None = None
+    label_columns: list[str] | None = None  # a str: one column
     patient_column: str | None = None
     uncertain: str = "ignore"
     val_fraction: float | None = None
@@ -120,9 +120,9 @@ class TrainConfig:
 
     def csv_spec(self) -> CsvSpec:
         """The CSV options as the data source takes them."""
-        return CsvSpec(self.train_csv, self.val_csv, self.path_column,
-                       tuple(self.label_columns) if self.label_columns else None, self.patient_column,
-                       self.uncertain, self.val_fraction)
+        columns = [self.label_columns] if isinstance(self.label_columns, str) else self.label_columns
+        return CsvSpec(self.train_csv, self.val_csv, self.path_column, tuple(columns) if columns else None,
+                       self.patient_column, self.uncertain, self.val_fraction)
 
     def _check_csv(self) -> None:
         check_pos_weight(self.pos_weight)
