@@ -92,6 +92,7 @@ def build_model(config: DenseNetConfig, weights: Weights | None = None, *, rngs:
             model.pretrained_cfg = weights.pretrained_cfg.with_in_chans(config.in_chans)
         if config.num_classes == weights.config.num_classes:  # a new head's classes are unnamed
             model.class_names = weights.class_names
+            model.multi_label = weights.multi_label
     if not features_only:
         return model
     backbone = DenseNetFeatures(model, out_indices)

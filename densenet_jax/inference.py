@@ -4,6 +4,9 @@ training run's own), else torchvision's; batched, top-k classes with names.
     results = predict(model, ["cat.jpg", "photos/"], top_k=5)
     results[0] == {"file": "cat.jpg", "top": [{"class": 281, "name": "tabby", "probability": 0.61}, ...]}
     results[1] == {"file": "photos/broken.jpg", "skipped": "unreadable image (OSError: ...)"}
+
+Multi-label weights (``model.multi_label``) give every label's probability, a sigmoid each:
+``{"file": "chest.png", "probabilities": {"Effusion": 0.81, "Nodule": 0.07, ...}}``.
 """
 
 from __future__ import annotations
@@ -117,6 +120,9 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
     ``transform``, by default as the weights want (:func:`model_transform`: ``model.pretrained_cfg``,
     or torchvision's ``resize``/``crop`` for weights that carry none).
 
+    For multi-label weights each result holds ``probabilities`` instead of ``top``: every label's
+    sigmoid, by name, in the labels' order (``top_k`` does not apply).
+
     An unreadable image (also a broken link, a FIFO or a device: :func:`read_image`) is skipped with
     a warning naming it and listed with the reason, as ``{"file": ..., "skipped": ...}``
     (``strict``: UnreadableImage, a DataError, instead).
@@ -133,6 +139,7 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
     top_k = min(top_k, len(names))
     model.eval()
     forward = nnx.cached_partial(nnx.jit(lambda m, x: output_probabilities(m, m(x))), model)
+    report = _per_label if _sigmoid_outputs(model) else _top
     transform = transform or model_transform(model, resize=resize, crop=crop)
     results = []
     with tqdm(total=len(files), disable=not progress or len(files) < 2, unit="image") as bar:
@@ -148,7 +155,6 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
                         raise
                     warn_skipped(e)
                     skipped[path] = f"unreadable image ({e.reason})"
-            report = _top if _thresholds(model) is None else _per_label
             top = iter(report(np.asarray(forward(_padded(np.stack(batch), batch_size))), kept, names, top_k)
                        if batch else [])
             results += [{"file": str(p), "skipped": skipped[p]} if p in skipped else next(top) for p in chunk]
@@ -167,13 +173,15 @@ def op_norm(probabilities: jax.Array, op_threshs) -> jax.Array:
 
 
 def output_probabilities(model: DenseNet, logits: jax.Array) -> jax.Array:
-    """What ``predict`` reports for ``logits`` (N, C): softmax over the classes, or for weights
-    with operating points (``model.pretrained_cfg.op_threshs``: torchxrayvision's) the sigmoid of
-    each output, then :func:`op_norm`, as xrv's ``DenseNet.forward`` gives them."""
-    threshs = _thresholds(model)
-    if threshs is None:
+    """What ``predict`` reports for ``logits`` (N, C): softmax over the classes; for multi-label
+    weights the sigmoid of each output, and for weights with operating points
+    (``model.pretrained_cfg.op_threshs``: torchxrayvision's) then :func:`op_norm`, as xrv's
+    ``DenseNet.forward`` gives them."""
+    if not _sigmoid_outputs(model):
         return jax.nn.softmax(logits, axis=-1)
-    return op_norm(jax.nn.sigmoid(logits), threshs)
+    threshs = _thresholds(model)
+    probabilities = jax.nn.sigmoid(logits)
+    return probabilities if threshs is None else op_norm(probabilities, threshs)
 
 
 def _padded(images: np.ndarray, size: int) -> np.ndarray:
@@ -194,12 +202,17 @@ def _thresholds(model: DenseNet) -> tuple[float, ...] | None:
     return None if model.pretrained_cfg is None else model.pretrained_cfg.op_threshs
 
 
+def _sigmoid_outputs(model: DenseNet) -> bool:
+    """Whether each output is a label of its own (multi-label weights, or torchxrayvision's)."""
+    return model.multi_label or _thresholds(model) is not None
+
+
 def _per_label(probabilities: np.ndarray, files: list[Path], names: list[str], k: int) -> list[dict]:
-    """Every named output's probability (torchxrayvision's weights name "" the outputs they were
-    not trained on, which op_norm sets to 0.5: left out), with the ``k`` highest as ``top``."""
+    """Every named output's probability in the weights' label order (torchxrayvision's weights
+    name "" the outputs they were not trained on, which op_norm sets to 0.5: left out), with the
+    ``k`` highest as ``top``."""
     results = _top(probabilities, files, names, len(names))
-    for result in results:
-        result["top"] = [entry for entry in result["top"] if entry["name"]]
-        result["probabilities"] = {entry["name"]: entry["probability"] for entry in result["top"]}
-        result["top"] = result["top"][:k]
+    for result, p in zip(results, probabilities):
+        result["top"] = [entry for entry in result["top"] if entry["name"]][:k]
+        result["probabilities"] = {name: float(v) for name, v in zip(names, p) if name}
     return results

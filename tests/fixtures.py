@@ -78,3 +78,44 @@ def tiny_weights_file(path: Path) -> Path:
     import densenet_jax as dj
     dj.save(dj.create_model("densenet_bc_100_k12", block_config=(2, 2, 2), rngs=nnx.Rngs(0)), path)
     return path
+
+
+SHAPES = ("hbar", "vbar", "box")  # the labels of write_shapes_csv, each decided by one shape
+
+
+def draw_shapes(present: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A grey ``size`` x ``size`` uint8 image of noise with the shapes of SHAPES whose entry in
+    ``present`` is true: a horizontal bar, a vertical bar, a hollow box, each at a random place."""
+    image = rng.integers(0, 60, (size, size), dtype=np.uint8)
+    long, thick = size // 2, max(2, size // 10)
+    for name, on in zip(SHAPES, present):
+        if not on:
+            continue
+        y, x = rng.integers(1, size - long, 2)
+        if name == "hbar":
+            image[y:y + thick, x:x + long] = 230
+        elif name == "vbar":
+            image[y:y + long, x:x + thick] = 230
+        else:
+            side = size // 3
+            image[y:y + side, x:x + side] = 230
+            image[y + 2:y + side - 2, x + 2:x + side - 2] = 40
+    return image
+
+
+def write_shapes_csv(root: Path, rows: int = 96, size: int = 24, seed: int = 0, missing: float = 0.15,
+                     name: str = "train.csv") -> tuple[Path, np.ndarray]:
+    """A multi-label CSV data set under ``root``: ``images/<name stem>_<i>.png`` (grey), and
+    ``name`` with columns Path, Patient, then one per SHAPES (1/0, blank for a missing ``missing``
+    share). Returns the CSV's path and the true labels (rows, 3), missing ones included."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    truth = rng.random((rows, len(SHAPES))) < 0.5
+    lines = ["Path,Patient," + ",".join(SHAPES)]
+    for i, present in enumerate(truth):
+        file = f"images/{Path(name).stem}_{i}.png"
+        Image.fromarray(draw_shapes(present, size, rng)).save(root / file)
+        cells = ["" if rng.random() < missing else str(int(v)) for v in present]
+        lines.append(f"{file},p{i // 2},{','.join(cells)}")
+    (root / name).write_text("\n".join(lines) + "\n")
+    return root / name, truth

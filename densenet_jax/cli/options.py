@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from densenet_jax.data.csv_source import UNCERTAIN
 from densenet_jax.train.config import DATASETS, FOLDER_IMAGE_SIZE
 
 
@@ -19,7 +20,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 FOLDER_SPLITS = "a folder with train/ and val/"
 IMAGE_SIZE_HELP = (f"folder: training crop (default {FOLDER_IMAGE_SIZE}); eval resizes to 8/7 of it "
-                   "and centre-crops")
+                   "and centre-crops; csv: resize and centre crop, train and eval")
 
 
 def dataset_options(p: argparse.ArgumentParser, folder: str = FOLDER_SPLITS,
@@ -28,8 +29,33 @@ def dataset_options(p: argparse.ArgumentParser, folder: str = FOLDER_SPLITS,
     says what a folder data set holds, ``image_size_help`` what ``--image-size`` sets."""
     p.add_argument("--dataset", default="digits", choices=DATASETS,
                    help="digits ships with scikit-learn; the others read --data-dir")
-    p.add_argument("--data-dir", default=None, help=f"cifar-10-batches-py / cifar-100-python folder, or {folder}")
+    p.add_argument("--data-dir", default=None, help=f"cifar-10-batches-py / cifar-100-python folder, {folder}, "
+                                                    "or the folder a CSV's image paths start from")
     p.add_argument("--workers", type=int, default=0, help="data loading processes (0: threads only)")
     p.add_argument("--strict", action="store_true",
                    help="folder: stop at an unreadable image instead of skipping it with a warning")
     p.add_argument("--image-size", type=int, default=None, help=image_size_help)
+    csv_options(p)
+
+
+def csv_options(p: argparse.ArgumentParser) -> None:
+    """``--dataset csv``'s options (data.csv_source.CsvSpec's fields)."""
+    g = p.add_argument_group("--dataset csv", "images listed in CSV files, one row each, paths relative to --data-dir")
+    g.add_argument("--train-csv", default=None, metavar="FILE", help="the training rows")
+    g.add_argument("--val-csv", default=None, metavar="FILE", help="the held-out rows")
+    g.add_argument("--path-column", default=None, metavar="NAME", help="the image paths' column (default: the first)")
+    g.add_argument("--label-columns", default=None, nargs="+", metavar="NAME",
+                   help="label columns, 1/0/-1/blank each (default: every other column but --patient-column); "
+                        "one column of class names: one label per image")
+    g.add_argument("--patient-column", default=None, metavar="NAME",
+                   help="patient ids: --val-fraction holds out whole patients")
+    g.add_argument("--uncertain", default="ignore", choices=UNCERTAIN,
+                   help="-1 labels (CheXpert's policies): ignore as missing, zeros, ones")
+    g.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="without --val-csv: hold out this fraction of the patients (rows without "
+                        "--patient-column), drawn with a fixed seed")
+
+
+def figure(value: float | None) -> str:
+    """A held-out figure to four decimals, or ``undefined`` (an AUROC of one class only)."""
+    return "undefined" if value is None else f"{value:.4f}"

@@ -13,7 +13,7 @@ from densenet_jax.inference import model_transform, predict
 from densenet_jax.train.config import check_at_least
 from densenet_jax.weights.format import stored_class_names
 
-HELP = "top-5 classes of image files, prepared as the weights want"
+HELP = "top-5 classes (or the labels of multi-label weights) of image files, prepared as the weights want"
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="class names, one per line (default: those the weights were trained with, "
                         "ImageNet's for 1000 classes, else numbers)")
     p.add_argument("--top", type=int, default=5, help="classes to show per image")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="multi-label weights: the labels shown are those of at least this probability")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--resize", type=int, default=256,
                    help="torchvision preprocessing (or weights that carry none): shorter side before the crop")
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> None:
     """Print the top ``--top`` classes of each readable image; DataError when none was readable."""
     check_at_least(("--top", args.top, 1), ("--batch-size", args.batch_size, 1), ("--resize", args.resize, 1),
                    ("--crop", args.crop, 1))
+    if not 0 <= args.threshold <= 1:
+        raise ValueError(f"--threshold {args.threshold}: must be a probability, 0 to 1")
     if args.crop > args.resize:
         raise ValueError(f"--crop {args.crop} is larger than --resize {args.resize}: the centre crop "
                          "is taken from the resized image")
@@ -67,15 +71,25 @@ def run(args: argparse.Namespace) -> None:
     results = predict(model, args.images, top_k=args.top, batch_size=args.batch_size,
                       labels=labels, strict=args.strict, transform=transform,
                       progress=args.progress and not args.json)
+    classified = [r for r in results if "skipped" not in r]  # skipped ones were named on stderr
     if args.json:
         print(json.dumps(results, indent=1))
     else:
-        for result in filter(lambda r: "top" in r, results):  # skipped ones were named on stderr
+        for result in classified:
             print(result["file"])
-            for entry in result["top"]:
-                print(f"  {entry['probability']:7.2%}  {entry['name']} ({entry['class']})")
-    if not any("top" in r for r in results):
+            for line in _lines(result, args.threshold):
+                print(f"  {line}")
+    if not classified:
         raise DataError(f"none of the {len(results)} image(s) could be classified (all unreadable)")
+
+
+def _lines(result: dict, threshold: float) -> list[str]:
+    """An image's classes (top-k), or its labels of at least ``threshold`` (multi-label), most
+    probable first."""
+    if "top" in result:
+        return [f"{e['probability']:7.2%}  {e['name']} ({e['class']})" for e in result["top"]]
+    above = sorted(((p, name) for name, p in result["probabilities"].items() if p >= threshold), reverse=True)
+    return [f"{p:7.2%}  {name}" for p, name in above] or [f"no label at or above {threshold:.2f}"]
 
 
 def _check_test_size(args: argparse.Namespace, model: DenseNet) -> None:

@@ -11,11 +11,12 @@ import time
 
 import jax
 
-from densenet_jax.cli.options import dataset_options
+from densenet_jax.cli.options import dataset_options, figure
 from densenet_jax.model.registry import architecture_name, get_config, list_models
 from densenet_jax.train.checks import check_model_matches
 from densenet_jax.train.config import PARALLEL, PRECISIONS, SCHEDULES, DistributedConfig, TrainConfig
 from densenet_jax.train.loop import Run
+from densenet_jax.train.report import selection_key
 
 log = logging.getLogger("densenet_jax")
 
@@ -65,6 +66,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="fixes init, data order, augmentation, dropout")
     p.add_argument("--drop-rate", type=float, default=d.drop_rate, help="dropout after each dense layer")
     p.add_argument("--memory-efficient", action="store_true", help="recompute concat-BN-ReLU-conv1 in backward")
+    p.add_argument("--pos-weight", default=None, metavar="auto|W[,W...]",
+                   help="multi-label data: weight of each label's positives in the BCE; auto: negatives "
+                        "/ positives of the training split (CheXNet)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
                    help="also checkpoint every this many steps (always at each epoch's end)")
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
@@ -119,13 +123,16 @@ def run(args: argparse.Namespace) -> None:
     result = trainer.fit()
     rows = result["metrics"]
     if rows and trainer.is_main:
-        best = max(rows, key=lambda r: r["eval_acc"])
+        key = selection_key(rows)
+        best = max(rows, key=lambda r: -1 if r[key] is None else r[key])
+        what = "mean AUROC" if key == "eval_auroc" else "accuracy"
         print(f"{architecture_name(trainer.model.config)} on {config.dataset}: "
-              f"held-out accuracy {rows[-1]['eval_acc']:.4f} "
-              f"(best {best['eval_acc']:.4f} at epoch {best['epoch']}), step {result['step']}/"
+              f"held-out {what} {figure(rows[-1][key])} "
+              f"(best {figure(best[key])} at epoch {best['epoch']}), step {result['step']}/"
               f"{trainer.total_steps}, {time.perf_counter() - started:.0f} s")
         print(f"results in {trainer.workdir}/: metrics.jsonl, curves.png, best.safetensors, "
               f"model.safetensors (at the end), checkpoints/")
+
 
 
 def _join_processes(d: DistributedConfig) -> None:

@@ -1,7 +1,8 @@
 """What every data source gives the trainer: a Dataset of two splits of examples.
 
-An example is ``{"image": uint8 HWC array, "label": int32}`` (an image folder's holds a PIL image
-and adds ``skipped`` and ``unreadable``, see ``data.folder.FileSource``).
+An example is ``{"image": uint8 HWC array, "label": int32}``, or for multi-label data a float32
+(L,) label, NaN where missing (an image folder's or a CSV's holds a PIL image and adds ``skipped``
+and ``unreadable``, see ``data.folder.FileSource``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class Dataset:
     augment: Callable[[Example, np.random.Generator], Example]
     preprocess: Callable[[Example], Example]
     class_names: list[str]
+    # Several labels per image (targets float32 (L,), NaN where missing; class_names names them)
+    # rather than one class index.
+    multi_label: bool = False
 
 
 class ArraySource(Sequence):

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from densenet_jax.data import transforms as T
+from densenet_jax.data.csv_source import CsvSpec, csv_dataset
 from densenet_jax.data.dataset import ArraySource, Dataset
 from densenet_jax.data.folder import image_folder
 from densenet_jax.errors import DataError
 
+FILE_SOURCES = ("folder", "csv")  # image files, read in 1 or 3 channels
 DIGITS_HELD_OUT = 360  # 20% of scikit-learn's 1,797 digits, fixed by seed 0
 
 
@@ -84,31 +86,34 @@ def cifar(data_dir: str | Path, num_classes: int) -> Dataset:
 def check_source(name: str, data_dir: str | Path | None = None, in_chans: int = 3) -> None:
     """DataError unless :func:`load_dataset` can read ``name`` from ``data_dir`` with ``in_chans``
     channels: a known data set, its folder given and there, a channel count it has."""
-    if in_chans != 3 and name != "folder":
-        raise DataError(f"in_chans={in_chans} needs --dataset folder ({name} is RGB)")
+    if in_chans != 3 and name not in FILE_SOURCES:
+        raise DataError(f"in_chans={in_chans} needs --dataset folder or csv ({name} is RGB)")
     if name == "digits":
         return
-    if name not in ("cifar10", "cifar100", "folder"):
-        raise DataError(f"unknown dataset {name!r}: digits, cifar10, cifar100 or folder")
+    if name not in ("cifar10", "cifar100", *FILE_SOURCES):
+        raise DataError(f"unknown dataset {name!r}: digits, cifar10, cifar100, folder or csv")
     if data_dir is None:
         raise DataError(f"--data-dir is needed for dataset {name}")
     if not Path(data_dir).is_dir():
         raise DataError(f"{data_dir}: no such folder")
-    if name == "folder" and in_chans not in T.IMAGE_MODES:
-        raise DataError(f"{data_dir}: image folders give 1 or 3 channels, not in_chans={in_chans}")
+    if name in FILE_SOURCES and in_chans not in T.IMAGE_MODES:
+        raise DataError(f"{data_dir}: image files give 1 or 3 channels, not in_chans={in_chans}")
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = False,
-                 image_size: int = 224, in_chans: int = 3) -> Dataset:
-    """``digits`` (bundled), ``cifar10``/``cifar100`` or ``folder`` (these read ``data_dir``).
+                 image_size: int = 224, in_chans: int = 3, csv: CsvSpec | None = None) -> Dataset:
+    """``digits`` (bundled), ``cifar10``/``cifar100``, ``folder`` or ``csv`` (these read ``data_dir``).
 
     For a folder (``data.folder.image_folder``): ``image_size`` is the training crop (eval resizes
     to 8/7 of it, then crops), images are read with ``in_chans`` channels (1: greyscale, "L"), and
     with ``strict`` an unreadable image is an error rather than skipped when it is read; the other
-    data sets are RGB."""
+    data sets are RGB. A ``csv`` data set is the one ``csv`` describes
+    (:func:`densenet_jax.data.csv_source.csv_dataset`), read as a folder is."""
     check_source(name, data_dir, in_chans)
     if name == "digits":
         return digits()
+    if name == "csv":
+        return csv_dataset(data_dir, csv or CsvSpec(), image_size, strict, T.IMAGE_MODES[in_chans])
     if name == "folder":
         return image_folder(data_dir, image_size, strict, T.IMAGE_MODES[in_chans])
     return cifar(data_dir, int(name[len("cifar"):]))

@@ -77,7 +77,8 @@ def _files_under(tree: Tree, top: str) -> list[tuple[str, str]]:
 
 
 class FileSource(Sequence):
-    """Image files and their labels as examples ``{"image": PIL image, "label": int32,
+    """Image files and their labels as examples ``{"image": PIL image, "label": int32 (or float32
+    (L,) multi-label targets),
     "skipped": int32, "unreadable": str}``, decoded when read, in ``mode`` ("RGB", or "L" for one
     channel).
 
@@ -89,7 +90,10 @@ class FileSource(Sequence):
     DataError) instead."""
 
     def __init__(self, paths: list[str], labels: np.ndarray, mode: str = "RGB", strict: bool = False):
-        self.paths, self.labels, self.mode, self.strict = paths, np.asarray(labels, np.int32), mode, strict
+        labels = np.asarray(labels)
+        # float32 (n, L): multi-label targets (data.csv_source); anything else: class indices
+        self.labels = labels if labels.dtype == np.float32 else labels.astype(np.int32)
+        self.paths, self.mode, self.strict = paths, mode, strict
 
     def __len__(self):
         return len(self.paths)

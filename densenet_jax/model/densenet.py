@@ -212,11 +212,14 @@ class DenseNet(nnx.Module):
     ``model.features(x)`` is torchvision's ``features`` (norm5 before the ReLU).
     ``pretrained_cfg``: the preprocessing its weights expect (a
     :class:`densenet_jax.model.pretrained_cfg.PretrainedCfg`), None when unknown (random init);
-    ``class_names``: its classes' names, when its weights record them (a training run's do).
+    ``class_names``: its classes' names, when its weights record them (a training run's do);
+    ``multi_label``: its outputs are independent labels, each read through a sigmoid, not the
+    classes of one softmax (weights trained on multi-label data record it).
     """
 
     pretrained_cfg = None
     class_names = None
+    multi_label = False
 
     def __init__(self, config: DenseNetConfig, *, rngs: nnx.Rngs):
         self.config = config

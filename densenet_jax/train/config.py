@@ -16,15 +16,18 @@ import typing
 
 import jax.numpy as jnp
 
+from densenet_jax.data.csv_source import CsvSpec, check_spec
 from densenet_jax.model.registry import get_config
 from densenet_jax.train import optim
+from densenet_jax.train.losses import check_pos_weight
 
 # bf16: bfloat16 compute, fp32 parameters, statistics and loss. fp64 (with jax_enable_x64): for
 # reference runs where fp32 rounding would hide whether two set-ups compute the same thing.
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp64": jnp.float64}
 SCHEDULES: tuple[str, ...] = typing.get_args(optim.Schedule)
 PARALLEL = ("mesh", "pmap")
-DATASETS = ("digits", "cifar10", "cifar100", "folder")
+DATASETS = ("digits", "cifar10", "cifar100", "folder", "csv")
+SIZED = ("folder", "csv")  # data sets whose images --image-size resizes
 DEFAULT_MODEL = "densenet_40_k12"
 FOLDER_IMAGE_SIZE = 224
 
@@ -65,6 +68,17 @@ class TrainConfig:
     image_size: int | None = None
     max_steps: int = 0  # stop after this many steps of this invocation (0: to the end); rerun to go on
     progress: bool = True
+    # --dataset csv (data.csv_source.CsvSpec): the CSV files under data_dir, their columns, the
+    # policy for uncertain labels, the held-out fraction of patients without a validation CSV.
+    train_csv: str | None = None
+    val_csv: str | None = None
+    path_column: str | None = None
+    label_columns: list[str] | None = None  # a str: one column
+    patient_column: str | None = None
+    uncertain: str = "ignore"
+    val_fraction: float | None = None
+    # Multi-label data: "auto" (CheXNet's |N|/|P| per label) or numbers, comma-separated (losses.py).
+    pos_weight: str | None = None
 
     def __post_init__(self):
         check_types(self)
@@ -78,6 +92,7 @@ class TrainConfig:
         if not 0 <= self.drop_rate < 1:
             raise ValueError(f"--drop-rate {self.drop_rate}: must be at least 0 and less than 1")
         check_data_options(self.dataset, self.data_dir, self.workers, self.image_size)
+        self._check_csv()
         if self.workdir == "":
             raise ValueError("--workdir '': name a folder (or leave it out for runs/<model>-<dataset>)")
         self._check_starting_point()
@@ -85,7 +100,7 @@ class TrainConfig:
         check_choice("--parallel", self.parallel, PARALLEL)
         if self.model is None and not (self.init_from or self.pretrained):
             self.model = DEFAULT_MODEL
-        if self.image_size is None and self.dataset == "folder":
+        if self.image_size is None and self.dataset in SIZED:
             self.image_size = FOLDER_IMAGE_SIZE
 
     def _check_optimizer(self) -> None:
@@ -102,6 +117,22 @@ class TrainConfig:
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must be at least 0 and less than "
                              f"--epochs {self.epochs}")
+
+    def csv_spec(self) -> CsvSpec:
+        """The CSV options as the data source takes them."""
+        columns = [self.label_columns] if isinstance(self.label_columns, str) else self.label_columns
+        return CsvSpec(self.train_csv, self.val_csv, self.path_column, tuple(columns) if columns else None,
+                       self.patient_column, self.uncertain, self.val_fraction)
+
+    def _check_csv(self) -> None:
+        check_pos_weight(self.pos_weight)
+        if self.dataset == "csv":
+            check_spec(self.csv_spec())
+            return
+        given = [f"--{k.replace('_', '-')}" for k in ("train_csv", "val_csv", "path_column", "label_columns",
+                                                       "patient_column", "val_fraction") if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"{given[0]} is read by --dataset csv, not {self.dataset}")
 
     def _check_starting_point(self) -> None:
         """The architecture and the weights it starts from: named once, by one of the options."""
@@ -184,7 +215,7 @@ def check_data_options(dataset: str, data_dir: str | None, workers: int, image_s
     check_choice("--dataset", dataset, DATASETS)
     if workers < 0:
         raise ValueError(f"--workers {workers}: must be at least 0")
-    if image_size is not None and dataset != "folder":
+    if image_size is not None and dataset not in SIZED:
         raise ValueError(f"--image-size {image_size} sets a folder's crop; --dataset {dataset} "
                          "has images of its own size")
     if image_size is not None and image_size < 1:

@@ -14,12 +14,12 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from densenet_jax.data import Dataset, eval_batches, load_dataset
 from densenet_jax.data import transforms as T
+from densenet_jax.data.csv_source import CsvSpec, check_spec, split_tables
 from densenet_jax.data.datasets import check_source
 from densenet_jax.data.folder import FileSource, find_split, say_hidden
 from densenet_jax.errors import DataError
@@ -30,6 +30,8 @@ from densenet_jax.model.registry import HF_HUB_PREFIX
 from densenet_jax.inference import model_cfg
 from densenet_jax.train.checks import compute_dtype
 from densenet_jax.train.config import check_at_least, check_data_options
+from densenet_jax.train.losses import LossConfig, per_example_correct, per_example_loss
+from densenet_jax.train.multilabel import gather_outputs, multilabel_figures, outputs_of
 from densenet_jax.weights.format import stored_class_names
 
 BatchSums = Callable[[dict], dict]  # a host batch (image, label, weight) -> its summed loss, correct, count
@@ -46,15 +48,24 @@ class Evaluation:
     count: int
     examples: int
     preprocessing: str
+    # Multi-label weights: AUROC and AUPRC per label (None: one class only among the label's known
+    # values) and their means over the labels where they are defined; the loss is the unweighted
+    # masked BCE, the accuracy exact match (densenet_jax.train.multilabel).
+    auroc: dict[str, float | None] | None = None
+    mean_auroc: float | None = None
+    auprc: dict[str, float | None] | None = None
+    mean_auprc: float | None = None
 
 
 def evaluate_weights(weights: str, dataset: str = "digits", data_dir: str | None = None, *,
                      batch_size: int = 128, precision: str = "fp32", workers: int = 0,
-                     strict: bool = False, image_size: int | None = None) -> Evaluation:
+                     strict: bool = False, image_size: int | None = None,
+                     csv: CsvSpec | None = None) -> Evaluation:
     """The held-out loss and accuracy of a densenet_jax ``weights`` file on ``dataset``, in steps
     of ``batch_size`` images computed in ``precision``. A folder's ``val/`` alone is read, prepared
     as :func:`densenet_jax.inference.predict` prepares images for these weights (at ``image_size``
-    when given, see :func:`held_out_folder`).
+    when given, see :func:`held_out_folder`); so are a CSV data set's held-out rows (``csv``,
+    see :func:`held_out_csv`). Multi-label weights also get AUROC and AUPRC per label.
 
     ValueError, naming the command's option, for options out of range or that contradict each
     other (as :func:`densenet_jax.train.config.check_data_options`), and for weights with another
@@ -66,12 +77,17 @@ def evaluate_weights(weights: str, dataset: str = "digits", data_dir: str | None
     model = load(weights)
     if dataset == "folder":
         examples, preprocess, preprocessing = held_out_folder(weights, model, data_dir, strict, image_size)
+    elif dataset == "csv":
+        examples, preprocess, preprocessing = held_out_csv(weights, model, data_dir, csv or CsvSpec(),
+                                                           strict, image_size)
     else:
         data = load_dataset(dataset, data_dir, strict, in_chans=model.config.in_chans)
         if model.config.num_classes != data.num_classes:
             raise ValueError(f"{weights}: has {model.config.num_classes} classes, {dataset} has "
                              f"{data.num_classes}")
         examples, preprocess, preprocessing = data.eval, data.preprocess, ""
+    if model.multi_label:
+        return _multilabel_evaluation(model, dtype, examples, preprocess, batch_size, workers, preprocessing)
     sums = evaluation_sums(ModelEvaluation(model, dtype), examples, preprocess, batch_size, workers)
     return Evaluation(loss=sums["loss"] / sums["count"], accuracy=sums["correct"] / sums["count"],
                       count=round(sums["count"]), examples=len(examples), preprocessing=preprocessing)
@@ -96,6 +112,30 @@ def held_out_folder(weights: str, model: DenseNet, data_dir: str, strict: bool =
     # A folder's labels are its sorted folder names: other names, even as many, are other classes.
     if trained is not None and trained != val.classes:
         raise DataError(_classes_differ(weights, trained, root / "val", val.classes))
+    examples = FileSource(val.paths, val.labels, T.IMAGE_MODES[model.config.in_chans], strict)
+    return examples, *_weights_preprocessing(model, image_size)
+
+
+def held_out_csv(weights: str, model: DenseNet, data_dir: str, spec: CsvSpec, strict: bool = False,
+                 image_size: int | None = None) -> tuple[Sequence, T.Compose, str]:
+    """As :func:`held_out_folder`, for a CSV data set's held-out rows (``spec.val_csv``, or
+    ``spec.val_fraction`` of ``spec.train_csv``'s patients, drawn as training drew them), read with
+    the weights' labels: their label names pick the columns (unless ``spec.label_columns``), their
+    class names order the classes. ValueError or DataError naming the option, file or row."""
+    check_source("csv", data_dir, model.config.in_chans)
+    check_spec(spec, training=False)
+    _, val = split_tables(Path(data_dir), spec, model.class_names, model.multi_label)
+    if len(val.names) != model.config.num_classes:
+        kind = "labels" if model.multi_label else "classes"
+        raise DataError(f"{weights}: has {model.config.num_classes} outputs, {Path(data_dir) / (spec.val_csv or spec.train_csv)} "
+                        f"has {len(val.names)} {kind} ({', '.join(val.names[:6])})")
+    examples = FileSource(val.paths, val.labels, T.IMAGE_MODES[model.config.in_chans], strict)
+    return examples, *_weights_preprocessing(model, image_size)
+
+
+def _weights_preprocessing(model: DenseNet, image_size: int | None) -> tuple[T.Compose, str]:
+    """The transform ``predict`` uses for ``model``'s weights (at ``image_size`` when given) and
+    words saying which."""
     cfg = model_cfg(model)
     source = ("the weights' preprocessing" if model.pretrained_cfg
               else "torchvision's preprocessing (the weights record none)")
@@ -103,8 +143,18 @@ def held_out_folder(weights: str, model: DenseNet, data_dir: str, strict: bool =
         # timm's --img-size: another size, the recorded crop_pct, interpolation and mean/std.
         cfg = dataclasses.replace(cfg, input_size=(cfg.in_chans, image_size, image_size))
         source += f" at --image-size {image_size}"
-    examples = FileSource(val.paths, val.labels, T.IMAGE_MODES[model.config.in_chans], strict)
-    return examples, T.eval_transform_from_cfg(**cfg.eval_config()), f"; {source}: {_describe(cfg)}"
+    return T.eval_transform_from_cfg(**cfg.eval_config()), f"; {source}: {_describe(cfg)}"
+
+
+def _multilabel_evaluation(model: DenseNet, dtype, examples: Sequence, preprocess, batch_size: int,
+                           workers: int, preprocessing: str) -> Evaluation:
+    logits, targets = gather_outputs(ModelEvaluation(model, dtype, outputs_of), examples, preprocess,
+                                     batch_size, workers)
+    names = model.class_names or [str(i) for i in range(model.config.num_classes)]
+    f = multilabel_figures(logits, targets, names, LossConfig(multi_label=True))
+    return Evaluation(loss=f["eval_loss"], accuracy=f["eval_acc"], count=len(logits), examples=len(examples),
+                      preprocessing=preprocessing, auroc=f["eval_auroc_labels"], mean_auroc=f["eval_auroc"],
+                      auprc=f["eval_auprc_labels"], mean_auprc=f["eval_auprc"])
 
 
 def _classes_differ(weights: str, trained: list[str], folder: Path, found: list[str]) -> str:
@@ -127,18 +177,19 @@ def _describe(cfg: PretrainedCfg) -> str:
 
 def held_out_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
     """Sums over a batch of cross-entropy loss, correct predictions and weight (0: not counted)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return {"loss": jnp.sum(losses * weights),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+    one_label = LossConfig()
+    return {"loss": jnp.sum(per_example_loss(logits, labels, one_label) * weights),
+            "correct": jnp.sum(per_example_correct(logits, labels, one_label) * weights),
             "count": jnp.sum(weights)}
 
 
 class ModelEvaluation:
-    """A model's held-out sums per batch, without any training state: its weights replicated on
+    """A model's held-out figures per batch, without any training state: its weights replicated on
     every device, each global batch split across them (as the ``mesh`` runner places them), computed
-    in ``compute_dtype`` with the loss in at least float32. Puts ``model`` in eval mode."""
+    in ``compute_dtype`` with the loss in at least float32; ``outputs`` makes the figures of a
+    batch's (logits, labels, weights) (default: :func:`held_out_sums`). Puts ``model`` in eval mode."""
 
-    def __init__(self, model: DenseNet, compute_dtype=jnp.float32):
+    def __init__(self, model: DenseNet, compute_dtype=jnp.float32, outputs=held_out_sums):
         model.eval()
         graphdef, state = nnx.split(model)
         mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -150,19 +201,28 @@ class ModelEvaluation:
 
         def sums(state, images, labels, weights):
             logits = nnx.merge(graphdef, state)(images.astype(compute_dtype)).astype(loss_dtype)
-            return held_out_sums(logits, labels, weights)
+            return outputs(logits, labels, weights)
         self._sums = jax.jit(sums, out_shardings=replicated)
 
-    def __call__(self, batch: dict) -> dict[str, float]:
-        """This process's share of a global batch in, the batch's sums (over every process) out."""
+    def __call__(self, batch: dict) -> dict[str, np.ndarray]:
+        """This process's share of a global batch in, the batch's figures (over every process) out."""
         placed = [jax.make_array_from_process_local_data(self.sharded, batch[k])
                   for k in ("image", "label", "weight")]
-        return {k: float(np.asarray(v.addressable_data(0))) for k, v in self._sums(self.state, *placed).items()}
+        return {k: np.asarray(v.addressable_data(0)) for k, v in self._sums(self.state, *placed).items()}
 
 
 def evaluate_state(runner, state, data: Dataset, batch_size: int, workers: int = 0) -> dict:
     """Mean loss and accuracy of a training ``state`` on ``data``'s held-out split, over every
-    process, through the ``runner`` that trains it (:mod:`densenet_jax.train.parallel`)."""
+    process, through the ``runner`` that trains it (:mod:`densenet_jax.train.parallel`); for
+    multi-label data, :func:`densenet_jax.train.multilabel.multilabel_figures` (AUROC, AUPRC)."""
+    if data.multi_label:
+        def batch_outputs(batch: dict) -> dict:
+            placed = runner.place_batch(batch["image"], batch["label"], batch["weight"])
+            return {k: np.asarray(v.addressable_data(0)) for k, v in runner.scores(state, *placed).items()}
+
+        logits, targets = gather_outputs(batch_outputs, data.eval, data.preprocess, batch_size, workers)
+        return multilabel_figures(logits, targets, data.class_names, LossConfig(multi_label=True))
+
     def batch_sums(batch: dict) -> dict:
         placed = runner.place_batch(batch["image"], batch["label"], batch["weight"])
         return runner.fetch(runner.eval(state, *placed))
@@ -181,5 +241,5 @@ def evaluation_sums(batch_sums: BatchSums, examples: Sequence, preprocess, batch
                               process_index=jax.process_index(), process_count=jax.process_count(),
                               workers=workers):
         for k, v in batch_sums(batch).items():
-            sums[k] += v
+            sums[k] += float(v)
     return sums

@@ -26,11 +26,12 @@ from densenet_jax.train import optim, parallel, workdir
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
 from densenet_jax.train.config import PRECISIONS, TrainConfig
 from densenet_jax.train.evaluate import evaluate_state
+from densenet_jax.train.losses import LossConfig, parse_pos_weight
 from densenet_jax.train.checks import (check_batch_norm_inputs, check_devices, check_image_size,
                                        check_model_matches, check_precision_available, check_steps_per_epoch)
 from densenet_jax.train.messages import epoch_line, precision_warning, startup_lines, stopped_line
 from densenet_jax.train.meter import EMPTY_TOTALS, EpochMeter
-from densenet_jax.train.report import (plot_curves, read_metrics, read_partial_epoch, write_metrics,
+from densenet_jax.train.report import (is_best, plot_curves, read_metrics, read_partial_epoch, write_metrics,
                                        write_partial_epoch)
 from densenet_jax.train.signals import StopSignals
 from densenet_jax.weights.format import cast, state_arrays, write_safetensors
@@ -74,9 +75,18 @@ def update_direction(config: TrainConfig) -> optax.GradientTransformation:
     return optim.head_only(tx) if config.head_only else tx
 
 
-def step_store(config: TrainConfig, architecture: DenseNetConfig) -> tuple[Path, str] | None:
+def loss_config(config: TrainConfig, data: Dataset) -> LossConfig:
+    """The run's loss: multi-label when the data is, with ``--pos-weight`` resolved on the training
+    split's targets. ValueError naming the option for weights the data cannot take."""
+    targets = data.train.labels if data.multi_label else None
+    return LossConfig(data.multi_label, parse_pos_weight(config.pos_weight, targets, data.class_names))
+
+
+def step_store(config: TrainConfig, architecture: DenseNetConfig,
+               loss: LossConfig = LossConfig()) -> tuple[Path, str] | None:
     """Where the traced train step is kept for reruns (beside XLA's compilation cache, when that
-    is on), and everything the step depends on besides its code and argument shapes."""
+    is on), and everything the step depends on besides its code and argument shapes (the loss
+    too: ``--pos-weight auto`` gives other weights on other data)."""
     cache = jax.config.jax_compilation_cache_dir
     if not cache:
         return None
@@ -84,7 +94,7 @@ def step_store(config: TrainConfig, architecture: DenseNetConfig) -> tuple[Path,
     not_in_program = {"workdir", "max_steps", "checkpoint_every", "keep", "workers", "progress",
                       "strict", "data_dir", "init_from", "lr", "epochs", "schedule", "warmup_epochs"}
     shaping = {k: v for k, v in dataclasses.asdict(config).items() if k not in not_in_program}
-    return Path(cache) / "densenet-jax-steps", repr((sorted(shaping.items()), architecture))
+    return Path(cache) / "densenet-jax-steps", repr((sorted(shaping.items()), architecture, loss))
 
 
 def preprocessing_cfg(data: Dataset) -> PretrainedCfg:
@@ -120,7 +130,8 @@ class Run:
         self.is_main = jax.process_index() == 0
         # Read the data first: a bad folder fails in a second, not after compiling.
         self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict, config.image_size,
-                                          config.in_chans)
+                                          config.in_chans, csv=config.csv_spec())
+        self.loss = loss_config(config, self.data)
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size, jax.process_count())
         check_steps_per_epoch(self.steps_per_epoch, config.batch_size, len(self.data.train))
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -128,9 +139,9 @@ class Run:
         self.schedule = optim.learning_rate(config.schedule, config.lr, self.total_steps,
                                             self.steps_per_epoch, config.warmup_epochs)
         self.runner = parallel.make(config.parallel, self.model, update_direction(config),
-                                    step_store(config, self.model.config), seed=config.seed,
+                                    step_store(config, self.model.config, self.loss), seed=config.seed,
                                     compute_dtype=PRECISIONS[config.precision],
-                                    freeze_features=config.head_only)
+                                    freeze_features=config.head_only, loss=self.loss)
         self.record = workdir.describe(config, self.model.config, self.data)  # what run.json holds
         self.first_step_seconds: float | None = None  # this process's first step: compilation
         self.rows: list[dict] = []  # metrics.jsonl's, one per evaluated epoch
@@ -300,7 +311,7 @@ class Run:
         """metrics.jsonl, curves.png, best.safetensors when this epoch is the best, and its line."""
         write_metrics(self.workdir / "metrics.jsonl", self.rows)
         plot_curves(self.workdir / "curves.png", self.rows)
-        if self.rows[-1]["eval_acc"] >= max(r["eval_acc"] for r in self.rows):
+        if is_best(self.rows):
             self._write_weights(state, self.workdir / "best.safetensors")
         log.info(epoch_line(self.rows[-1], self.config.epochs))
 
@@ -324,7 +335,8 @@ class Run:
         model = self.runner.steps.model(self.runner.host_state(state))
         write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
                           model.config.replace(memory_efficient=False, drop_rate=0.0, head_drop_rate=0.0), path,
-                          class_names=self.data.class_names, pretrained_cfg=preprocessing_cfg(self.data))
+                          class_names=self.data.class_names, pretrained_cfg=preprocessing_cfg(self.data),
+                          multi_label=self.data.multi_label)
 
 
 def _next_batch(batches, signals: StopSignals) -> dict | None:

@@ -59,6 +59,9 @@ def epoch_line(row: dict, epochs: int) -> str:
     line = (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}, "
             f"held-out loss {row['eval_loss']:.4f} acc {row['eval_acc']:.4f}, "
             f"{row['images_per_sec']:.0f} images/s, {row['seconds']:.0f} s")
+    if "eval_auroc" in row:  # multi-label: acc is exact match; AUROC is what the run is chosen on
+        auroc = "undefined" if row["eval_auroc"] is None else f"{row['eval_auroc']:.4f}"
+        line = line.replace(", held-out loss", f", held-out mean AUROC {auroc}, loss", 1)
     if row.get("first_step_seconds") is not None:
         line += f" (first step {row['first_step_seconds']:.1f} s: compiling, or loading from the cache)"
     return line

@@ -40,6 +40,13 @@ class Runner:
         """Sums of loss, correct predictions and weights over a placed batch."""
         return self._eval(state, self.rest, images, labels, weights)
 
+    def scores(self, state, images, labels, weights) -> dict:
+        """The eval logits of a placed batch, with its labels and weights, each whole on every
+        device (:meth:`Steps.scores`; compiled on first use, as plain jit under both forms)."""
+        if getattr(self, "_scores", None) is None:
+            self._scores = jax.jit(self.steps.scores, out_shardings=self.replicated)
+        return self._scores(state, self.rest, images, labels, weights)
+
     def place_state(self, state: TrainState) -> TrainState:
         """``state`` replicated over the mesh."""
         return jax.device_put(state, self.replicated)

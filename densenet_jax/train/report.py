@@ -12,6 +12,23 @@ from densenet_jax.files import atomic_write_bytes
 # first_step_seconds on the row of the epoch it fell in (null on the others).
 FIELDS = ("epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "images_per_sec", "seconds",
           "first_step_seconds")
+# Multi-label runs' rows add these (densenet_jax.train.multilabel): the mean AUROC and AUPRC over the
+# labels where they are defined, and each label's ({name: value}, null where undefined).
+MULTI_LABEL_FIELDS = ("eval_auroc", "eval_auprc", "eval_auroc_labels", "eval_auprc_labels")
+
+
+def selection_key(rows: list[dict]) -> str:
+    """The held-out figure a run's best epoch is chosen on: the mean AUROC for multi-label rows,
+    else accuracy."""
+    return "eval_auroc" if rows and "eval_auroc" in rows[-1] else "eval_acc"
+
+
+def is_best(rows: list[dict]) -> bool:
+    """Whether the last row is the best so far (ties: the later one), on :func:`selection_key`;
+    an undefined mean AUROC (no label with both classes held out) ranks below every number."""
+    key = selection_key(rows)
+    values = [-float("inf") if r.get(key) is None else r[key] for r in rows]
+    return values[-1] >= max(values)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -23,21 +40,26 @@ def read_metrics(path: Path) -> list[dict]:
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """Rewrite the whole file atomically (it stays small: one line per epoch)."""
-    text = "".join(json.dumps({k: row.get(k) for k in FIELDS}) + "\n" for row in rows)
+    text = "".join(json.dumps({k: row.get(k) for k in FIELDS + tuple(f for f in MULTI_LABEL_FIELDS if f in row)})
+                   + "\n" for row in rows)
     atomic_write_bytes(path, text.encode())
 
 
 def plot_curves(path: Path, rows: list[dict]) -> None:
-    """Loss and accuracy against epoch, train and held-out, as a PNG."""
+    """Loss and accuracy against epoch, train and held-out, as a PNG; multi-label rows add the
+    held-out mean AUROC."""
     import matplotlib  # lazy: optional (the train extra), needed only once an epoch ends
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in rows]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in rows], label="train")
-        ax.plot(epochs, [r[f"eval_{key}"] for r in rows], label="held-out")
+    panels = [("loss", "loss"), ("acc", "accuracy")] + [("auroc", "mean AUROC")] * ("eval_auroc" in rows[-1])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels):
+        if f"train_{key}" in rows[-1]:
+            ax.plot(epochs, [r[f"train_{key}"] for r in rows], label="train")
+        ax.plot(epochs, [float("nan") if r[f"eval_{key}"] is None else r[f"eval_{key}"] for r in rows],
+                label="held-out")
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -8,6 +8,7 @@ import optax
 from flax import nnx, struct
 
 from densenet_jax.model.densenet import DenseNet
+from densenet_jax.train.losses import LossConfig, per_example_correct, per_example_loss
 from densenet_jax.train.optim import apply_learning_rate
 
 
@@ -30,13 +31,15 @@ class Steps:
     run identical to an uninterrupted one. With ``axis_name`` the steps run per device under
     shard_map: BatchNorm statistics and gradients are averaged across that axis.
     ``freeze_features`` runs the backbone in eval mode while training (its BatchNorm statistics stay
-    as loaded), for head-only fine-tuning.
+    as loaded), for head-only fine-tuning. ``loss``: what the labels are and how they are scored
+    (:mod:`densenet_jax.train.losses`).
     """
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation, *,
                  compute_dtype=jnp.float32, seed: int = 0, axis_name: str | None = None,
-                 freeze_features: bool = False):
+                 freeze_features: bool = False, loss: LossConfig = LossConfig()):
         self.tx = tx
+        self.loss = loss
         self.compute_dtype = compute_dtype
         self.loss_dtype = jnp.promote_types(compute_dtype, jnp.float32)  # bf16 compute, fp32 loss
         self.axis_name = axis_name
@@ -66,11 +69,11 @@ class Steps:
                     key = jax.random.fold_in(key, jax.lax.axis_index(self.axis_name))
                 nnx.reseed(model, dropout=key)
             logits = model(images.astype(self.compute_dtype)).astype(self.loss_dtype)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            loss = per_example_loss(logits, labels, self.loss).mean()
             return loss, (logits, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        correct = jnp.sum(per_example_correct(logits, labels, self.loss))
         if self.axis_name is not None:
             grads, loss = jax.lax.pmean((grads, loss), self.axis_name)
             correct = jax.lax.psum(correct, self.axis_name)
@@ -90,13 +93,20 @@ class Steps:
         """Sums over the batch of loss, correct predictions and weight (0 marks padding)."""
         model = nnx.merge(self.eval_def, state.params, state.batch_stats, rest)
         logits = model(images.astype(self.compute_dtype)).astype(self.loss_dtype)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        sums = {"loss": jnp.sum(losses * weights),
-                "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+        sums = {"loss": jnp.sum(per_example_loss(logits, labels, self.loss) * weights),
+                "correct": jnp.sum(per_example_correct(logits, labels, self.loss) * weights),
                 "count": jnp.sum(weights)}
         if self.axis_name is not None:
             sums = jax.lax.psum(sums, self.axis_name)
         return sums
+
+    def scores(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array,
+               weights: jax.Array) -> dict[str, jax.Array]:
+        """The batch's eval logits (N, C) in at least float32, with its labels and weights: what
+        ranking metrics (AUROC) need, which are no sums over batches."""
+        model = nnx.merge(self.eval_def, state.params, state.batch_stats, rest)
+        logits = model(images.astype(self.compute_dtype)).astype(self.loss_dtype)
+        return {"logits": logits, "label": labels, "weight": weights}
 
     def model(self, state: TrainState) -> DenseNet:
         """The model holding ``state``'s weights, in eval mode."""

@@ -87,9 +87,11 @@ def config_from_json(text: str, source: str) -> DenseNetConfig:
 
 def write_safetensors(arrays: dict[str, np.ndarray], config: DenseNetConfig, path: str | os.PathLike,
                       *, force: bool = True, class_names: list[str] | None = None,
-                      pretrained_cfg: PretrainedCfg | None = None) -> None:
+                      pretrained_cfg: PretrainedCfg | None = None, multi_label: bool = False) -> None:
     """Write ``arrays`` and ``config`` (and, when known, the names of the classes and the
-    preprocessing the weights expect) to ``path`` atomically: a temporary file, then a rename."""
+    preprocessing the weights expect) to ``path`` atomically: a temporary file, then a rename.
+    ``multi_label``: the outputs are independent labels (a sigmoid each; ``class_names`` name the
+    labels), recorded as ``"multi_label": "true"`` in the metadata."""
     path = Path(path)
     check_output(path, force=force)
     metadata = {"format": FORMAT, "config": config_to_json(config)}
@@ -97,6 +99,8 @@ def write_safetensors(arrays: dict[str, np.ndarray], config: DenseNetConfig, pat
         metadata["class_names"] = json.dumps(list(class_names))
     if pretrained_cfg is not None:
         metadata["pretrained_cfg"] = pretrained_cfg.to_json()
+    if multi_label:
+        metadata["multi_label"] = "true"
     payload = safetensors.numpy.save({k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}, metadata=metadata)
     atomic_write_bytes(path, _sorted_header(payload))
 
@@ -122,13 +126,15 @@ class Weights:
     source: str
     pretrained_cfg: PretrainedCfg | None = None
     class_names: list[str] | None = None
+    multi_label: bool = False  # a sigmoid per output (write_safetensors)
 
 
 def read_weights(path: str | os.PathLike) -> Weights:
     """The weights, config, stored preprocessing and class names of a densenet_jax safetensors
     file; CheckpointError naming the file for anything unusable."""
     arrays, config = read_safetensors(path)
-    return Weights(arrays, config, str(path), stored_pretrained_cfg(path), stored_class_names(path))
+    return Weights(arrays, config, str(path), stored_pretrained_cfg(path), stored_class_names(path),
+                   stored_multi_label(path))
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
@@ -185,6 +191,12 @@ def stored_class_names(path: str | os.PathLike) -> list[str] | None:
         return None
 
 
+def stored_multi_label(path: str | os.PathLike) -> bool:
+    """Whether a weights file's outputs are independent labels (``write_safetensors``'s
+    ``multi_label``) rather than the classes of one softmax."""
+    return _header_metadata(path).get("multi_label") == "true"
+
+
 def stored_pretrained_cfg(path: str | os.PathLike) -> PretrainedCfg | None:
     """The preprocessing stored with a weights file (a pretrained tag's, or the one a
     ``densenet-jax train`` run used), or None; CheckpointError naming the file if it is invalid."""
@@ -213,6 +225,8 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
 
 def save(model: DenseNet, path: str | os.PathLike) -> None:
     """Write ``model``'s weights, config, preprocessing and class names (``model.pretrained_cfg``,
-    ``model.class_names``, when it has them) to ``path`` (safetensors), atomically."""
+    ``model.class_names``, when it has them, and ``model.multi_label``) to ``path`` (safetensors),
+    atomically."""
     write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()}, model.config, path,
-                      pretrained_cfg=model.pretrained_cfg, class_names=model.class_names)
+                      pretrained_cfg=model.pretrained_cfg, class_names=model.class_names,
+                      multi_label=model.multi_label)

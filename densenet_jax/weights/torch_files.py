@@ -229,7 +229,9 @@ def to_densenet_jax(source: str | Path, output: str | Path, *, prefix: str | Non
         if config.in_chans != 1:
             raise CheckpointError(f"{source}: torchxrayvision's preprocessing gives 1 channel; the network takes "
                                   f"{config.in_chans}")
-    write_safetensors(arrays, config, output, class_names=class_names, pretrained_cfg=cfg)
+    # torchxrayvision's outputs are independent labels: a sigmoid each.
+    write_safetensors(arrays, config, output, class_names=class_names, pretrained_cfg=cfg,
+                      multi_label=cfg is not None)
     name = architecture_name(config)
     head = (f"{config.num_classes} classes" if config.num_classes else
             "no classifier (a backbone: load it with features_only=True, or num_classes=N for a new head)")
