@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> None:
 def _lines(result: dict, threshold: float) -> list[str]:
     """An image's classes (top-k), or its labels of at least ``threshold`` (multi-label), most
     probable first."""
-    if "top" in result:
+    if "probabilities" not in result:
         return [f"{e['probability']:7.2%}  {e['name']} ({e['class']})" for e in result["top"]]
     above = sorted(((p, name) for name, p in result["probabilities"].items() if p >= threshold), reverse=True)
     return [f"{p:7.2%}  {name}" for p, name in above] or [f"no label at or above {threshold:.2f}"]
