@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 from safetensors import SafetensorError
 
 from densenet_jax.model.config import DenseNetConfig
@@ -22,7 +21,7 @@ from densenet_jax.errors import CheckpointError
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.model.registry import (HF_HUB_PREFIX, NOT_ARCHITECTURE, architecture_name, get_config, resolve,
                                          weights_architecture)
-from densenet_jax.weights.format import FORMAT, Weights, read_safetensors, safetensors_metadata
+from densenet_jax.weights.format import FORMAT, Weights, header_metadata, is_floating, load_arrays, read_safetensors
 from densenet_jax.weights.torch_keys import from_torchvision
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
@@ -124,18 +123,19 @@ def weights_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], DenseN
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    data = path.read_bytes()
-    if data.startswith(_LFS_POINTER):
+    with open(path, "rb") as f:
+        head = f.read(len(_LFS_POINTER))
+    if head == _LFS_POINTER:
         raise CheckpointError(f"{path}: a Git LFS pointer, not the weights (the repo's file was "
                               "pushed without Git LFS, or fetched with git without git-lfs)")
     try:
-        arrays = safetensors.numpy.load(data)
-        metadata = safetensors_metadata(data)
+        arrays = load_arrays(path)
+        metadata = header_metadata(path)
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path}: not a complete safetensors file, truncated or corrupt ({e})") from None
     if metadata.get("format") == FORMAT:
         return read_safetensors(path)
-    return from_torchvision({k: v for k, v in arrays.items() if v.dtype.kind == "f"}, str(path))
+    return from_torchvision({k: v for k, v in arrays.items() if is_floating(v.dtype)}, str(path))
 
 
 def download(repo_id: str, filename: str, name: str) -> Path:
