@@ -6,6 +6,7 @@ import errno
 import importlib.metadata
 import logging
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -97,13 +98,13 @@ def test_a_store_that_cannot_be_written_warns_once_and_the_work_goes_on(tmp_path
     cannot be read (EACCES, which root never meets): one warning naming the path each, the step's
     result as without a store, no ``.tmp`` left."""
     reference = jax.jit(make_step([]))(state(), x)
-    monkeypatch.setattr(trace_cache, "_warned", set())
+    monkeypatch.setattr(files, "_unusable", set())
     caplog.set_level(logging.WARNING, logger="densenet_jax")
     unwritable = "/sys/densenet-jax-steps"
     for _ in range(2):
         out = stored(unwritable, [], x)
     np.testing.assert_array_equal(out[1]["loss"], reference[1]["loss"])
-    assert caplog.text.count("traced-step store not usable") == 1 and unwritable in caplog.text
+    assert caplog.text.count("traced-step store (the step is traced instead) not usable") == 1 and unwritable in caplog.text
 
     caplog.clear()
 
@@ -112,12 +113,12 @@ def test_a_store_that_cannot_be_written_warns_once_and_the_work_goes_on(tmp_path
     monkeypatch.setattr(files.os, "fsync", full)
     out = stored(tmp_path / "full", [], x)
     np.testing.assert_array_equal(out[1]["loss"], reference[1]["loss"])
-    assert caplog.text.count("traced-step store not usable") == 1, caplog.text
+    assert caplog.text.count("traced-step store (the step is traced instead) not usable") == 1, caplog.text
     assert "No space left on device" in caplog.text and str(tmp_path / "full") in caplog.text
     assert os.listdir(tmp_path / "full") == []  # the partial file is removed
     monkeypatch.undo()
 
-    monkeypatch.setattr(trace_cache, "_warned", set())
+    monkeypatch.setattr(files, "_unusable", set())
     caplog.clear()
     stored(tmp_path / "ok", [], x)  # writes the file that is then unreadable
     [written] = (tmp_path / "ok").iterdir()
@@ -130,7 +131,20 @@ def test_a_store_that_cannot_be_written_warns_once_and_the_work_goes_on(tmp_path
     monkeypatch.setattr(type(written), "read_bytes", unreadable)
     out = stored(tmp_path / "ok", [], x)
     np.testing.assert_array_equal(out[1]["loss"], reference[1]["loss"])
-    assert caplog.text.count("traced-step store not usable") == 1 and str(written) in caplog.text
+    assert caplog.text.count("traced-step store (the step is traced instead) not usable") == 1
+    assert str(written) in caplog.text
+
+
+def test_a_listing_cache_that_cannot_be_written_warns_once(tmp_path, caplog, monkeypatch):
+    """Both splits listed with the cache in /sys: right listings, one warning naming the file."""
+    monkeypatch.setattr(files, "_unusable", set())
+    caplog.set_level(logging.WARNING, logger="densenet_jax")
+    root = write_image_folder(tmp_path / "images", per_class=1)
+    unwritable = Path("/sys/densenet-jax-listings")
+    for split in ("train", "val", "train"):
+        assert len(find_images(root / split, unwritable).paths) == 3
+    assert caplog.text.count("folder listing cache (folders are listed instead) not usable") == 1
+    assert str(unwritable) in caplog.text
 
 
 def changed_with_times_restored(root, change) -> None:

@@ -30,13 +30,14 @@ import os
 import time
 from pathlib import Path
 
-from densenet_jax.errors import DataError
-from densenet_jax.files import atomic_write_bytes
+from densenet_jax.errors import CheckpointError, DataError
+from densenet_jax.files import atomic_write_bytes, cache_unusable
 
 log = logging.getLogger("densenet_jax")
 
 CACHE_ENV = "DENSENET_JAX_LISTINGS"
 _VERSION = 2
+_NAME = "folder listing cache (folders are listed instead)"
 _RACY_NS = 2_000_000_000
 # File systems whose kernel driver keeps a folder's ctime as described above (ext4, xfs, btrfs, zfs
 # and the like; tmpfs and overlayfs in containers), as /proc/self/mountinfo names them.
@@ -147,7 +148,10 @@ def _read_cache(path: Path, root: Path, suffixes: tuple[str, ...]) -> Tree:
         return tree
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+    except OSError as e:
+        cache_unusable(_NAME, path.parent, path, f"cannot read it: {e.strerror}")
+        return {}
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         log.info("%s: listing cache not usable (%s); listing %s again", path, e, root)
         return {}
 
@@ -167,5 +171,7 @@ def _write_cache(path: Path, root: Path, suffixes: tuple[str, ...], tree: Tree) 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(payload, separators=(",", ":")).encode())
-    except (OSError, ValueError) as e:  # a read-only home: the cache only saves time
-        log.info("%s: listing cache not written (%s)", path, e)
+    except OSError as e:  # a read-only or full home
+        cache_unusable(_NAME, path.parent, path, f"cannot write: {e.strerror}")
+    except CheckpointError as e:  # atomic_write_bytes' one line for a file it cannot create
+        cache_unusable(_NAME, path.parent, path, str(e).removeprefix(f"{path}: "))

@@ -27,18 +27,18 @@ import jax
 from jax import export
 
 from densenet_jax.errors import CheckpointError
-from densenet_jax.files import atomic_write_bytes
+from densenet_jax.files import atomic_write_bytes, cache_unusable
 
 log = logging.getLogger("densenet_jax")
 _PACKAGE = Path(__file__).resolve().parent.parent
 _LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy")
+_NAME = "traced-step store (the step is traced instead)"
 # JAX settings that change the program a trace emits: dot precision attributes (TF32 or fp32 on a
 # GPU), 64-bit types, type promotion, the random bits' algorithm and layout, the partitioner that
 # lowers shardings, softmax's derivative.
 SETTINGS = ("jax_default_matmul_precision", "jax_enable_x64", "jax_numpy_dtype_promotion",
             "jax_default_prng_impl", "jax_threefry_partitionable", "jax_enable_custom_prng",
             "jax_use_shardy_partitioner", "jax_softmax_custom_jvp")
-_warned: set[Path] = set()
 
 
 @functools.cache
@@ -83,7 +83,7 @@ class StoredJit:
         except FileNotFoundError:
             payload = None
         except OSError as e:
-            _warn_once(self.folder, path, f"cannot read it: {e.strerror}")
+            cache_unusable(_NAME, self.folder, path, f"cannot read it: {e.strerror}")
             payload = None
         if payload is not None:
             try:
@@ -99,9 +99,9 @@ class StoredJit:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, bytes(exported.serialize()))
         except CheckpointError as e:  # atomic_write_bytes' one line for a file it cannot create
-            _warn_once(self.folder, path, str(e).removeprefix(f"{path}: "))
+            cache_unusable(_NAME, self.folder, path, str(e).removeprefix(f"{path}: "))
         except OSError as e:  # read-only or full: atomic_write_bytes has removed its temporary file
-            _warn_once(self.folder, path, f"cannot write: {e.strerror}")
+            cache_unusable(_NAME, self.folder, path, f"cannot write: {e.strerror}")
         return exported
 
     def _key(self, leaves, treedef) -> str:
@@ -120,11 +120,3 @@ def environment() -> str:
     devices = [(d.id, d.platform, d.device_kind) for d in jax.devices()]
     return json.dumps([settings, os.environ.get("XLA_FLAGS", ""), devices, jax.process_count()])
 
-
-def _warn_once(folder: Path, path: Path, why: str) -> None:
-    """One warning per store folder, naming the file at fault: the store is an optimisation, and
-    the run goes on without it."""
-    if folder not in _warned:
-        _warned.add(folder)
-        log.warning("warning: %s: traced-step store not usable (%s); the step is traced instead and "
-                    "the run goes on", path, why)
