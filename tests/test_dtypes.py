@@ -20,7 +20,8 @@ from flax import nnx
 import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.train import loop
-from densenet_jax.weights.format import cast, read_safetensors, state_arrays
+from densenet_jax.model.pretrained_cfg import torchvision_cfg
+from densenet_jax.weights.format import read_safetensors, state_arrays
 from fixtures import write_image_folder
 from torch_twins import randomize
 
@@ -37,6 +38,13 @@ def torch_state(dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def as_float64(array) -> np.ndarray:
     return np.asarray(array).astype(np.float64)
+
+
+def held_as(model, dtype) -> None:
+    """``model``'s weights stored as ``dtype``, cast by numpy (as ``cast`` does, without compiling
+    jax's astype for every shape and dtype); float64 needs ``jax.enable_x64``."""
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    nnx.update(model, jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a).astype(dtype)), state))
 
 
 @pytest.mark.parametrize("name", DTYPES)
@@ -73,7 +81,7 @@ def test_save_writes_and_load_reads_every_dtype(name, tmp_path):
     model = dj.create_model("densenet_bc_16_k12", block_config=(1, 1), num_classes=3, rngs=nnx.Rngs(0))
     path = tmp_path / "m.safetensors"
     with jax.enable_x64(name == "float64"):
-        cast(model, numpy_dtype)
+        held_as(model, numpy_dtype)
         saved = {k: np.asarray(v) for k, v in state_arrays(model).items()}
         dj.save(model, path)
     assert {v.dtype for v in saved.values()} == {np.dtype(numpy_dtype)}
@@ -94,9 +102,10 @@ def test_bf16_weights_go_through_every_command(tmp_path, capsys, monkeypatch):
     same values, which float32 holds exactly). Training is stopped once its model is loaded: the
     steps after that see a float32 model whatever the file held."""
     model = dj.create_model("densenet_bc_16_k12", block_config=(1, 1), num_classes=3, rngs=nnx.Rngs(0))
-    cast(model, ml_dtypes.bfloat16)
+    model.pretrained_cfg = torchvision_cfg(36, 32)  # predict at 32 px, as the others
+    held_as(model, ml_dtypes.bfloat16)
     dj.save(model, tmp_path / "bf16.safetensors")
-    cast(model, np.float32)
+    held_as(model, np.float32)
     dj.save(model, tmp_path / "f32.safetensors")
     twin = state_arrays(model)
     data = write_image_folder(tmp_path / "images", per_class=1)
