@@ -127,9 +127,9 @@ def _adapted_conv0(kernel: np.ndarray, in_chans: int, source: str) -> np.ndarray
 
 def architecture(name: str) -> str:
     """The architecture a model name, tag or Hub repo names: ``densenet121.tv_in1k`` and
-    ``hf-hub:timm/densenet121.tv_in1k`` name ``densenet121``."""
+    ``hf-hub:timm/densenet121.tv_in1k`` (``@revision`` or not) name ``densenet121``."""
     if name.startswith(HF_HUB_PREFIX):
-        name = name.rsplit("/", 1)[-1]
+        name = name.rsplit("/", 1)[-1].partition("@")[0]
     return name.partition(".")[0]
 
 

@@ -4,6 +4,7 @@ an existing file is replaced only when the new one is complete."""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -11,6 +12,9 @@ import tempfile
 from pathlib import Path
 
 from densenet_jax.errors import CheckpointError
+
+log = logging.getLogger("densenet_jax")
+_unusable: set[Path] = set()  # cache folders already warned about
 
 
 def check_output(path: str | os.PathLike, *, force: bool = False, source: str | os.PathLike | None = None) -> None:
@@ -89,3 +93,11 @@ def write_folder(path: Path, files: dict[str, bytes], *, force: bool = False) ->
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def cache_unusable(name: str, folder: Path, path: Path, why: str) -> None:
+    """Warn that ``path`` in the cache ``folder`` (described by ``name``) cannot be read or written,
+    once per folder: a cache only saves time, so the work goes on without it."""
+    if folder not in _unusable:
+        _unusable.add(folder)
+        log.warning("warning: %s: %s not usable (%s); going on without it", path, name, why)

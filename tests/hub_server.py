@@ -2,7 +2,8 @@
 
 huggingface_hub 2.4 resolves a file with ``HEAD /{repo}/resolve/{revision}/{file}`` (reading the
 ``X-Repo-Commit``, ``ETag`` and ``Content-Length`` headers; ``X-Error-Code`` tells a missing repo
-from a missing file), then fetches it with ``GET`` on the same path. Besides, once a day per
+from a missing file, a missing revision and a gated repo), then fetches it with ``GET`` on the same
+path. A private repo answers 401 without its token, as the Hub answers a missing one. Besides, once a day per
 HF_HOME, its user-agent code asks ``GET /api/agent-harnesses`` for a registry of AI agents (served
 empty here, as huggingface_hub itself falls back to).
 """
@@ -22,6 +23,9 @@ class Hub:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.requests: list[tuple[str, str]] = []
         self.cut_short: set[tuple[str, str]] = set()  # (repo, file) whose GET stops halfway
+        self.revisions: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, revision) -> files
+        self.gated: set[str] = set()  # repos whose conditions the caller has not accepted
+        self.private: dict[str, str] = {}  # repo -> the token that reads it
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,6 +47,10 @@ class Hub:
         """Serve ``files`` (name -> content) as Hub repo ``repo``."""
         self.repos[repo] = dict(files)
 
+    def add_revision(self, repo: str, revision: str, files: dict[str, bytes]) -> None:
+        """Serve ``files`` as ``repo`` at ``revision`` (a branch, tag or commit besides main)."""
+        self.revisions[(repo, revision)] = dict(files)
+
     def close(self) -> None:
         """Stop serving and free the port."""
         self.server.shutdown()
@@ -57,13 +65,19 @@ class Hub:
         # ['', org, name, 'resolve', revision, file]
         if len(parts) != 6 or parts[3] != "resolve":
             return self._error(handler, 404, "EntryNotFound")
-        repo, filename = f"{parts[1]}/{parts[2]}", parts[5]
-        if repo not in self.repos:
-            return self._error(handler, 404, "RepoNotFound")
-        commit = hashlib.sha1(repo.encode()).hexdigest()
-        if filename not in self.repos[repo]:
+        repo, revision, filename = f"{parts[1]}/{parts[2]}", parts[4], parts[5]
+        if repo not in self.repos or (repo in self.private and handler.headers.get("Authorization")
+                                      != f"Bearer {self.private[repo]}"):
+            return self._error(handler, 401 if repo in self.private else 404, "RepoNotFound")
+        if repo in self.gated:
+            return self._error(handler, 403, "GatedRepo")
+        files = self.repos[repo] if revision == "main" else self.revisions.get((repo, revision))
+        if files is None:
+            return self._error(handler, 404, "RevisionNotFound")
+        commit = hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
+        if filename not in files:
             return self._error(handler, 404, "EntryNotFound", commit)
-        content = self.repos[repo][filename]
+        content = files[filename]
         handler.send_response(200)
         handler.send_header("X-Repo-Commit", commit)
         handler.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')

@@ -24,9 +24,11 @@ from train_cli import train
 
 @pytest.fixture(autouse=True)
 def listing_cache(tmp_path, monkeypatch):
-    """Each test its own listing cache, never the user's."""
+    """Each test its own listing cache, never the user's. No racy window: a folder's ctime cannot
+    be set back as ``backdate`` sets its mtime (test_caches.py tests the window)."""
     folder = tmp_path / "listings"
     monkeypatch.setenv(listing.CACHE_ENV, str(folder))
+    monkeypatch.setattr(listing, "_RACY_NS", 0)
     return folder
 
 

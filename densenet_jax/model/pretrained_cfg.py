@@ -27,8 +27,9 @@ class Top1:
 class PretrainedCfg:
     """Where a set of weights lives and how its inputs are prepared; timm's field names and defaults.
 
-    hf_hub_id: the Hub repo (its weights in ``model.safetensors``); file: a local weights file
-    used instead (timm's ``pretrained_cfg_overlay=dict(file=...)``).
+    hf_hub_id: the Hub repo (its weights in ``model.safetensors``, or in ``hf_hub_filename`` when
+    that is set, as timm reads it); file: a local weights file used instead (timm's
+    ``pretrained_cfg_overlay=dict(file=...)``).
     input_size / test_input_size: (channels, height, width); the test size is the larger one timm
     also evaluates at. interpolation: "bicubic" or "bilinear" (PIL's, antialiased). crop_pct: the
     centre crop's share of the resized image (resize to floor(size / crop_pct), then crop size).
@@ -44,6 +45,7 @@ class PretrainedCfg:
     architecture: str | None = None
     tag: str | None = None
     hf_hub_id: str | None = None
+    hf_hub_filename: str | None = None
     file: str | None = None
     input_size: tuple[int, int, int] = (3, 224, 224)
     test_input_size: tuple[int, int, int] | None = None

@@ -3,9 +3,13 @@
 XLA's persistent compilation cache skips compiling, but finding an entry there needs the program,
 and tracing a densenet121 train step to get it takes seconds. Here the traced program itself is
 stored (``jax.export``, beside the compilation cache), under a key made of everything that shapes
-it: this package's source, the library versions, the caller's configuration, and the arguments'
-structure, shapes, dtypes and shardings. A rerun with the same key loads it and goes straight to
-the compilation cache.
+it: this package's source, the library versions, JAX's settings that change what a trace emits
+(matmul precision, x64, dtype promotion, the PRNG, the partitioner), ``XLA_FLAGS``, the devices'
+platform and kind, the caller's configuration, and the arguments' structure, shapes, dtypes and
+shardings. A rerun with the same key loads it and goes straight to the compilation cache.
+
+The store only saves time: a folder that cannot be read or written (read-only, full) is named in
+one warning and the step is traced as if there were no store.
 """
 
 from __future__ import annotations
@@ -13,18 +17,28 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
 import jax
 from jax import export
 
-from densenet_jax.files import atomic_write_bytes
+from densenet_jax.errors import CheckpointError
+from densenet_jax.files import atomic_write_bytes, cache_unusable
 
 log = logging.getLogger("densenet_jax")
 _PACKAGE = Path(__file__).resolve().parent.parent
 _LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy")
+_NAME = "traced-step store (the step is traced instead)"
+# JAX settings that change the program a trace emits: dot precision attributes (TF32 or fp32 on a
+# GPU), 64-bit types, type promotion, the random bits' algorithm and layout, the partitioner that
+# lowers shardings, softmax's derivative.
+SETTINGS = ("jax_default_matmul_precision", "jax_enable_x64", "jax_numpy_dtype_promotion",
+            "jax_default_prng_impl", "jax_threefry_partitionable", "jax_enable_custom_prng",
+            "jax_use_shardy_partitioner", "jax_softmax_custom_jvp")
 
 
 @functools.cache
@@ -64,9 +78,16 @@ class StoredJit:
     def _exported(self, leaves, treedef):
         """The stored program for these arguments, or a fresh trace of it, stored."""
         path = self.folder / f"{self._key(leaves, treedef)}.jaxexport"
-        if path.is_file():
+        try:
+            payload = path.read_bytes()
+        except FileNotFoundError:
+            payload = None
+        except OSError as e:
+            cache_unusable(_NAME, self.folder, path, f"cannot read it: {e.strerror}")
+            payload = None
+        if payload is not None:
             try:
-                return export.deserialize(bytearray(path.read_bytes()))
+                return export.deserialize(bytearray(payload))
             except Exception as e:  # a damaged file: trace again and replace it
                 log.warning("warning: %s: unreadable stored step (%s); tracing again", path, e)
 
@@ -74,13 +95,28 @@ class StoredJit:
             return jax.tree.leaves(self.fn(*jax.tree.unflatten(treedef, leaves)))
 
         exported = export.export(jax.jit(flat, out_shardings=self.out_sharding))(*leaves)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, bytes(exported.serialize()))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, bytes(exported.serialize()))
+        except CheckpointError as e:  # atomic_write_bytes' one line for a file it cannot create
+            cache_unusable(_NAME, self.folder, path, str(e).removeprefix(f"{path}: "))
+        except OSError as e:  # read-only or full: atomic_write_bytes has removed its temporary file
+            cache_unusable(_NAME, self.folder, path, f"cannot write: {e.strerror}")
         return exported
 
     def _key(self, leaves, treedef) -> str:
-        digest = hashlib.sha256(f"{_code_digest()}|{self.config_key}|{treedef}".encode())
+        digest = hashlib.sha256(f"{_code_digest()}|{environment()}|{self.config_key}|{treedef}".encode())
         for x in leaves:
             digest.update(f"{x.shape}{x.dtype}{getattr(x, 'sharding', None)}".encode())
-        digest.update(f"{jax.devices()}|{jax.process_count()}".encode())
         return digest.hexdigest()[:32]
+
+
+def environment() -> str:
+    """What besides the code and the arguments changes a traced program: :data:`SETTINGS` as in
+    effect here (a ``with jax.default_matmul_precision(...)`` included), ``XLA_FLAGS`` whole (which
+    of its flags change a trace cannot be told from outside; a change costs one trace), and each
+    device's platform and kind (an H100 and an A100 differ), with the process count."""
+    settings = {name: str(getattr(jax.config, name)) for name in SETTINGS}
+    devices = [(d.id, d.platform, d.device_kind) for d in jax.devices()]
+    return json.dumps([settings, os.environ.get("XLA_FLAGS", ""), devices, jax.process_count()])
+

@@ -5,4 +5,5 @@ torch_keys   the table between torchvision's/timm's state-dict keys and ours, bo
              architecture read off a checkpoint's shapes
 torch_files  torch's .pth/.pt pickles (read ``weights_only``) and the ``convert`` command's work
 hub          timm's repos on the Hugging Face Hub, through huggingface_hub's cache
+hub_files    a Hub repo's files: timm's hf-hub: grammar, huggingface_hub's errors, damaged cached files
 """

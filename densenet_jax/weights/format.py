@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 import safetensors.numpy
 from flax import nnx
@@ -66,6 +67,28 @@ def cast(model: nnx.Module, dtype) -> None:
     for reference checks; the model computes in the dtype of its input)."""
     state = nnx.state(model, _WEIGHTS)
     nnx.update(model, jax.tree.map(lambda a: a.astype(dtype), state))
+
+
+def is_floating(dtype) -> bool:
+    """Whether ``dtype`` is a floating-point type, bfloat16 included (numpy files it under kind
+    ``V``, so ``dtype.kind == "f"`` refuses it)."""
+    return jax.dtypes.issubdtype(dtype, jax.numpy.floating)
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of the safetensors file at ``path`` as a numpy array of the file's dtype: F64,
+    F32, F16, and BF16 as ``ml_dtypes.bfloat16`` (what jax gives for a bf16 array). Read with
+    safetensors' own file reader, which knows BF16; its reader of bytes
+    (``safetensors.numpy.load``) does not. SafetensorError for a file that is not safetensors."""
+    return safetensors.numpy.load_file(path)
+
+
+def to_torch_tensor(torch, array: np.ndarray):
+    """``array`` as a torch tensor of the same dtype; a bfloat16 one through its bits, since
+    ``torch.from_numpy`` does not know ml_dtypes' bfloat16."""
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _more(keys: list[str]) -> str:
@@ -147,17 +170,16 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], De
                else path.with_name(f"{path.stem}-converted.safetensors"))
         raise CheckpointError(f"{path}: a torch checkpoint, not densenet_jax weights; convert it first: "
                               f"densenet-jax convert {path} {out}")
-    data = path.read_bytes()
     try:
-        arrays = safetensors.numpy.load(data)
-        metadata = safetensors_metadata(data)
+        arrays = load_arrays(path)
+        metadata = header_metadata(path)
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path}: not a densenet_jax weights file (no config in its metadata; "
                               "convert torchvision or timm weights with densenet-jax convert)")
     for key, value in arrays.items():
-        if value.dtype.kind != "f":
+        if not is_floating(value.dtype):
             raise CheckpointError(f"{path}: {key} is {value.dtype}, not floating-point")
         if not np.isfinite(value).all():
             raise CheckpointError(f"{path}: {key} holds NaN or Inf values")
@@ -185,7 +207,7 @@ def file_format(path: str | os.PathLike) -> str | None:
 def stored_class_names(path: str | os.PathLike) -> list[str] | None:
     """The class names a weights file was trained with (``densenet-jax train`` stores them), or None."""
     try:
-        names = _header_metadata(path).get("class_names")
+        names = header_metadata(path).get("class_names")
         return json.loads(names) if names else None
     except ValueError:
         return None
@@ -200,7 +222,7 @@ def stored_multi_label(path: str | os.PathLike) -> bool:
 def stored_pretrained_cfg(path: str | os.PathLike) -> PretrainedCfg | None:
     """The preprocessing stored with a weights file (a pretrained tag's, or the one a
     ``densenet-jax train`` run used), or None; CheckpointError naming the file if it is invalid."""
-    text = _header_metadata(path).get("pretrained_cfg")
+    text = header_metadata(path).get("pretrained_cfg")
     if not text:
         return None
     try:
@@ -209,7 +231,7 @@ def stored_pretrained_cfg(path: str | os.PathLike) -> PretrainedCfg | None:
         raise CheckpointError(f"{path}: metadata holds no valid pretrained_cfg ({e})") from None
 
 
-def _header_metadata(path: str | os.PathLike) -> dict[str, str]:
+def header_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` of the safetensors file at ``path``, reading only its header."""
     with open(path, "rb") as f:
         head = f.read(8)

@@ -1,10 +1,10 @@
 """Pretrained DenseNets from the Hugging Face Hub (timm's repos), converted with numpy alone.
 
 ``huggingface_hub`` downloads and caches (HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT, proxies, resumed
-downloads, progress bars are its own). A file already in the cache is used without asking the Hub:
-published weights do not change, and so a second load makes no request at all. The weights are
-timm's layout (torchvision's key names and layouts, safetensors) and go through the same table as
-converted torchvision checkpoints (:func:`densenet_jax.weights.torch_keys.from_torchvision`).
+downloads, progress bars are its own; :mod:`densenet_jax.weights.hub_files` wraps it). The weights
+are timm's layout (torchvision's key names and layouts, safetensors; a repo with only a torch
+pickle needs torch, as ``convert`` does) and go through the same table as converted torchvision
+checkpoints (:func:`densenet_jax.weights.torch_keys.from_torchvision`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 from safetensors import SafetensorError
 
 from densenet_jax.model.config import DenseNetConfig
@@ -22,11 +21,15 @@ from densenet_jax.errors import CheckpointError
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.model.registry import (HF_HUB_PREFIX, NOT_ARCHITECTURE, architecture_name, get_config, resolve,
                                          weights_architecture)
-from densenet_jax.weights.format import FORMAT, Weights, read_safetensors, safetensors_metadata
+from densenet_jax.weights.format import (FORMAT, Weights, file_format, header_metadata, is_floating, load_arrays,
+                                         read_safetensors)
+from densenet_jax.weights.hub_files import DamagedFile, MissingFile, fetch, split_repo
+from densenet_jax.weights.torch_files import read_torch_checkpoint
 from densenet_jax.weights.torch_keys import from_torchvision
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 WEIGHTS_NAME = "model.safetensors"  # the file timm's repos hold the weights in (timm's HF_SAFE_WEIGHTS_NAME)
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"  # timm's default name, after its safetensors twin (HF_WEIGHTS_NAME)
 
 
 def pretrained_weights(name: str, pretrained_cfg_overlay: dict | None = None,
@@ -48,7 +51,7 @@ def pretrained_weights(name: str, pretrained_cfg_overlay: dict | None = None,
         arrays, config = weights_file(cfg.file)
         _check_tag_architecture(config, cfg, name, architecture_fields or {})
         return Weights(arrays, config, str(cfg.file), cfg)
-    arrays, config = hub_weights(cfg.hf_hub_id, name)
+    arrays, config = hub_weights(cfg.hf_hub_id, name, filename=cfg.hf_hub_filename)
     return Weights(arrays, config, f"{name} (hf-hub:{cfg.hf_hub_id})", cfg)
 
 
@@ -68,51 +71,78 @@ def _check_tag_architecture(config: DenseNetConfig, cfg: PretrainedCfg, name: st
                               "without the tag (densenet_jax.load, or predict --weights alone)")
 
 
-def repo_weights(repo_id: str) -> Weights:
+def repo_weights(spec: str) -> Weights:
     """The weights of a Hub repo laid out as timm's, ``config.json`` (architecture, num_classes,
-    pretrained_cfg) beside ``model.safetensors`` (torchvision's key names), with that preprocessing.
-    Raises CheckpointError naming the repo and file at fault, for a repo that is not a DenseNet too.
-    """
-    config_path = download(repo_id, "config.json", f"hf-hub:{repo_id}")
-    cfg = read_timm_config(config_path, repo_id)
-    arrays, config = hub_weights(repo_id, f"hf-hub:{repo_id}")
-    return Weights(arrays, config, f"hf-hub:{repo_id}", cfg)
+    pretrained_cfg) beside the weights (torchvision's key names), with that preprocessing.
+
+    ``spec`` is what follows ``hf-hub:`` in timm's grammar: ``org/name``, or ``org/name@revision``
+    (a branch, tag or commit). The weights file is the one config.json's ``hf_hub_filename`` names,
+    else timm's default, read as timm reads it (:func:`weight_files`). Raises CheckpointError naming
+    the repo and file at fault, for a repo that is not a DenseNet too."""
+    repo_id, revision = split_repo(spec)
+    name = f"{HF_HUB_PREFIX}{spec}"
+    cfg = fetch(repo_id, "config.json", name, lambda path: read_timm_config(path, spec), revision)
+    arrays, config = hub_weights(repo_id, name, revision, cfg.hf_hub_filename)
+    return Weights(arrays, config, name, cfg)
 
 
 def read_timm_config(path: str | os.PathLike, repo_id: str) -> PretrainedCfg:
     """The pretrained cfg of a timm ``config.json`` (its ``pretrained_cfg``, with the architecture
-    and class count beside it). CheckpointError unless it describes a DenseNet."""
+    and class count beside it). DamagedFile naming ``path`` for a file that is no such config;
+    CheckpointError for one that describes no DenseNet."""
     try:
         document = json.loads(Path(path).read_text())
         architecture = document.get("architecture", "")
         values = {**document.get("pretrained_cfg", {}), "architecture": architecture,
                   "hf_hub_id": repo_id, "num_classes": document.get("num_classes", 1000)}
         cfg = PretrainedCfg.from_dict(values)
-    except (ValueError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"hf-hub:{repo_id}: config.json is not a timm model config ({e})") from None
+    except (ValueError, TypeError, AttributeError) as e:  # UnicodeDecodeError is a ValueError
+        raise DamagedFile(f"{path}: not a timm model config ({e})") from None
     if not architecture.startswith("densenet"):
         raise CheckpointError(f"hf-hub:{repo_id}: holds a {architecture or 'model of no named architecture'}, "
                               "not a DenseNet (config.json's architecture)")
     return cfg
 
 
-def hub_weights(repo_id: str, name: str) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
-    """Our arrays and config from the weights of Hub repo ``repo_id`` (downloaded when not cached).
-    A downloaded file that is not usable weights is removed from the cache before the error, so that
-    nothing bad stays there for the next load to trip on."""
-    path = download(repo_id, WEIGHTS_NAME, name)
+def hub_weights(repo_id: str, name: str, revision: str | None = None,
+                filename: str | None = None) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
+    """Our arrays and config from the weights of Hub repo ``repo_id`` (downloaded when not cached):
+    the first of :func:`weight_files` the repo has. A file that is not usable weights is removed
+    from the cache, so that nothing bad stays there for the next load to trip on."""
+    candidates = weight_files(filename)
+    for candidate in candidates:
+        try:
+            return fetch(repo_id, candidate, name, _read_weights, revision)
+        except MissingFile:
+            continue
+    at = f" at revision {revision}" if revision else ""
+    raise MissingFile(f"{name}: Hub repo {repo_id} has no {' or '.join(candidates)}{at}")
+
+
+def weight_files(filename: str | None) -> list[str]:
+    """The files that may hold a repo's weights, in the order timm tries them: the name the
+    pretrained cfg gives (``hf_hub_filename``), else ``pytorch_model.bin``, after its safetensors
+    twin (``model.safetensors`` for that default, ``x.safetensors`` for an ``x.bin``): timm's
+    ``load_state_dict_from_hf`` and ``_get_safe_alternatives``."""
+    filename = filename or TORCH_WEIGHTS_NAME
+    if filename == TORCH_WEIGHTS_NAME:
+        return [WEIGHTS_NAME, filename]
+    if filename.endswith(".bin"):
+        return [filename.removesuffix(".bin") + ".safetensors", filename]
+    return [filename]
+
+
+def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
+    """Our arrays and config from a downloaded weights file: safetensors, else a torch pickle (read
+    as ``convert`` reads one, ``weights_only``). DamagedFile for anything unusable."""
     try:
+        if file_format(path) == "torch":
+            return from_torchvision(read_torch_checkpoint(path).state_dict, str(path))
         return weights_file(path)
+    except DamagedFile:
+        raise
     except CheckpointError as e:
-        _evict(path)
-        raise CheckpointError(f"{name}: {e} (removed from the cache)") from None
-
-
-def _evict(path: Path) -> None:
-    """Remove a cached file: huggingface_hub's snapshot entry and the blob it links to."""
-    blob = path.resolve()
-    path.unlink(missing_ok=True)
-    blob.unlink(missing_ok=True)
+        raise DamagedFile(str(e)) from None
 
 
 def weights_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], DenseNetConfig]:
@@ -124,52 +154,16 @@ def weights_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], DenseN
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    data = path.read_bytes()
-    if data.startswith(_LFS_POINTER):
+    with open(path, "rb") as f:
+        head = f.read(len(_LFS_POINTER))
+    if head == _LFS_POINTER:
         raise CheckpointError(f"{path}: a Git LFS pointer, not the weights (the repo's file was "
                               "pushed without Git LFS, or fetched with git without git-lfs)")
     try:
-        arrays = safetensors.numpy.load(data)
-        metadata = safetensors_metadata(data)
+        arrays = load_arrays(path)
+        metadata = header_metadata(path)
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path}: not a complete safetensors file, truncated or corrupt ({e})") from None
     if metadata.get("format") == FORMAT:
         return read_safetensors(path)
-    return from_torchvision({k: v for k, v in arrays.items() if v.dtype.kind == "f"}, str(path))
-
-
-def download(repo_id: str, filename: str, name: str) -> Path:
-    """The cached copy of ``filename`` from Hub repo ``repo_id``, downloaded first when needed.
-
-    The cache is tried first, without a request. Errors are CheckpointError naming ``name``, the repo
-    and the file, and for the offline case the file to fetch and how to pass it; huggingface_hub
-    keeps an interrupted download under a temporary name and removes it, so the cache only ever
-    holds complete files.
-    """
-    import httpx2  # huggingface_hub's HTTP client
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    try:
-        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
-    try:
-        path = Path(hf_hub_download(repo_id, filename))
-    except LocalEntryNotFoundError:
-        from huggingface_hub import constants, hf_hub_url
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        raise CheckpointError(
-            f"{name}: {filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; fetch {hf_hub_url(repo_id, filename)} on a machine that can and pass "
-            f"the file (create_model(..., pretrained_cfg_overlay=dict(file=PATH)), or --weights PATH "
-            f"with --model), or copy that machine's cache there") from None
-    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise CheckpointError(f"{name}: no Hub repo {repo_id} ({type(e).__name__})") from None
-    except EntryNotFoundError:
-        raise CheckpointError(f"{name}: Hub repo {repo_id} has no {filename}") from None
-    except (OSError, httpx2.HTTPError) as e:  # a connection cut mid-download (after huggingface_hub's
-        # resumed retries), its size check, disk errors
-        raise CheckpointError(f"{name}: downloading {filename} from {repo_id} failed "
-                              f"({str(e).splitlines()[0]}); nothing was kept, run again") from None
-    return path
+    return from_torchvision({k: v for k, v in arrays.items() if is_floating(v.dtype)}, str(path))

@@ -19,17 +19,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file
 
 from densenet_jax.model.config import count_params
 from densenet_jax.errors import CheckpointError
 from densenet_jax.weights.torch_keys import (choose_prefix, densenet_keys, densenet_prefixes, from_torchvision,
                                   to_torchvision)
 from densenet_jax.model.registry import architecture_name
-from densenet_jax.weights.format import (FORMAT, atomic_write_bytes, check_output, file_format, read_safetensors,
-                                  stored_class_names, stored_pretrained_cfg, write_safetensors)
+from densenet_jax.weights.format import (FORMAT, atomic_write_bytes, check_output, file_format, is_floating,
+                                         load_arrays, read_safetensors, stored_class_names, stored_pretrained_cfg,
+                                         to_torch_tensor, write_safetensors)
 from densenet_jax.weights import xrv
 
 EXTRA = "the [convert] extra: pip install torch torchvision"
@@ -45,7 +46,8 @@ _REFUSED = (re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)
 class TorchCheckpoint:
     """The DenseNet found in a torch checkpoint file.
 
-    state_dict: its tensors as float32 numpy arrays (BN step counters as they are), keyed as
+    state_dict: its tensors as numpy arrays of their own dtypes (float64, float32, float16 or
+        ``ml_dtypes.bfloat16``; BN step counters as they are), keyed as
         torchvision keys them, the wrapper prefix removed.
     prefix: the prefix it sat under in the file's flattened keys ("" for a plain state dict,
         ``model.`` inside ``{"model": state_dict}``, ``module._orig_mod.`` for DDP over
@@ -109,8 +111,8 @@ def _check_input(path: Path) -> None:
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
-        return load_file(str(path))
-    except (SafetensorError, ValueError, TypeError, OSError) as e:  # TypeError: a dtype numpy lacks (bf16)
+        return load_arrays(path)
+    except (SafetensorError, ValueError, TypeError, OSError) as e:  # TypeError: a dtype numpy lacks
         raise CheckpointError(f"{path}: unreadable safetensors file ({_first_line(e)})") from None
 
 
@@ -177,19 +179,24 @@ def _is_tensor(value) -> bool:
 
 
 def _to_numpy(key: str, value, path: Path) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        array, kind = value, value.dtype
-        floating = value.dtype.kind == "f"
-    else:
-        array, kind, floating = None, value.dtype, value.is_floating_point()
+    """``value`` (a torch tensor or numpy array) as a numpy array of its own dtype, so that a
+    conversion keeps the file's precision both ways (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    array = value if isinstance(value, np.ndarray) else _torch_to_numpy(value.detach())
     if key.endswith("num_batches_tracked"):
-        return np.asarray(value if array is not None else value.numpy())
-    if not floating:
-        raise CheckpointError(f"{path}: {key} is {kind}, not a floating-point tensor")
-    array = array.astype(np.float32) if array is not None else value.detach().float().numpy()
+        return array
+    if not is_floating(array.dtype):
+        raise CheckpointError(f"{path}: {key} is {value.dtype}, not a floating-point tensor")
     if not np.isfinite(array).all():
         raise CheckpointError(f"{path}: {key} holds NaN or Inf values")
     return array
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    """A CPU tensor as numpy, bfloat16 through its bits (``Tensor.numpy`` refuses bfloat16)."""
+    torch = sys.modules["torch"]
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
 
 
 def _unpickler_reason(text: str) -> str:
@@ -261,7 +268,7 @@ def to_torch(source: str | Path, output: str | Path, *, force: bool = False) -> 
         raise CheckpointError(f"{output}: writing a torch .pth needs torch ({EXTRA})")
     state_dict = {}
     for key, value in to_torchvision(arrays, config, str(source)).items():
-        state_dict[key] = torch.from_numpy(value)
+        state_dict[key] = to_torch_tensor(torch, value)
         if key.endswith(".running_var"):  # torch's BN has a step counter; ours has none
             state_dict[key[:-len("running_var")] + "num_batches_tracked"] = torch.tensor(0)
     buffer = io.BytesIO()
