@@ -54,19 +54,28 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         raise
 
 
+def check_folder_output(path: str | os.PathLike, names, *, force: bool = False) -> None:
+    """CheckpointError, before any work, unless folder ``path`` can be written with files ``names``:
+    it is new, or (with ``force``) a file-free earlier output of the same ``names``. A folder that
+    holds anything else is refused first, so that the advice to pass --force is never given where
+    --force would be refused too."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: is a file; name a folder to write")
+    others = sorted(p.name for p in path.iterdir() if p.name not in names) if path.is_dir() else []
+    if others:  # --force replaces an earlier export, never a folder of the user's own files
+        raise CheckpointError(f"{path}: holds {others[0]}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+                              + f", not only {' and '.join(names)}; write to a new or empty folder")
+    check_output(path, force=force)
+
+
 def write_folder(path: Path, files: dict[str, bytes], *, force: bool = False) -> None:
     """Create folder ``path`` holding ``files``, atomically: built as a hidden folder beside it,
     then renamed. An existing ``path`` is replaced only with ``force`` (and only once the new one
     is complete), and only when it holds nothing but ``files`` (an earlier export): CheckpointError
     for a folder holding anything else, which is never deleted."""
     path = Path(path)
-    check_output(path, force=force)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path}: is a file; name a folder to write")
-    others = sorted(p.name for p in path.iterdir() if p.name not in files) if path.is_dir() else []
-    if others:  # --force replaces an earlier export, never a folder of the user's own files
-        raise CheckpointError(f"{path}: holds {others[0]}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
-                              + f", not only {' and '.join(files)}; write to a new or empty folder")
+    check_folder_output(path, files, force=force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = None
     try:

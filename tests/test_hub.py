@@ -146,6 +146,22 @@ def test_hf_hub_repo_with_timms_config_and_a_backbone(hub, hf_home, tiny_timm, t
     assert dj.load(tmp_path / "saved.safetensors").pretrained_cfg == model.pretrained_cfg
 
 
+def test_label_names_of_a_hub_repo_or_local_folder_are_predicts_names(hub, hf_home, tiny_timm, tmp_path, capsys):
+    """timm's ``label_names`` (top level, or timm's older ``labels`` in pretrained_cfg) name
+    ``predict``'s classes for ``hf-hub:`` and ``local-dir:``, not their numbers."""
+    names = [f"kind-{i}" for i in range(10)]
+    top = json.loads(tiny_timm[1]["config.json"])
+    older = {**top, "pretrained_cfg": {**top["pretrained_cfg"], "labels": names}}
+    hub.add("someone/named", {**tiny_timm[1], "config.json": json.dumps({**top, "label_names": names}).encode()})
+    (tmp_path / "named").mkdir()
+    for name, payload in {**tiny_timm[1], "config.json": json.dumps(older).encode()}.items():
+        (tmp_path / "named" / name).write_bytes(payload)
+    cli.main(["predict", "--model", "hf-hub:someone/named", str(PHOTO), "--json", "--no-progress"])
+    top5 = json.loads(capsys.readouterr().out)[0]["top"]
+    assert [e["name"] for e in top5] == [names[e["class"]] for e in top5]
+    assert dj.load(f"local-dir:{tmp_path / 'named'}").class_names == names  # predict's names, as above
+
+
 @pytest.mark.parametrize("in_chans", [1, 2, 4, 6])
 def test_adapt_input_conv_equals_timms(in_chans):
     weight = torch.randn(16, 3, 7, 7, generator=torch.Generator().manual_seed(in_chans))
