@@ -151,6 +151,7 @@ class Run:
             with StopSignals() as signals:
                 state, start = self._restore(checkpoints)
                 self._begin(start)
+                self._evaluate_missing_epoch(state, start, signals)
                 state, step = self._train(state, start, checkpoints, signals)
         finally:
             checkpoints.close()
@@ -180,6 +181,20 @@ class Run:
         if start >= self.total_steps:
             log.info("%s: complete at step %d of %d; nothing to do (a larger --epochs continues it, "
                      "another --workdir starts a new run)", self.workdir, start, self.total_steps)
+
+    def _evaluate_missing_epoch(self, state, start: int, signals: StopSignals) -> None:
+        """An epoch counts as done only with its evaluation recorded: a resume at the end of an
+        epoch whose evaluation a stop or a kill cut short evaluates it now (its row, the curves, the
+        choice of best.safetensors), with the epoch's train figures recorded beside its checkpoint."""
+        epoch, within = divmod(start, self.steps_per_epoch)
+        if not start or within or any(r["step"] == start for r in self.rows):
+            return
+        if self.is_main:
+            log.info("evaluating epoch %d, whose evaluation was not recorded", epoch)
+        meter = EpochMeter(self._epoch_totals(start), self.config.batch_size)
+        self._end_epoch(state, epoch - 1, meter, False, signals)
+        if signals.received:
+            raise Interrupted(signals.received, start)
 
     def _train(self, state, start: int, checkpoints: Checkpoints, signals: StopSignals):
         """Epochs, or their parts, from step ``start`` to the end or ``max_steps`` further, each
@@ -220,7 +235,9 @@ class Run:
             batch = _next_batch(batches, signals)
             if batch is None:
                 break
+            signals.waiting_for = signals.FIRST_STEP if self.first_step_seconds is None else None
             state, step = self._step(state, step, batch, meter)
+            signals.waiting_for = None
             save = c.checkpoint_every and step % c.checkpoint_every == 0
             # Reading metrics waits for the device, so only every few steps; always before a
             # checkpoint, so that no checkpoint ever holds a state that a NaN loss has touched.
@@ -305,10 +322,10 @@ class Run:
         log.info(epoch_line(self.rows[-1], self.config.epochs))
 
     def _checkpoint(self, checkpoints: Checkpoints, step: int, state, totals: dict) -> None:
-        """Save ``state`` at ``step`` unless it is saved already; a mid-epoch one with its epoch's
-        ``totals``, so that the resumed epoch reports what an uninterrupted one would."""
+        """Save ``state`` at ``step`` unless it is saved already, with its epoch's ``totals``, so
+        that a resumed epoch (or a missing evaluation made up) reports what an uninterrupted one would."""
         if step != checkpoints.latest_step():
-            if step % self.steps_per_epoch and self.is_main:
+            if self.is_main:  # at an epoch's end too: its evaluation may yet be cut short
                 write_partial_epoch(self.workdir, step, totals, self.config.keep + 1)
             checkpoints.save(step, self.runner.host_state(state))
 
