@@ -4,6 +4,7 @@ an existing file is replaced only when the new one is complete."""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -11,6 +12,9 @@ import tempfile
 from pathlib import Path
 
 from densenet_jax.errors import CheckpointError
+
+# How TensorStore (under Orbax) reports ENOSPC: a ValueError whose text carries the OS error code.
+_TENSORSTORE_ENOSPC = f"[os_error_code='{errno.ENOSPC}']"
 
 
 def check_output(path: str | os.PathLike, *, force: bool = False, source: str | os.PathLike | None = None) -> None:
@@ -98,3 +102,24 @@ def write_folder(path: Path, files: dict[str, bytes], *, force: bool = False) ->
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from or during, is a full disk (ENOSPC), as
+    Python raises it or as TensorStore reports it."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if _TENSORSTORE_ENOSPC in str(error) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_of(path: str | os.PathLike) -> str:
+    """The mount point of the disk holding ``path`` (or where it would be made), with its free space."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() or not os.path.ismount(path):
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    return f"{path}, {free / 2**20:.1f} MiB free"

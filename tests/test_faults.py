@@ -10,7 +10,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import faults
-from densenet_jax.errors import Interrupted
+from densenet_jax.errors import DiskFullError, Interrupted
+from densenet_jax.files import disk_of
 from densenet_jax.train.checkpoint import Checkpoints
 from densenet_jax.train.loop import Run
 from densenet_jax.train.report import read_metrics
@@ -160,6 +161,28 @@ def test_a_resume_at_an_epochs_end_records_its_missing_evaluation(stop, tmp_path
     for key in ("epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc"):
         assert row[key] == pytest.approx(expected[key], rel=1e-6), key
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "best.safetensors").is_file()
+
+
+# As TensorStore reports a full disk under Orbax (what a 300 KiB tmpfs work directory gave).
+DISK_FULL = ValueError("RESOURCE_EXHAUSTED: Error writing \"params/0\" in OCDBT database: Failed to write "
+                       "262117 bytes to file 13: No space left on device [os_error_code='28']")
+
+
+def test_a_full_disk_is_one_line_and_the_resume_after_freeing_space_ends_as_uninterrupted(
+        tmp_path, tiny_run, every_step, monkeypatch, compilation_cache):
+    def full(*_args, **_kwargs):
+        raise DISK_FULL
+    monkeypatch.setattr(Checkpoints, "save", faults.on_nth(2, Checkpoints.save, full, before=True))
+    with pytest.raises(DiskFullError) as refused:
+        Run(tiny_run(tmp_path, checkpoint_every=10)).fit()
+    assert str(refused.value) == (f"{tmp_path}: the disk holding it is full ({disk_of(tmp_path)}); kept the "
+                                  "checkpoint of step 10 and the results up to it; free space there and run "
+                                  "the same command again to resume")
+    monkeypatch.undo()  # space freed
+    Run(tiny_run(tmp_path, checkpoint_every=10)).fit()
+    for a, b in zip(jax.tree.leaves(stored_state(tmp_path, 22)), jax.tree.leaves(stored_state(every_step, 22)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_second_signal_stops_at_once():

@@ -16,8 +16,9 @@ from flax import nnx
 from densenet_jax.data import Dataset, load_dataset, train_batches
 from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import steps_per_epoch
-from densenet_jax.errors import DivergedError, Interrupted
+from densenet_jax.errors import DiskFullError, DivergedError, Interrupted
 from densenet_jax.factory import build_model, create_model, load
+from densenet_jax.files import disk_of, is_disk_full
 from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
@@ -138,7 +139,9 @@ class Run:
     def fit(self) -> dict:
         """Train from the latest intact checkpoint to the end (or ``max_steps`` further).
 
-        Raises DivergedError on a NaN/Inf loss and Interrupted after SIGINT/SIGTERM; in both cases
+        Raises DiskFullError, in one line naming the disk and the last checkpoint, when the work
+        directory's disk fills up (the resume once space is freed goes on from that checkpoint);
+        DivergedError on a NaN/Inf loss and Interrupted after SIGINT/SIGTERM; in both cases
         the checkpoints on disk are complete and hold only finite states. Raises WorkdirError, with
         nothing written or compiled, when the work directory belongs to another run (see
         :mod:`densenet_jax.train.workdir`). A run already complete is left as it is.
@@ -146,6 +149,14 @@ class Run:
         # Whose folder this is, checked before anything in it is created or compiled.
         workdir.check(self.workdir, self.record, has_checkpoints(self.workdir / "checkpoints"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._fit()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise DiskFullError(disk_full_line(self.workdir)) from None
+
+    def _fit(self) -> dict:
         checkpoints = Checkpoints(self.workdir / "checkpoints", keep=self.config.keep)
         try:
             with StopSignals() as signals:
@@ -342,6 +353,14 @@ class Run:
         write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
                           model.config.replace(memory_efficient=False, drop_rate=0.0, head_drop_rate=0.0), path,
                           class_names=self.data.class_names, pretrained_cfg=preprocessing_cfg(self.data))
+
+
+def disk_full_line(workdir: Path) -> str:
+    """What a full disk under ``workdir`` kept, and how to go on."""
+    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    kept = f"the checkpoint of step {max(steps)} and the results up to it" if steps else "no checkpoint yet"
+    return (f"{workdir}: the disk holding it is full ({disk_of(workdir)}); kept {kept}; free space "
+            "there and run the same command again to resume")
 
 
 def _next_batch(batches, signals: StopSignals) -> dict | None:

@@ -26,6 +26,7 @@ from densenet_jax.weights.format import FORMAT, Weights, read_safetensors, safet
 from densenet_jax.weights.torch_keys import from_torchvision
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+_ANSWERED: set[str] = set()  # Hub endpoints that answered in this process
 WEIGHTS_NAME = "model.safetensors"  # the file timm's repos hold the weights in (timm's HF_SAFE_WEIGHTS_NAME)
 
 
@@ -167,6 +168,26 @@ def weights_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], DenseN
     return from_torchvision({k: v for k, v in arrays.items() if v.dtype.kind == "f"}, str(path))
 
 
+def _hub_answers() -> bool:
+    """Whether the Hub's endpoint answers one request. huggingface_hub retries a request that
+    cannot connect five times, warning each time (23 s and a dozen lines on a machine with no
+    network); one try without retries tells the same at once. Any answer, even an error status,
+    means the network is there and huggingface_hub's own request is made. An endpoint that
+    answered once is not asked again in this process."""
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.ENDPOINT in _ANSWERED:
+        return True
+    try:
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except httpx2.TransportError:  # no connection, a timeout, a network error
+        return False
+    _ANSWERED.add(constants.ENDPOINT)
+    return True
+
+
 def download(repo_id: str, filename: str, name: str) -> Path:
     """The cached copy of ``filename`` from Hub repo ``repo_id``, downloaded first when needed.
 
@@ -180,15 +201,19 @@ def download(repo_id: str, filename: str, name: str) -> Path:
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
+    from huggingface_hub import constants, hf_hub_url
+
     try:
         return Path(hf_hub_download(repo_id, filename, local_files_only=True))
     except LocalEntryNotFoundError:
         pass
     try:
+        if not constants.HF_HUB_OFFLINE and not _hub_answers():
+            raise LocalEntryNotFoundError("the Hub cannot be reached")
         path = Path(hf_hub_download(repo_id, filename))
     except LocalEntryNotFoundError:
-        from huggingface_hub import constants, hf_hub_url
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+               "the Hub cannot be reached (HF_HUB_OFFLINE=1 says so at once, without trying)")
         raise CheckpointError(
             f"{name}: {filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; fetch {hf_hub_url(repo_id, filename)} on a machine that can and pass "
             f"the file (create_model(..., pretrained_cfg_overlay=dict(file=PATH)), or --weights PATH "
