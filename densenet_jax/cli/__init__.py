@@ -108,8 +108,20 @@ def _not_disk_full(record: logging.LogRecord) -> bool:
         not is_disk_full(ValueError(record.getMessage()))
 
 
+def _names_in_any_encoding() -> None:
+    """Every path and name the command prints goes out as the bytes it came in as. Python decodes
+    a file name that is not valid in the locale's encoding (a Latin-1 name under a UTF-8 locale)
+    with surrogate escapes, which a strict stream refuses to print ("surrogates not allowed"); its
+    surrogateescape error handler writes the original bytes back, as ``ls`` prints them. Files
+    the commands write hold names as JSON, whose escapes keep them too."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; user errors end in one line on stderr and a non-zero exit status."""
+    _names_in_any_encoding()
     args = _parse(argv)
     _enable_compilation_cache()
     _log_to_stderr()
