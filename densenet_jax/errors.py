@@ -14,6 +14,11 @@ class WorkdirError(ValueError):
     and how to start a new run. Nothing in the folder was changed."""
 
 
+class DiskFullError(ValueError):
+    """The disk holding a run's work directory filled up while it wrote; the message names the
+    disk, what was kept and how to resume (free space, run the same command again)."""
+
+
 class DataError(ValueError):
     """A data set is missing, empty or unreadable; the message names the folder or file."""
 

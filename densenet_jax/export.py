@@ -21,7 +21,7 @@ from safetensors.numpy import save
 
 from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.errors import CheckpointError
-from densenet_jax.files import atomic_write_bytes, check_output, write_folder
+from densenet_jax.files import atomic_write_bytes, check_folder_output, check_output, write_folder
 from densenet_jax.model.densenet import DenseNet, smallest_input
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.model.registry import TIMM_NAMES, model_name
@@ -30,8 +30,15 @@ from densenet_jax.weights.torch_keys import to_torchvision
 
 FORMATS = ("onnx", "stablehlo", "timm")
 LAYOUTS = ("nhwc", "nchw")
-# Our registered names that timm registers under the same name with the same architecture (timm's
-# densenet.py: a copy of torchvision's with BN+act norm layers, same state-dict keys).
+# The oldest ONNX opset the graph jax2onnx writes for a DenseNet is valid in: it gives ReduceMean
+# its axes as an input, which ONNX has from opset 18 on (onnxruntime 1.14 and later read it).
+# Older runtimes refuse newer opsets outright, so the oldest that works is the widest deployment.
+MIN_OPSET = 18
+# jax.export's platforms a StableHLO artifact is lowered for: one artifact that a CPU, a GPU and a
+# TPU process can all call (lowered on any of them; no device of each kind is needed).
+PLATFORMS = ("cpu", "cuda", "tpu")
+NEEDS_JAX2ONNX = "ONNX export needs jax2onnx (the [export] extra: pip install jax2onnx onnxruntime)"
+TIMM_FILES = ("config.json", "model.safetensors")
 
 
 def eval_view(model: DenseNet) -> DenseNet:
@@ -49,8 +56,29 @@ def check_image_size(config: DenseNetConfig, image_size: int) -> None:
         raise ValueError(f"--image-size {image_size} is too small for this DenseNet: at least {minimum}")
 
 
-def onnx_bytes(model: DenseNet, *, image_size: int = 224, layout: str = "nhwc") -> bytes:
-    """The model as a serialised ONNX ModelProto (opset 23) through jax2onnx.
+def default_image_size(model: DenseNet) -> int:
+    """The input size the weights were trained or evaluated at (their recorded preprocessing's
+    ``input_size``, as timm's export writes it), else 224 (torchvision's)."""
+    cfg = model.pretrained_cfg
+    return cfg.input_size[-1] if cfg is not None else 224
+
+
+def check_opset(opset: int) -> None:
+    """ValueError, in one line, for an opset older than the graph needs (:data:`MIN_OPSET`)."""
+    try:
+        import onnx  # lazy: optional (the [export] extra)
+    except ImportError:
+        raise ValueError(NEEDS_JAX2ONNX) from None
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"--opset {opset}: the graph needs opset {MIN_OPSET} to {newest} (the newest "
+                         "this onnx package knows)")
+
+
+def onnx_bytes(model: DenseNet, *, image_size: int = 224, layout: str = "nhwc",
+               opset: int = MIN_OPSET) -> bytes:
+    """The model as a serialised ONNX ModelProto (``opset``, by default the oldest the graph is
+    valid in, :data:`MIN_OPSET`) through jax2onnx.
 
     Input ``images``: float32 (batch, image_size, image_size, in_chans) for layout "nhwc", or
     (batch, in_chans, image_size, image_size) for "nchw"; batch is dynamic (the symbol ``batch``). Output
@@ -59,11 +87,11 @@ def onnx_bytes(model: DenseNet, *, image_size: int = 224, layout: str = "nhwc") 
     try:
         from jax2onnx import to_onnx  # lazy: optional (the [export] extra)
     except ImportError:
-        raise ValueError("ONNX export needs jax2onnx (the [export] extra: pip install jax2onnx "
-                         "onnxruntime)") from None
+        raise ValueError(NEEDS_JAX2ONNX) from None
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     check_image_size(model.config, image_size)
+    check_opset(opset)
     view = eval_view(model)
     # onnx_ir warns, for a few shape constants jax2onnx leaves untyped, that it skips their
     # optional value_info; the graph is complete without it (onnx.checker passes, onnxruntime runs).
@@ -72,22 +100,31 @@ def onnx_bytes(model: DenseNet, *, image_size: int = 224, layout: str = "nhwc") 
     serde_log.setLevel(logging.ERROR)
     try:
         proto = to_onnx(lambda images: view(images), inputs=[("batch", image_size, image_size, model.config.in_chans)],
-                        model_name="densenet", inputs_as_nchw=[0] if layout == "nchw" else None,
+                        model_name="densenet", opset=opset, inputs_as_nchw=[0] if layout == "nchw" else None,
                         input_names=["images"], output_names=["logits"])
     finally:
         serde_log.setLevel(level)
     return proto.SerializeToString()
 
 
-def stablehlo_bytes(model: DenseNet, *, image_size: int = 224) -> bytes:
+def check_platforms(platforms: tuple[str, ...]) -> None:
+    """ValueError, in one line, for a platform jax.export does not lower for (or none)."""
+    unknown = [p for p in platforms if p not in ("cpu", "cuda", "rocm", "tpu")]
+    if unknown or not platforms:
+        raise ValueError(f"--platforms {','.join(platforms)}: each of cpu, cuda, rocm, tpu (at least one)")
+
+
+def stablehlo_bytes(model: DenseNet, *, image_size: int = 224, platforms: tuple[str, ...] = PLATFORMS) -> bytes:
     """The model as a serialised ``jax.export.Exported``: float32 (batch, image_size, image_size,
     in_chans) NHWC images, batch symbolic, to float32 (batch, num_classes) logits, the weights inside as
-    constants. Load with ``jax.export.deserialize(data).call(images)``; no densenet_jax needed."""
+    constants, lowered for each of ``platforms`` (jax.export's names: cpu, cuda, rocm, tpu). Load
+    with ``jax.export.deserialize(data).call(images)`` on any of them; no densenet_jax needed."""
     check_image_size(model.config, image_size)
+    check_platforms(platforms)
     view = eval_view(model)
     (batch,) = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, image_size, image_size, model.config.in_chans), jnp.float32)
-    exported = jax.export.export(jax.jit(lambda images: view(images)))(spec)
+    exported = jax.export.export(jax.jit(lambda images: view(images)), platforms=platforms)(spec)
     return bytes(exported.serialize())
 
 
@@ -145,15 +182,17 @@ def timm_files(model: DenseNet, *, image_size: int = 224,
     cfg = timm_config(model.config, preprocessing, class_names)
     arrays = {k: np.asarray(v) for k, v in state_arrays(model).items()}
     state_dict = to_torchvision(arrays, model.config)
-    return {"config.json": (json.dumps(cfg, indent=2) + "\n").encode(),
-            "model.safetensors": save(state_dict)}
+    return {TIMM_FILES[0]: (json.dumps(cfg, indent=2) + "\n").encode(),
+            TIMM_FILES[1]: save(state_dict)}
 
 
-def export(model: DenseNet, fmt: str, out: str | os.PathLike, *, image_size: int = 224,
-           layout: str = "nhwc", class_names: list[str] | None = None, force: bool = False) -> Path:
-    """Write ``model`` to ``out`` as ``fmt``: "onnx" (a file; ``layout`` nhwc or nchw), "stablehlo"
-    (a file) or "timm" (a folder with config.json and model.safetensors; ``class_names`` go into
-    its config). Returns the path written.
+def export(model: DenseNet, fmt: str, out: str | os.PathLike, *, image_size: int | None = None,
+           layout: str = "nhwc", class_names: list[str] | None = None, force: bool = False,
+           opset: int = MIN_OPSET, platforms: tuple[str, ...] = PLATFORMS) -> Path:
+    """Write ``model`` to ``out`` as ``fmt``: "onnx" (a file; ``layout`` nhwc or nchw, ``opset``),
+    "stablehlo" (a file, for ``platforms``) or "timm" (a folder with config.json and
+    model.safetensors; ``class_names`` go into its config). ``image_size`` defaults to the size the
+    weights record (:func:`default_image_size`). Returns the path written.
 
     Raises ValueError for an unknown format or layout, a layout other than nhwc for a format other
     than onnx, an image size the model cannot take, an architecture timm does not have, or a timm
@@ -162,6 +201,7 @@ def export(model: DenseNet, fmt: str, out: str | os.PathLike, *, image_size: int
     written unless the whole export succeeds.
     """
     out = Path(out)
+    image_size = default_image_size(model) if image_size is None else image_size
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
     if layout not in LAYOUTS:
@@ -175,11 +215,17 @@ def export(model: DenseNet, fmt: str, out: str | os.PathLike, *, image_size: int
     check_image_size(model.config, image_size)
     if fmt == "timm":
         timm_architecture(model.config)
-    check_output(out, force=force)
+        check_folder_output(out, TIMM_FILES, force=force)
+    else:
+        check_output(out, force=force)
+    if fmt == "onnx":
+        check_opset(opset)
+    if fmt == "stablehlo":
+        check_platforms(platforms)
     if fmt == "timm":
         write_folder(out, timm_files(model, image_size=image_size, class_names=class_names), force=force)
     elif fmt == "onnx":
-        atomic_write_bytes(out, onnx_bytes(model, image_size=image_size, layout=layout))
+        atomic_write_bytes(out, onnx_bytes(model, image_size=image_size, layout=layout, opset=opset))
     else:
-        atomic_write_bytes(out, stablehlo_bytes(model, image_size=image_size))
+        atomic_write_bytes(out, stablehlo_bytes(model, image_size=image_size, platforms=platforms))
     return out

@@ -18,9 +18,9 @@ from densenet_jax.errors import CheckpointError
 from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.features import DenseNetFeatures
-from densenet_jax.model.registry import HF_HUB_PREFIX, TIMM_NAMES, get_config
+from densenet_jax.model.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, TIMM_NAMES, get_config
 from densenet_jax.weights.format import CONV0, HEAD, Weights, assign, read_weights, state_arrays
-from densenet_jax.weights.hub import pretrained_weights, repo_weights
+from densenet_jax.weights.hub import folder_weights, pretrained_weights, repo_weights
 from densenet_jax.weights.torch_keys import adapt_input_conv
 
 log = logging.getLogger("densenet_jax")
@@ -64,7 +64,8 @@ def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, features_only
     """Rebuild the model saved at ``path``; ``overrides`` replace config fields.
 
     ``path`` may also be ``"hf-hub:<repo>"``, a Hugging Face Hub repo laid out as timm's
-    (``config.json`` beside ``model.safetensors``). With ``num_classes`` different from the file's,
+    (``config.json`` beside ``model.safetensors``), or ``"local-dir:<folder>"``, a folder laid out
+    so (timm's spellings). With ``num_classes`` different from the file's,
     every weight but the classifier is loaded and the classifier is freshly initialised from
     ``rngs`` (for fine-tuning); ``in_chans`` adapts the first convolution
     (:func:`densenet_jax.weights.torch_keys.adapt_input_conv`). ``features_only=True`` gives its
@@ -72,7 +73,12 @@ def load(path: str | os.PathLike, *, rngs: nnx.Rngs | None = None, features_only
     Raises CheckpointError, naming the file and the fault, for anything unusable.
     """
     path = str(path)
-    weights = repo_weights(path[len(HF_HUB_PREFIX):]) if path.startswith(HF_HUB_PREFIX) else read_weights(path)
+    if path.startswith(HF_HUB_PREFIX):
+        weights = repo_weights(path[len(HF_HUB_PREFIX):])
+    elif path.startswith(LOCAL_DIR_PREFIX):
+        weights = folder_weights(path[len(LOCAL_DIR_PREFIX):])
+    else:
+        weights = read_weights(path)
     return build_model(weights.config.replace(**overrides), weights, rngs=rngs,
                        features_only=features_only, out_indices=out_indices)
 
@@ -128,8 +134,8 @@ def _adapted_conv0(kernel: np.ndarray, in_chans: int, source: str) -> np.ndarray
 def architecture(name: str) -> str:
     """The architecture a model name, tag or Hub repo names: ``densenet121.tv_in1k`` and
     ``hf-hub:timm/densenet121.tv_in1k`` (``@revision`` or not) name ``densenet121``."""
-    if name.startswith(HF_HUB_PREFIX):
-        name = name.rsplit("/", 1)[-1].partition("@")[0]
+    if name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        name = name.rstrip("/").rsplit("/", 1)[-1].partition("@")[0]
     return name.partition(".")[0]
 
 

@@ -4,6 +4,7 @@ an existing file is replaced only when the new one is complete."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -15,6 +16,8 @@ from densenet_jax.errors import CheckpointError
 
 log = logging.getLogger("densenet_jax")
 _unusable: set[Path] = set()  # cache folders already warned about
+# How TensorStore (under Orbax) reports ENOSPC: a ValueError whose text carries the OS error code.
+_TENSORSTORE_ENOSPC = f"[os_error_code='{errno.ENOSPC}']"
 
 
 def check_output(path: str | os.PathLike, *, force: bool = False, source: str | os.PathLike | None = None) -> None:
@@ -58,19 +61,28 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         raise
 
 
+def check_folder_output(path: str | os.PathLike, names, *, force: bool = False) -> None:
+    """CheckpointError, before any work, unless folder ``path`` can be written with files ``names``:
+    it is new, or (with ``force``) a file-free earlier output of the same ``names``. A folder that
+    holds anything else is refused first, so that the advice to pass --force is never given where
+    --force would be refused too."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: is a file; name a folder to write")
+    others = sorted(p.name for p in path.iterdir() if p.name not in names) if path.is_dir() else []
+    if others:  # --force replaces an earlier export, never a folder of the user's own files
+        raise CheckpointError(f"{path}: holds {others[0]}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+                              + f", not only {' and '.join(names)}; write to a new or empty folder")
+    check_output(path, force=force)
+
+
 def write_folder(path: Path, files: dict[str, bytes], *, force: bool = False) -> None:
     """Create folder ``path`` holding ``files``, atomically: built as a hidden folder beside it,
     then renamed. An existing ``path`` is replaced only with ``force`` (and only once the new one
     is complete), and only when it holds nothing but ``files`` (an earlier export): CheckpointError
     for a folder holding anything else, which is never deleted."""
     path = Path(path)
-    check_output(path, force=force)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path}: is a file; name a folder to write")
-    others = sorted(p.name for p in path.iterdir() if p.name not in files) if path.is_dir() else []
-    if others:  # --force replaces an earlier export, never a folder of the user's own files
-        raise CheckpointError(f"{path}: holds {others[0]}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
-                              + f", not only {' and '.join(files)}; write to a new or empty folder")
+    check_folder_output(path, files, force=force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     old = None
     try:
@@ -101,3 +113,22 @@ def cache_unusable(name: str, folder: Path, path: Path, why: str) -> None:
     if folder not in _unusable:
         _unusable.add(folder)
         log.warning("warning: %s: %s not usable (%s); going on without it", path, name, why)
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from or during, is a full disk (ENOSPC), as
+    Python raises it or as TensorStore reports it."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if _TENSORSTORE_ENOSPC in str(error) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_of(path: str | os.PathLike) -> str:
+    """The mount point of the disk holding ``path`` (or where it would be made), with its free space."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() or not os.path.ismount(path):
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    return f"{path}, {free / 2**20:.1f} MiB free"

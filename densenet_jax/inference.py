@@ -120,19 +120,24 @@ def predict(model: DenseNet, paths: str | Path | Iterable[str | Path], *, top_k:
     ``transform``, by default as the weights want (:func:`model_transform`: ``model.pretrained_cfg``,
     or torchvision's ``resize``/``crop`` for weights that carry none).
 
-    For multi-label weights each result holds ``probabilities`` instead of ``top``: every label's
-    sigmoid, by name, in the labels' order (``top_k`` does not apply).
+    For multi-label weights each result also holds ``probabilities``: every label's sigmoid, by
+    name, in the labels' order (``top`` then ranks the labels).
 
     An unreadable image (also a broken link, a FIFO or a device: :func:`read_image`) is skipped with
     a warning naming it and listed with the reason, as ``{"file": ..., "skipped": ...}``
-    (``strict``: UnreadableImage, a DataError, instead).
+    (``strict``: UnreadableImage, a DataError, instead). ValueError for ``top_k`` or
+    ``batch_size`` below 1, as the command refuses ``--top`` and ``--batch-size``.
 
     Weights with operating points (torchxrayvision's, converted with ``--xrv-weights``) give each
-    output's sigmoid rescaled by :func:`op_norm` (0.5 at its threshold), as xrv's model does, and
-    each result also holds ``"probabilities"``: ``{name: probability}`` for every named output.
+    output's sigmoid rescaled by :func:`op_norm` (0.5 at its threshold), as xrv's model does; the
+    outputs xrv leaves unnamed are left out.
     """
     from tqdm import tqdm
 
+    # The CLI's rule for --top and --batch-size, so that the library and the command agree.
+    for name, value in (("top_k", top_k), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} {value}: must be at least 1")
     files = image_files([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     batch_size = min(batch_size, len(files))
     names = class_names(model.config.num_classes, model.class_names if labels is None else labels)

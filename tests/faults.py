@@ -17,6 +17,7 @@ POINT is where, on its Nth occurrence in this process:
                       workers start then)
             data-lost, eval-lost  as it asks for the next training (evaluation) batch, which then
                       never comes: the pipeline fails as when the signal ended its workers
+            compile   just before a train step is dispatched (the 1st: while it compiles)
             dispatch  right after a train step is dispatched (the same as plain sigint)
             device    while it waits for the device, when it starts reading a step's metrics
             fetch     right after one step's metrics were read, others still unread
@@ -117,6 +118,9 @@ def signal_at(place: str, signum: int, n: int, patch, group: bool = False) -> No
         patch(loop, "train_batches", on_nth(n, loop.train_batches, lambda *_a, **_k: threading.Timer(0.5, fault).start()))
     elif place == "eval-lost":
         patch(evaluate, "eval_batches", waiting_for_data(n, fault, "lost", evaluate, "eval_batches"))
+    elif place == "compile":
+        train = parallel.Runner.train
+        patch(parallel.Runner, "train", on_nth(n, train, before_it(fault, train), before=True))
     elif place == "dispatch":
         patch(parallel.Runner, "train", on_nth(n, parallel.Runner.train, fault))
     elif place in ("device", "fetch"):  # a staticmethod: stays one when wrapped

@@ -26,7 +26,9 @@ from flax import nnx
 import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.errors import CheckpointError
-from densenet_jax.export import onnx_bytes
+from densenet_jax.export import MIN_OPSET, default_image_size, onnx_bytes
+from densenet_jax.model.pretrained_cfg import PretrainedCfg
+from jax2onnx import to_onnx
 from densenet_jax.files import write_folder
 from densenet_jax.model.layers import max_pool_3x3_s2
 from densenet_jax.weights.format import state_arrays, write_safetensors
@@ -97,7 +99,6 @@ def test_max_pool_is_torchs_and_exports_as_a_2d_maxpool():
     np.testing.assert_array_equal(np.asarray(y), expected.detach().numpy().transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(np.asarray(grad), t.grad.numpy().transpose(0, 2, 3, 1))
 
-    from jax2onnx import to_onnx
     proto = to_onnx(max_pool_3x3_s2, inputs=[("batch", 9, 12, 5)])
     pools = [n for n in proto.graph.node if n.op_type == "MaxPool"]
     assert len(pools) == 1
@@ -136,12 +137,18 @@ def test_onnx_paper_cifar_model_nhwc():
     model = dj.create_model("densenet_40_k12", block_config=(2, 2, 2))
     proto = onnx.load_from_string(onnx_bytes(model, image_size=32))
     onnx.checker.check_model(proto)
+    # The default opset is the oldest the graph is valid in (older runtimes refuse newer opsets).
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", MIN_OPSET)]
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", 32, 32, 3]
     for batch in (1, 3):
         x = images(batch, 32)
         (y,) = session.run(None, {"images": x})
         assert_close(y, logits(model, x), 1e-4)
+    del proto.opset_import[:]
+    proto.opset_import.append(onnx.helper.make_opsetid("", MIN_OPSET - 1))
+    with pytest.raises(onnx.checker.ValidationError):  # the same graph one opset older is invalid
+        onnx.checker.check_model(proto)
 
 
 # Runs in a process that cannot import densenet_jax: only JAX and the artifact.
@@ -173,6 +180,8 @@ def test_stablehlo_runs_without_densenet_jax_bit_for_bit(densenet121_weights, de
     env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}  # no PYTHONPATH: no checkout either
     subprocess.run([sys.executable, "-c", LOADER, out, *inputs], check=True, env=env, cwd=tmp_path,
                    timeout=600)
+    # One artifact for every platform, run here on the CPU.
+    assert jax.export.deserialize(bytearray(out.read_bytes())).platforms == ("cpu", "cuda", "tpu")
     densenet121.eval()
     jitted = jax.jit(lambda x: densenet121(x))
     for batch, path in zip((1, 3), inputs):
@@ -199,6 +208,7 @@ def test_timm_loads_the_folder_as_pretrained(densenet121_weights, densenet121_lo
             np.testing.assert_allclose(model(nchw(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
     cfg = from_folder.pretrained_cfg
     assert cfg["label_names"] == CLASS_NAMES
+    assert dj.load(f"local-dir:{out}").class_names == CLASS_NAMES  # and back: names, not ImageNet's
     data = {k: tuple(v) if isinstance(v, list) else v
             for k, v in timm.data.resolve_data_config({}, model=from_folder).items()}
     assert data == {"input_size": (3, SIZE, SIZE), "interpolation": "bilinear",
@@ -237,8 +247,9 @@ def assert_refused(code, err, output: Path, *fragments):
 @pytest.mark.parametrize("case", ["missing weights", "corrupt weights", "unknown format",
                                   "unknown layout", "layout for stablehlo", "unwritable output",
                                   "missing output folder", "image too small", "no timm architecture",
-                                  "timm folder named as a file", "existing output"])
-def test_bad_input_is_one_line_exit_1_and_no_output(case, tmp_path, capsys):
+                                  "timm folder named as a file", "existing output", "opset too old",
+                                  "unknown platform", "timm onto a folder of other files"])
+def test_bad_input_is_one_line_exit_1_and_no_output(case, tmp_path, capsys, request):
     weights = tiny_weights_file(tmp_path / "tiny.safetensors")
     out, fmt, options, fragments = tmp_path / "out", "stablehlo", [], []
     if case == "missing weights":
@@ -266,11 +277,23 @@ def test_bad_input_is_one_line_exit_1_and_no_output(case, tmp_path, capsys):
     elif case == "existing output":
         out.write_bytes(b"the user's file")
         fragments = ["already exists", "--force"]
+    elif case == "opset too old":
+        fmt, options, fragments = "onnx", ["--opset", "17"], ["--opset 17", f"needs opset {MIN_OPSET}"]
+    elif case == "unknown platform":
+        options, fragments = ["--platforms", "cpu,gpu"], ["--platforms cpu,gpu", "cuda"]
+    elif case == "timm onto a folder of other files":
+        weights = request.getfixturevalue("densenet121_weights")
+        out.mkdir()
+        (out / "mine.txt").write_text("the user's")
+        fmt, fragments = "timm", ["holds mine.txt", "new or empty folder"]
     code, _, err = run_cli(["export", "--weights", weights, "--format", fmt, *options, out], capsys)
     if case == "existing output":
         assert code == 1 and len(err) == 1 and all(f in err[0] for f in fragments), err
         assert out.read_bytes() == b"the user's file"
         assert not list(tmp_path.glob(".out*"))
+    elif case == "timm onto a folder of other files":  # not "pass --force", which would refuse too
+        assert code == 1 and len(err) == 1 and all(f in err[0] for f in fragments) and "--force" not in err[0], err
+        assert [p.name for p in out.iterdir()] == ["mine.txt"]
     else:
         assert_refused(code, err, out, *fragments)
 
@@ -280,18 +303,32 @@ def test_force_replaces_an_existing_output(tmp_path, capsys):
     out = tmp_path / "tiny.stablehlo"
     out.write_bytes(b"old")
     code, _, _ = run_cli(["export", "--weights", weights, "--format", "stablehlo", "--image-size", 8,
-                          "--force", out], capsys)
+                          "--platforms", "cpu", "--force", out], capsys)
     assert code == 0
     exported = jax.export.deserialize(bytearray(out.read_bytes()))
-    assert exported.in_avals[0].shape[1:] == (8, 8, 3)
+    assert exported.in_avals[0].shape[1:] == (8, 8, 3) and exported.platforms == ("cpu",)
     assert not list(tmp_path.glob(".tiny.stablehlo*"))
+
+
+def test_the_default_image_size_is_the_weights_own(tmp_path, capsys):
+    """Without --image-size, every format takes the size the weights record (a training run's 40),
+    as the timm folder's config does; weights that record none get 224."""
+    model = dj.create_model("densenet_bc_100_k12", block_config=(2, 2, 2), rngs=nnx.Rngs(0))
+    model.pretrained_cfg = PretrainedCfg(input_size=(3, 40, 40), crop_pct=1.0)
+    weights = tmp_path / "trained-at-40.safetensors"
+    dj.save(model, weights)
+    code, _, err = run_cli(["export", "--weights", weights, "--format", "stablehlo", "--platforms", "cpu",
+                            tmp_path / "out.stablehlo"], capsys)
+    assert code == 0, err
+    assert jax.export.deserialize(bytearray((tmp_path / "out.stablehlo").read_bytes())).in_avals[0].shape[1:] == (40, 40, 3)
+    assert default_image_size(dj.create_model("densenet_bc_16_k12")) == 224
 
 
 def test_a_folder_output_is_replaced_whole_or_not_at_all(tmp_path):
     out = tmp_path / "folder"
     out.mkdir()
     (out / "mine.txt").write_text("the user's")
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(CheckpointError, match="holds mine.txt, not only config.json"):
         write_folder(out, {"config.json": b"{}"})
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     with pytest.raises(CheckpointError, match="holds mine.txt, not only config.json"):

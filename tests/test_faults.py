@@ -10,9 +10,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 import faults
-from densenet_jax.errors import Interrupted
+from densenet_jax.errors import DiskFullError, Interrupted
+from densenet_jax.files import disk_of
 from densenet_jax.train.checkpoint import Checkpoints
 from densenet_jax.train.loop import Run
+from densenet_jax.train.report import read_metrics
 from densenet_jax.train.signals import StopSignals
 from train_cli import RUN, assert_same_weights, train
 
@@ -118,6 +120,68 @@ def test_a_stop_anywhere_checkpoints_the_last_completed_step(place, n, step, tmp
     # That checkpoint is the state after exactly that many steps.
     got, expected = stored_state(tmp_path, step), stored_state(every_step, step)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_stop_during_the_first_compilation_says_what_it_waits_for(tmp_path, tiny_run, monkeypatch,
+                                                                    caplog, compilation_cache):
+    faults.inject("sigint@compile", 1, patch=monkeypatch.setattr)
+    with pytest.raises(Interrupted, match="at step 1, checkpoint saved"):
+        Run(tiny_run(tmp_path)).fit()
+    (said,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SIGINT")]
+    assert "after the first step, once compiled" in said and "Ctrl-C again stops now" in said, said
+
+
+class Killed(BaseException):
+    """A kill in the middle of a function: nothing after it in the process runs (but the
+    ``finally`` that lets the checkpoint already being written finish, as Orbax's own thread would)."""
+
+
+def killed(*_args, **_kwargs):
+    raise Killed
+
+
+@pytest.mark.parametrize("stop", ["sigterm@eval-lost", "kill"])
+def test_a_resume_at_an_epochs_end_records_its_missing_evaluation(stop, tmp_path, tiny_run, every_step,
+                                                                  monkeypatch, compilation_cache):
+    """A stop or a kill during the evaluation that ends an epoch (a kill once --checkpoint-every
+    saved the epoch's last step) leaves the epoch without its row; the resume evaluates it: the
+    row an uninterrupted run writes, its curves and its best.safetensors."""
+    if stop == "kill":
+        monkeypatch.setattr(Run, "evaluate", killed)
+    else:
+        faults.inject(stop, 1, patch=monkeypatch.setattr)
+    with pytest.raises((Interrupted, Killed)):
+        Run(tiny_run(tmp_path, checkpoint_every=22 if stop == "kill" else 0)).fit()
+    assert complete_steps(tmp_path) == [22] and not (tmp_path / "metrics.jsonl").exists()
+    monkeypatch.undo()
+    Run(tiny_run(tmp_path)).fit()
+    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    (expected,) = read_metrics(every_step / "metrics.jsonl")
+    for key in ("epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc"):
+        assert row[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "best.safetensors").is_file()
+
+
+# As TensorStore reports a full disk under Orbax (what a 300 KiB tmpfs work directory gave).
+DISK_FULL = ValueError("RESOURCE_EXHAUSTED: Error writing \"params/0\" in OCDBT database: Failed to write "
+                       "262117 bytes to file 13: No space left on device [os_error_code='28']")
+
+
+def test_a_full_disk_is_one_line_and_the_resume_after_freeing_space_ends_as_uninterrupted(
+        tmp_path, tiny_run, every_step, monkeypatch, compilation_cache):
+    def full(*_args, **_kwargs):
+        raise DISK_FULL
+    monkeypatch.setattr(Checkpoints, "save", faults.on_nth(2, Checkpoints.save, full, before=True))
+    with pytest.raises(DiskFullError) as refused:
+        Run(tiny_run(tmp_path, checkpoint_every=10)).fit()
+    assert str(refused.value) == (f"{tmp_path}: the disk holding it is full ({disk_of(tmp_path)}); kept the "
+                                  "checkpoint of step 10 and the results up to it; free space there and run "
+                                  "the same command again to resume")
+    monkeypatch.undo()  # space freed
+    Run(tiny_run(tmp_path, checkpoint_every=10)).fit()
+    for a, b in zip(jax.tree.leaves(stored_state(tmp_path, 22)), jax.tree.leaves(stored_state(every_step, 22)),
+                    strict=True):
         np.testing.assert_array_equal(a, b)
 
 

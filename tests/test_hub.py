@@ -7,6 +7,7 @@ randomised BN statistics; small ones wherever the Hub mechanics are what is test
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_tag_downloads_once_then_loads_from_the_cache(hub, hf_home, tiny_timm):
     hub.add("timm/densenet121.ra_in1k", files)
     model = dj.create_model("densenet121", pretrained=True)  # timm's default tag: ra_in1k
     weights = "/timm/densenet121.ra_in1k/resolve/main/model.safetensors"
-    asked = [r for r in hub.requests if r[1] != "/api/agent-harnesses"]  # huggingface_hub's, once a process
+    asked = [r for r in hub.requests if r[1] not in ("/api/agent-harnesses", "/")]  # once a process
     assert asked == [("HEAD", weights), ("GET", weights)]
     first = list(hub.requests)
     assert model.pretrained_cfg == TAGS["densenet121.ra_in1k"]
@@ -144,6 +145,52 @@ def test_hf_hub_repo_with_timms_config_and_a_backbone(hub, hf_home, tiny_timm, t
     dj.save(model, tmp_path / "saved.safetensors")  # the preprocessing travels with the weights
     assert stored_pretrained_cfg(tmp_path / "saved.safetensors") == model.pretrained_cfg
     assert dj.load(tmp_path / "saved.safetensors").pretrained_cfg == model.pretrained_cfg
+
+
+def test_label_names_of_a_hub_repo_or_local_folder_are_predicts_names(hub, hf_home, tiny_timm, tmp_path, capsys):
+    """timm's ``label_names`` (top level, or timm's older ``labels`` in pretrained_cfg) name
+    ``predict``'s classes for ``hf-hub:`` and ``local-dir:``, not their numbers."""
+    names = [f"kind-{i}" for i in range(10)]
+    top = json.loads(tiny_timm[1]["config.json"])
+    older = {**top, "pretrained_cfg": {**top["pretrained_cfg"], "labels": names}}
+    hub.add("someone/named", {**tiny_timm[1], "config.json": json.dumps({**top, "label_names": names}).encode()})
+    (tmp_path / "named").mkdir()
+    for name, payload in {**tiny_timm[1], "config.json": json.dumps(older).encode()}.items():
+        (tmp_path / "named" / name).write_bytes(payload)
+    cli.main(["predict", "--model", "hf-hub:someone/named", str(PHOTO), "--json", "--no-progress"])
+    top5 = json.loads(capsys.readouterr().out)[0]["top"]
+    assert [e["name"] for e in top5] == [names[e["class"]] for e in top5]
+    assert dj.load(f"local-dir:{tmp_path / 'named'}").class_names == names  # predict's names, as above
+
+
+# A process as a user's: no network (the endpoint refuses connections), HF_HUB_OFFLINE unset,
+# Orbax imported (as training does), and a library warning after the command.
+NO_NETWORK = """
+import logging, sys
+import orbax.checkpoint
+from densenet_jax import cli
+try:
+    cli.main(sys.argv[1:])
+finally:
+    logging.getLogger("huggingface_hub.utils._http").warning("a library warning")
+"""
+
+
+def test_no_network_without_hf_hub_offline_is_one_line_without_retries(tmp_path):
+    """One line (no retry warnings: huggingface_hub's five retries are not waited for), saying that
+    HF_HUB_OFFLINE=1 fails at once; a library's warning is printed once, not twice."""
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+           "JAX_PLATFORMS": "cpu"}
+    env.pop("HF_HUB_OFFLINE", None)
+    out = subprocess.run([sys.executable, "-c", NO_NETWORK, "predict", "--model", "densenet121.tv_in1k", str(PHOTO)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(err) == 2, out.stderr
+    assert "the Hub cannot be reached (HF_HUB_OFFLINE=1 says so at once" in err[0], err[0]
+    assert err[1] == "a library warning"
 
 
 @pytest.mark.parametrize("in_chans", [1, 2, 4, 6])

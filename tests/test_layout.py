@@ -12,7 +12,7 @@ MAX_LINES = 400
 
 # Optional extras, and libraries that read their settings when imported: these alone may be
 # imported inside a function.
-LAZY = {"densenet_jax.inference", "grain", "absl", "sklearn", "tqdm", "matplotlib", "torch", "jax2onnx", "onnxruntime",
+LAZY = {"densenet_jax.inference", "grain", "absl", "sklearn", "tqdm", "matplotlib", "torch", "jax2onnx", "onnx", "onnxruntime",
         "skimage", "torchxrayvision",
         "huggingface_hub", "httpx2"}
 

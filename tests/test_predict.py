@@ -98,3 +98,31 @@ def test_predict_text_output_and_errors(tmp_path, capsys, converted):
             cli.main(["predict", "--weights", str(weights), *argv])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 1 and len(err) == 1 and message in err[0]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"], ids=["UTF-8 locale", "C locale"])
+def test_names_in_any_encoding_are_printed_as_their_bytes(encoding, tmp_path, monkeypatch):
+    """A Latin-1 folder, file and class name (as Python decodes one that is not UTF-8: surrogate
+    escapes) is printed as its bytes, on the strict stream a UTF-8 locale gives and on an ASCII
+    one (the C locale without Python's UTF-8 mode)."""
+    import io
+    import os
+    import sys
+
+    import densenet_jax as dj
+    latin1 = os.fsdecode(b"caf\xe9")
+    folder = tmp_path / latin1
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / f"{latin1}.png")
+    model = dj.create_model("densenet_bc_16_k12", num_classes=3)
+    model.class_names = [latin1, f"{latin1}-2", "plain"]
+    dj.save(model, tmp_path / "weights.safetensors")
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding=encoding, errors="strict"))
+    cli.main(["predict", "--weights", str(tmp_path / "weights.safetensors"), str(folder), "--top", "3",
+              "--resize", "32", "--crop", "32"])
+    sys.stdout.flush()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == os.fsencode(folder / f"{latin1}.png"), lines
+    assert sorted(line.split(b")")[0].split()[-2] for line in lines[1:]) == [b"caf\xe9", b"caf\xe9-2", b"plain"]

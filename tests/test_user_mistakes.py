@@ -82,3 +82,26 @@ def test_a_run_that_never_checkpointed_does_not_claim_its_folder(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(WorkdirError, match="belongs to another run"):
         check(tmp_path, record, has_checkpoints=False)
+
+
+def one_line_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1, err
+    return err[0]
+
+
+def test_a_new_users_small_mistakes_are_named_for_what_they_are(tmp_path, capsys):
+    """--data-dir naming a file is a file, not a missing folder; a text file named .pth is not
+    called a torch pickle; dj.predict refuses top_k 0 as the command refuses --top 0."""
+    (tmp_path / "data.txt").write_text("not a folder")
+    line = one_line_error(["train", "--dataset", "folder", "--data-dir", tmp_path / "data.txt"], capsys)
+    assert f"--data-dir {tmp_path / 'data.txt'}: is a file, not a folder" in line, line
+    (tmp_path / "notes.pth").write_text("hi\n")
+    line = one_line_error(["convert", tmp_path / "notes.pth", tmp_path / "out.safetensors"], capsys)
+    assert "not a loadable torch checkpoint or safetensors file" in line and "pickle;" not in line, line
+    model = dj.create_model("densenet_bc_16_k12", num_classes=3)
+    with pytest.raises(ValueError, match="top_k 0: must be at least 1"):
+        dj.predict(model, tmp_path, top_k=0)
+    assert "--top 0" in one_line_error(["predict", "--weights", "w.safetensors", "--top", "0", "x.png"], capsys)

@@ -129,3 +129,25 @@ def test_each_difference_is_named_once(tmp_path):
     # What only steers an invocation is not recorded.
     check(tmp_path, record("densenet_40_k12", max_steps=5, workers=2, keep=1, checkpoint_every=7,
                            memory_efficient=True, progress=False, workdir="elsewhere"), has_checkpoints=True)
+
+
+# Paths no run can use, root included (root ignores permissions, not these): a file, a path under
+# a file, a new run in a folder that takes no files (/proc), and an existing folder where no file
+# can be made (sysfs refuses it even to root).
+UNUSABLE = {"a file": ("file", "is a file"), "under a file": ("file/run", "lies under"),
+            "new run where nothing can be made": ("/proc/densenet-jax-run", "cannot write there (in /proc"),
+            "existing folder where nothing can be made": ("/sys/kernel", "cannot write there: ")}
+
+
+@pytest.mark.parametrize("case", UNUSABLE)
+def test_a_workdir_that_cannot_be_used_is_one_line_naming_it(case, tmp_path, tiny_weights, capsys):
+    where, fragment = UNUSABLE[case]
+    (tmp_path / "file").write_text("the user's")
+    workdir = tmp_path / where
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--init-from", str(tiny_weights), "--dataset", "digits", "--workdir", str(workdir),
+                  "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1, err
+    assert f"--workdir {workdir}: " in err[0] and fragment in err[0], err[0]
+    assert (tmp_path / "file").read_text() == "the user's" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -16,6 +16,7 @@ import jax
 
 from densenet_jax.cli.options import HelpFormatter
 from densenet_jax.errors import CheckpointError, DivergedError, Interrupted
+from densenet_jax.files import is_disk_full
 
 COMMANDS = ("train", "evaluate", "predict", "explain", "models", "convert", "export")
 
@@ -93,10 +94,34 @@ def _log_to_stderr() -> None:
         log.addHandler(_HANDLER)
     log.setLevel(logging.INFO)
     log.propagate = False
+    # huggingface_hub prints its warnings through a handler of its own and passes them on to the
+    # root logger, to which importing Orbax adds a handler (absl's logging set-up): each was printed
+    # twice. Its own handler is enough.
+    logging.getLogger("huggingface_hub").propagate = False
+    # Orbax logs a full disk from each of its threads, with tracebacks, before raising it; the
+    # command's one line says it, with what was kept.
+    logging.getLogger("absl").addFilter(_not_disk_full)
+
+
+def _not_disk_full(record: logging.LogRecord) -> bool:
+    return not is_disk_full(record.exc_info[1] if record.exc_info else None) and \
+        not is_disk_full(ValueError(record.getMessage()))
+
+
+def _names_in_any_encoding() -> None:
+    """Every path and name the command prints goes out as the bytes it came in as. Python decodes
+    a file name that is not valid in the locale's encoding (a Latin-1 name under a UTF-8 locale)
+    with surrogate escapes, which a strict stream refuses to print ("surrogates not allowed"); its
+    surrogateescape error handler writes the original bytes back, as ``ls`` prints them. Files
+    the commands write hold names as JSON, whose escapes keep them too."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; user errors end in one line on stderr and a non-zero exit status."""
+    _names_in_any_encoding()
     args = _parse(argv)
     _enable_compilation_cache()
     _log_to_stderr()
@@ -113,4 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except (CheckpointError, DivergedError, ValueError, FileNotFoundError) as e:
         print(f"densenet-jax: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # Any other OSError about a path (a user's folder that cannot be made or written), named.
+        print(f"densenet-jax: error: {e.filename}: {e.strerror}", file=sys.stderr)
         sys.exit(1)

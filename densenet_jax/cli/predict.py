@@ -8,7 +8,7 @@ import json
 from densenet_jax.errors import CheckpointError, DataError
 from densenet_jax.factory import create_model, load
 from densenet_jax.model.densenet import DenseNet
-from densenet_jax.model.registry import HF_HUB_PREFIX
+from densenet_jax.model.registry import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 from densenet_jax.inference import model_transform, predict
 from densenet_jax.train.config import check_at_least
 from densenet_jax.weights.format import stored_class_names
@@ -41,7 +41,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def _pretrained_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="TAG",
                    help="a pretrained tag (densenet121.tv_in1k), downloaded from the Hugging Face Hub "
-                        "on first use, or hf-hub:<repo>")
+                        "on first use, hf-hub:<repo>, or local-dir:<folder> (export --format timm's)")
     p.add_argument("--preprocess", default="weights", choices=["weights", "torchvision", "xrv"],
                    help="weights: the preprocessing stored with the weights (timm's for the tags); "
                         "torchvision: resize --resize bilinear, centre crop --crop; xrv: torchxrayvision's "
@@ -108,7 +108,7 @@ def _model(args: argparse.Namespace) -> DenseNet:
         raise ValueError("give --model TAG (a pretrained tag) or --weights FILE")
     if args.model is None:
         return load(args.weights, **overrides)
-    if args.model.startswith(HF_HUB_PREFIX) and args.weights:
-        raise ValueError("--weights goes with a pretrained tag, not with hf-hub:<repo>")
+    if args.model.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)) and args.weights:
+        raise ValueError("--weights goes with a pretrained tag, not with hf-hub:<repo> or local-dir:<folder>")
     overlay = {"file": args.weights} if args.weights else None
     return create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay, **overrides)

@@ -95,7 +95,8 @@ def check_source(name: str, data_dir: str | Path | None = None, in_chans: int = 
     if data_dir is None:
         raise DataError(f"--data-dir is needed for dataset {name}")
     if not Path(data_dir).is_dir():
-        raise DataError(f"{data_dir}: no such folder")
+        raise DataError(f"--data-dir {data_dir}: " + ("is a file, not a folder" if Path(data_dir).exists()
+                                                      else "no such folder"))
     if name in FILE_SOURCES and in_chans not in T.IMAGE_MODES:
         raise DataError(f"{data_dir}: image files give 1 or 3 channels, not in_chans={in_chans}")
 

@@ -12,6 +12,7 @@ from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.model.pretrained_cfg import PretrainedCfg, Top1
 
 HF_HUB_PREFIX = "hf-hub:"  # timm's prefix for a model named by its Hub repo
+LOCAL_DIR_PREFIX = "local-dir:"  # timm's prefix for a folder laid out as a Hub repo
 
 _REGISTRY: dict[str, Callable[[], DenseNetConfig]] = {
     "densenet121": lambda: DenseNetConfig.imagenet(32, (6, 12, 24, 16), 64),

@@ -26,13 +26,11 @@ from densenet_jax.errors import DataError
 from densenet_jax.factory import load
 from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.pretrained_cfg import PretrainedCfg, resize_size
-from densenet_jax.model.registry import HF_HUB_PREFIX
 from densenet_jax.inference import model_cfg
 from densenet_jax.train.checks import compute_dtype
 from densenet_jax.train.config import check_at_least, check_data_options
 from densenet_jax.train.losses import LossConfig, per_example_correct, per_example_loss
 from densenet_jax.train.multilabel import gather_outputs, multilabel_figures, outputs_of
-from densenet_jax.weights.format import stored_class_names
 
 BatchSums = Callable[[dict], dict]  # a host batch (image, label, weight) -> its summed loss, correct, count
 
@@ -107,8 +105,7 @@ def held_out_folder(weights: str, model: DenseNet, data_dir: str, strict: bool =
     if model.config.num_classes != len(val.classes):
         raise DataError(f"{weights}: has {model.config.num_classes} classes, {root / 'val'} has "
                         f"{len(val.classes)}")
-    # A Hub repo's weights (load takes hf-hub:<repo>) are no local file to read names from.
-    trained = None if weights.startswith(HF_HUB_PREFIX) else stored_class_names(weights)
+    trained = model.class_names  # the names the weights record: a file's, a Hub repo's or folder's
     # A folder's labels are its sorted folder names: other names, even as many, are other classes.
     if trained is not None and trained != val.classes:
         raise DataError(_classes_differ(weights, trained, root / "val", val.classes))

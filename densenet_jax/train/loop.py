@@ -16,8 +16,9 @@ from flax import nnx
 from densenet_jax.data import Dataset, load_dataset, train_batches
 from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import steps_per_epoch
-from densenet_jax.errors import DivergedError, Interrupted
+from densenet_jax.errors import DiskFullError, DivergedError, Interrupted
 from densenet_jax.factory import build_model, create_model, load
+from densenet_jax.files import disk_of, is_disk_full
 from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
@@ -149,7 +150,9 @@ class Run:
     def fit(self) -> dict:
         """Train from the latest intact checkpoint to the end (or ``max_steps`` further).
 
-        Raises DivergedError on a NaN/Inf loss and Interrupted after SIGINT/SIGTERM; in both cases
+        Raises DiskFullError, in one line naming the disk and the last checkpoint, when the work
+        directory's disk fills up (the resume once space is freed goes on from that checkpoint);
+        DivergedError on a NaN/Inf loss and Interrupted after SIGINT/SIGTERM; in both cases
         the checkpoints on disk are complete and hold only finite states. Raises WorkdirError, with
         nothing written or compiled, when the work directory belongs to another run (see
         :mod:`densenet_jax.train.workdir`). A run already complete is left as it is.
@@ -157,11 +160,20 @@ class Run:
         # Whose folder this is, checked before anything in it is created or compiled.
         workdir.check(self.workdir, self.record, has_checkpoints(self.workdir / "checkpoints"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._fit()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise DiskFullError(disk_full_line(self.workdir)) from None
+
+    def _fit(self) -> dict:
         checkpoints = Checkpoints(self.workdir / "checkpoints", keep=self.config.keep)
         try:
             with StopSignals() as signals:
                 state, start = self._restore(checkpoints)
                 self._begin(start)
+                self._evaluate_missing_epoch(state, start, signals)
                 state, step = self._train(state, start, checkpoints, signals)
         finally:
             checkpoints.close()
@@ -191,6 +203,20 @@ class Run:
         if start >= self.total_steps:
             log.info("%s: complete at step %d of %d; nothing to do (a larger --epochs continues it, "
                      "another --workdir starts a new run)", self.workdir, start, self.total_steps)
+
+    def _evaluate_missing_epoch(self, state, start: int, signals: StopSignals) -> None:
+        """An epoch counts as done only with its evaluation recorded: a resume at the end of an
+        epoch whose evaluation a stop or a kill cut short evaluates it now (its row, the curves, the
+        choice of best.safetensors), with the epoch's train figures recorded beside its checkpoint."""
+        epoch, within = divmod(start, self.steps_per_epoch)
+        if not start or within or any(r["step"] == start for r in self.rows):
+            return
+        if self.is_main:
+            log.info("evaluating epoch %d, whose evaluation was not recorded", epoch)
+        meter = EpochMeter(self._epoch_totals(start), self.config.batch_size)
+        self._end_epoch(state, epoch - 1, meter, False, signals)
+        if signals.received:
+            raise Interrupted(signals.received, start)
 
     def _train(self, state, start: int, checkpoints: Checkpoints, signals: StopSignals):
         """Epochs, or their parts, from step ``start`` to the end or ``max_steps`` further, each
@@ -231,7 +257,9 @@ class Run:
             batch = _next_batch(batches, signals)
             if batch is None:
                 break
+            signals.waiting_for = signals.FIRST_STEP if self.first_step_seconds is None else None
             state, step = self._step(state, step, batch, meter)
+            signals.waiting_for = None
             save = c.checkpoint_every and step % c.checkpoint_every == 0
             # Reading metrics waits for the device, so only every few steps; always before a
             # checkpoint, so that no checkpoint ever holds a state that a NaN loss has touched.
@@ -316,10 +344,10 @@ class Run:
         log.info(epoch_line(self.rows[-1], self.config.epochs))
 
     def _checkpoint(self, checkpoints: Checkpoints, step: int, state, totals: dict) -> None:
-        """Save ``state`` at ``step`` unless it is saved already; a mid-epoch one with its epoch's
-        ``totals``, so that the resumed epoch reports what an uninterrupted one would."""
+        """Save ``state`` at ``step`` unless it is saved already, with its epoch's ``totals``, so
+        that a resumed epoch (or a missing evaluation made up) reports what an uninterrupted one would."""
         if step != checkpoints.latest_step():
-            if step % self.steps_per_epoch and self.is_main:
+            if self.is_main:  # at an epoch's end too: its evaluation may yet be cut short
                 write_partial_epoch(self.workdir, step, totals, self.config.keep + 1)
             checkpoints.save(step, self.runner.host_state(state))
 
@@ -337,6 +365,14 @@ class Run:
                           model.config.replace(memory_efficient=False, drop_rate=0.0, head_drop_rate=0.0), path,
                           class_names=self.data.class_names, pretrained_cfg=preprocessing_cfg(self.data),
                           multi_label=self.data.multi_label)
+
+
+def disk_full_line(workdir: Path) -> str:
+    """What a full disk under ``workdir`` kept, and how to go on."""
+    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    kept = f"the checkpoint of step {max(steps)} and the results up to it" if steps else "no checkpoint yet"
+    return (f"{workdir}: the disk holding it is full ({disk_of(workdir)}); kept {kept}; free space "
+            "there and run the same command again to resume")
 
 
 def _next_batch(batches, signals: StopSignals) -> dict | None:

@@ -16,9 +16,11 @@ class StopSignals:
     thread; elsewhere the signals keep their usual effect."""
 
     STOPPING = (signal.SIGINT, signal.SIGTERM)
+    FIRST_STEP = "the first step, once compiled (compiling can take minutes)"
 
     def __init__(self):
         self.received: int | None = None
+        self.waiting_for: str | None = None  # what the loop is in, said when a stop comes (None: a step)
         self._previous: dict = {}
 
     def __enter__(self) -> StopSignals:
@@ -31,8 +33,10 @@ class StopSignals:
         if self.received:
             raise KeyboardInterrupt
         self.received = signum
-        log.warning("%s: stopping after this step, with a checkpoint (send it again to stop at once)",
-                    signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        again = "Ctrl-C again" if signum == signal.SIGINT else f"{name} again"
+        log.warning("%s: stopping after %s, with a checkpoint; %s stops now, without one", name,
+                    self.waiting_for or "this step", again)
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():

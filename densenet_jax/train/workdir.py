@@ -22,6 +22,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 from densenet_jax.errors import WorkdirError
@@ -87,14 +89,28 @@ def _file_identity(path: str) -> str:
 
 
 def check_folder(workdir: Path) -> None:
-    """WorkdirError unless ``workdir`` is, or can become, a folder: it is not a file and does not
-    lie under one (the nearest part of it that exists is a folder)."""
+    """WorkdirError unless ``workdir`` is, or can become, a writable folder: it is not a file and
+    does not lie under one (the nearest part of it that exists is a folder), and a file can be made
+    in that part (tried, then removed: permissions, a read-only mount, which root cannot write
+    either, or a folder such as /proc's that takes no files)."""
     for part in (workdir, *workdir.parents):
         if part.exists():
             if not part.is_dir():
                 where = "is a file" if part == workdir else f"lies under {part}, a file"
                 raise WorkdirError(f"--workdir {workdir}: {where}; name a folder")
+            _check_writable(workdir, part)
             return
+
+
+def _check_writable(workdir: Path, folder: Path) -> None:
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".densenet-jax-probe-", dir=folder)
+    except OSError as e:
+        where = "" if folder == workdir else f" (in {folder}, where it would be made)"
+        raise WorkdirError(f"--workdir {workdir}: cannot write there{where}: {e.strerror}; "
+                           "name a folder you can write") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check(workdir: Path, record: dict, has_checkpoints: bool) -> None:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.errors import CheckpointError
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
-from densenet_jax.model.registry import (HF_HUB_PREFIX, NOT_ARCHITECTURE, architecture_name, get_config, resolve,
+from densenet_jax.model.registry import (HF_HUB_PREFIX, LOCAL_DIR_PREFIX, NOT_ARCHITECTURE, architecture_name, get_config, resolve,
                                          weights_architecture)
 from densenet_jax.weights.format import (FORMAT, Weights, file_format, header_metadata, is_floating, load_arrays,
                                          read_safetensors)
@@ -44,6 +44,8 @@ def pretrained_weights(name: str, pretrained_cfg_overlay: dict | None = None,
     """
     if name.startswith(HF_HUB_PREFIX) and not pretrained_cfg_overlay:
         return repo_weights(name[len(HF_HUB_PREFIX):])
+    if name.startswith(LOCAL_DIR_PREFIX) and not pretrained_cfg_overlay:
+        return folder_weights(name[len(LOCAL_DIR_PREFIX):])
     cfg = resolve(name)
     if pretrained_cfg_overlay:
         cfg = PretrainedCfg.from_dict({**cfg.__dict__, **pretrained_cfg_overlay})
@@ -81,15 +83,42 @@ def repo_weights(spec: str) -> Weights:
     the repo and file at fault, for a repo that is not a DenseNet too."""
     repo_id, revision = split_repo(spec)
     name = f"{HF_HUB_PREFIX}{spec}"
-    cfg = fetch(repo_id, "config.json", name, lambda path: read_timm_config(path, spec), revision)
+    cfg, config_path = fetch(repo_id, "config.json", name, lambda path: (read_timm_config(path, spec), path), revision)
     arrays, config = hub_weights(repo_id, name, revision, cfg.hf_hub_filename)
-    return Weights(arrays, config, name, cfg)
+    return Weights(arrays, config, name, cfg, timm_label_names(config_path, config.num_classes))
 
 
-def read_timm_config(path: str | os.PathLike, repo_id: str) -> PretrainedCfg:
+def folder_weights(folder: str | os.PathLike) -> Weights:
+    """The weights of a folder laid out as a timm Hub repo (timm's ``local-dir:``; what
+    ``densenet-jax export --format timm`` writes), with its preprocessing and class names.
+    CheckpointError naming the folder or file at fault."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{LOCAL_DIR_PREFIX}{folder}: no config.json there (timm's Hub layout: "
+                              f"config.json beside {WEIGHTS_NAME})")
+    cfg = read_timm_config(config_path, None, source=f"{LOCAL_DIR_PREFIX}{folder}")
+    arrays, config = weights_file(folder / WEIGHTS_NAME)
+    return Weights(arrays, config, f"{LOCAL_DIR_PREFIX}{folder}", cfg,
+                   timm_label_names(config_path, config.num_classes))
+
+
+def timm_label_names(path: str | os.PathLike, num_classes: int) -> list[str] | None:
+    """The class names a timm ``config.json`` records, where timm reads them (``label_names``, at
+    the top or in ``pretrained_cfg``; the older ``labels``), when they are one string per class."""
+    document = json.loads(Path(path).read_text())
+    inner = document.get("pretrained_cfg") or {}
+    names = document.get("label_names") or inner.get("label_names") or inner.get("labels")
+    ok = isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names)
+    return names if ok else None
+
+
+def read_timm_config(path: str | os.PathLike, repo_id: str | None, source: str | None = None) -> PretrainedCfg:
     """The pretrained cfg of a timm ``config.json`` (its ``pretrained_cfg``, with the architecture
-    and class count beside it). DamagedFile naming ``path`` for a file that is no such config;
-    CheckpointError for one that describes no DenseNet."""
+    and class count beside it), named ``source`` in messages (default ``hf-hub:<repo_id>``).
+    DamagedFile naming ``path`` for a file that is no such config; CheckpointError for one that
+    describes no DenseNet."""
+    source = source or f"hf-hub:{repo_id}"
     try:
         document = json.loads(Path(path).read_text())
         architecture = document.get("architecture", "")
@@ -99,7 +128,7 @@ def read_timm_config(path: str | os.PathLike, repo_id: str) -> PretrainedCfg:
     except (ValueError, TypeError, AttributeError) as e:  # UnicodeDecodeError is a ValueError
         raise DamagedFile(f"{path}: not a timm model config ({e})") from None
     if not architecture.startswith("densenet"):
-        raise CheckpointError(f"hf-hub:{repo_id}: holds a {architecture or 'model of no named architecture'}, "
+        raise CheckpointError(f"{source}: holds a {architecture or 'model of no named architecture'}, "
                               "not a DenseNet (config.json's architecture)")
     return cfg
 

@@ -19,6 +19,7 @@ from densenet_jax.errors import CheckpointError
 
 log = logging.getLogger("densenet_jax")
 T = TypeVar("T")
+_ANSWERED: set[str] = set()  # Hub endpoints that answered in this process
 
 
 class DamagedFile(CheckpointError):
@@ -100,6 +101,8 @@ def download(repo_id: str, filename: str, name: str, revision: str | None = None
     except HFValidationError:
         raise CheckpointError(f"{name}: {repo_id!r} is not a Hub repo id (org/name, or org/name@revision)") from None
     try:
+        if not _hub_answers():
+            raise LocalEntryNotFoundError("the Hub cannot be reached")
         return Path(hf_hub_download(repo_id, filename, revision=revision)), False
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         raise CheckpointError(_offline(repo_id, filename, name, revision)) from None
@@ -121,6 +124,25 @@ def download(repo_id: str, filename: str, name: str, revision: str | None = None
                               f"({str(e).strip().splitlines()[0]}); nothing was kept, run again") from None
 
 
+def _hub_answers() -> bool:
+    """Whether the Hub's endpoint answers one request (True under HF_HUB_OFFLINE, which
+    huggingface_hub refuses itself). huggingface_hub retries a request that cannot connect five
+    times, warning each time; one try without retries tells the same at once. Any answer, even an
+    error status, means the network is there. An endpoint that answered is not asked again."""
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE or constants.ENDPOINT in _ANSWERED:
+        return True
+    try:
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except httpx2.TransportError:  # no connection, a timeout, a network error
+        return False
+    _ANSWERED.add(constants.ENDPOINT)
+    return True
+
+
 def _not_found(repo_id: str, name: str) -> str:
     """The Hub answers a private repo as a missing one: the line says which the user can fix."""
     from huggingface_hub import get_token
@@ -133,7 +155,8 @@ def _not_found(repo_id: str, name: str) -> str:
 
 def _offline(repo_id: str, filename: str, name: str, revision: str | None) -> str:
     from huggingface_hub import constants, hf_hub_url
-    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+    why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+           "the Hub cannot be reached (HF_HUB_OFFLINE=1 says so at once, without trying)")
     return (f"{name}: {filename} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
             f"fetch {hf_hub_url(repo_id, filename, revision=revision)} on a machine that can and pass "
             f"the file (create_model(..., pretrained_cfg_overlay=dict(file=PATH)), or --weights PATH "

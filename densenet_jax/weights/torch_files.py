@@ -78,6 +78,9 @@ def read_torch_checkpoint(path: str | Path, prefix: str | None = None) -> TorchC
     if kind == FORMAT:
         raise CheckpointError(f"{path}: already densenet_jax weights (its own format, nothing to convert: "
                               "load it as it is, or densenet-jax convert --to torch for a .pth)")
+    if kind is None:  # by its bytes, whatever its name: a text file named .pth is no pickle
+        raise CheckpointError(f"{path}: not a loadable torch checkpoint or safetensors file (its first "
+                              "bytes are neither a zip archive, a pickle nor a safetensors header)")
     flat = _read_safetensors(path) if kind == "safetensors" else _flatten(_unpickle(path))
     chosen = choose_prefix(flat, str(path), prefix)  # keys only: other tensors are never converted
     threshs = flat.get(chosen + xrv.THRESHOLDS_KEY)  # not weights, and NaN in it is meaningful
