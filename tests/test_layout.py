@@ -13,7 +13,7 @@ MAX_LINES = 400
 # Optional extras, and libraries that read their settings when imported: these alone may be
 # imported inside a function.
 LAZY = {"densenet_jax.inference", "grain", "absl", "sklearn", "tqdm", "matplotlib", "torch", "jax2onnx", "onnxruntime",
-        "huggingface_hub", "httpx2"}
+        "huggingface_hub", "httpx2", "datasets"}
 
 
 def module_name(path: Path) -> str:

@@ -25,6 +25,7 @@ PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp64": jnp.float64}
 SCHEDULES: tuple[str, ...] = typing.get_args(optim.Schedule)
 PARALLEL = ("mesh", "pmap")
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
+STREAMED = ("hfds/", "wds/")  # --dataset hfds/NAME, wds/PATTERN: named after the prefix
 DEFAULT_MODEL = "densenet_40_k12"
 FOLDER_IMAGE_SIZE = 224
 
@@ -63,6 +64,12 @@ class TrainConfig:
     strict: bool = False  # folder data: an unreadable image stops the run instead of being skipped
     # Folder data: the crop size (None: FOLDER_IMAGE_SIZE, filled in); the others have their own.
     image_size: int | None = None
+    # hfds/ and wds/ data (timm's train.py options; None: each source's default, see data.hfds, data.wds)
+    input_key: str | None = None
+    target_key: str | None = None
+    train_split: str | None = None
+    val_split: str | None = None
+    train_num_samples: int | None = None
     max_steps: int = 0  # stop after this many steps of this invocation (0: to the end); rerun to go on
     progress: bool = True
 
@@ -78,6 +85,8 @@ class TrainConfig:
         if not 0 <= self.drop_rate < 1:
             raise ValueError(f"--drop-rate {self.drop_rate}: must be at least 0 and less than 1")
         check_data_options(self.dataset, self.data_dir, self.workers, self.image_size)
+        if self.train_num_samples is not None:
+            check_at_least(("--train-num-samples", self.train_num_samples, 1))
         if self.workdir == "":
             raise ValueError("--workdir '': name a folder (or leave it out for runs/<model>-<dataset>)")
         self._check_starting_point()
@@ -85,7 +94,7 @@ class TrainConfig:
         check_choice("--parallel", self.parallel, PARALLEL)
         if self.model is None and not (self.init_from or self.pretrained):
             self.model = DEFAULT_MODEL
-        if self.image_size is None and self.dataset == "folder":
+        if self.image_size is None and is_images(self.dataset):
             self.image_size = FOLDER_IMAGE_SIZE
 
     def _check_optimizer(self) -> None:
@@ -181,10 +190,11 @@ def check_data_options(dataset: str, data_dir: str | None, workers: int, image_s
     ``data_dir`` for the ones read from one and none beside the bundled digits (it would be
     ignored), ``workers`` at least 0, and ``image_size`` only for a folder, at least 1. ValueError
     in one line naming the option."""
-    check_choice("--dataset", dataset, DATASETS)
+    if not dataset.startswith(STREAMED) or dataset in STREAMED:
+        check_choice("--dataset", dataset, DATASETS + tuple(f"{p}..." for p in STREAMED))
     if workers < 0:
         raise ValueError(f"--workers {workers}: must be at least 0")
-    if image_size is not None and dataset != "folder":
+    if image_size is not None and not is_images(dataset):
         raise ValueError(f"--image-size {image_size} sets a folder's crop; --dataset {dataset} "
                          "has images of its own size")
     if image_size is not None and image_size < 1:
@@ -192,5 +202,18 @@ def check_data_options(dataset: str, data_dir: str | None, workers: int, image_s
     if dataset == "digits" and data_dir is not None:
         raise ValueError(f"--data-dir {data_dir} is read by --dataset cifar10, cifar100 or folder; "
                          "digits ships with scikit-learn")
-    if dataset != "digits" and data_dir is None:
+    if dataset not in ("digits",) and not dataset.startswith(STREAMED) and data_dir is None:
         raise ValueError(f"--data-dir is needed for dataset {dataset}")
+
+
+SOURCE_OPTIONS = ("input_key", "target_key", "train_split", "val_split", "train_num_samples")
+
+
+def source_options(config: TrainConfig) -> dict:
+    """The hfds/ and wds/ options of ``config``, as ``data.load_dataset`` takes them."""
+    return {k: getattr(config, k) for k in SOURCE_OPTIONS}
+
+
+def is_images(dataset: str) -> bool:
+    """Whether ``dataset`` is images of any size read with a folder's transforms (``--image-size``)."""
+    return dataset == "folder" or dataset.startswith(STREAMED)
