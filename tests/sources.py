@@ -2,7 +2,7 @@
 as the Hub stores them, and a save_to_disk folder) and WebDataset tar shards; and what one host
 reads of each (tests/read_share.py runs it in two processes joined by jax.distributed).
 
-Example i is a flat 20x24 PNG of grey level ``LEVEL * i`` with label i (one class each), so that
+Example i is a 20x24 PNG of levels ``LEVEL * i`` and above (exactly that at the top left) with label i (one class each), so that
 an image read back names its example, whatever source it came from.
 """
 
@@ -21,8 +21,11 @@ BATCH = 4  # global: 3 steps an epoch, 2 examples per step on each of 2 hosts
 
 
 def png(level: int) -> bytes:
+    """``level`` plus a texture below ``LEVEL`` (0 at the top left), so that augmentations show."""
+    texture = np.random.default_rng(level).integers(0, LEVEL, (20, 24, 3))
+    texture[0, 0] = 0
     out = io.BytesIO()
-    Image.fromarray(np.full((20, 24, 3), level, np.uint8)).save(out, "PNG")
+    Image.fromarray((level + texture).astype(np.uint8)).save(out, "PNG")
     return out.getvalue()
 
 

@@ -16,6 +16,8 @@ import typing
 
 import jax.numpy as jnp
 
+from densenet_jax.data.datasets import STREAMED
+from densenet_jax.data.datasets import is_image_source as is_images
 from densenet_jax.model.registry import get_config
 from densenet_jax.train import optim
 
@@ -25,7 +27,6 @@ PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp64": jnp.float64}
 SCHEDULES: tuple[str, ...] = typing.get_args(optim.Schedule)
 PARALLEL = ("mesh", "pmap")
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
-STREAMED = ("hfds/", "wds/")  # --dataset hfds/NAME, wds/PATTERN: named after the prefix
 DEFAULT_MODEL = "densenet_40_k12"
 FOLDER_IMAGE_SIZE = 224
 
@@ -212,8 +213,3 @@ SOURCE_OPTIONS = ("input_key", "target_key", "train_split", "val_split", "train_
 def source_options(config: TrainConfig) -> dict:
     """The hfds/ and wds/ options of ``config``, as ``data.load_dataset`` takes them."""
     return {k: getattr(config, k) for k in SOURCE_OPTIONS}
-
-
-def is_images(dataset: str) -> bool:
-    """Whether ``dataset`` is images of any size read with a folder's transforms (``--image-size``)."""
-    return dataset == "folder" or dataset.startswith(STREAMED)
