@@ -45,8 +45,9 @@ _IN_FLIGHT = 2  # batches being decoded ahead of the one being used
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Every name ``pattern`` stands for, in order: ``{000..127}`` a range (zero-padded to the
-    width of its bounds), ``{a,b}`` a choice, nested or several. ValueError for a bad range."""
+    """Every name ``pattern`` stands for, in order, as the ``braceexpand`` package (webdataset's)
+    expands it: ``{000..127}`` a range (zero-padded to the width of its first bound; ``{3..1}``
+    counts down), ``{a,b}`` a choice, several in one pattern."""
     match = re.search(r"\{([^{}]*)\}", pattern)
     if not match:
         return [pattern]
@@ -54,10 +55,9 @@ def expand_braces(pattern: str) -> list[str]:
     numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if numbers:
         first, last = numbers.groups()
-        if int(last) < int(first):
-            raise ValueError(f"{pattern}: range {{{body}}} runs backwards")
         width = len(first) if first.startswith("0") else 0
-        choices = [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
+        step = 1 if int(last) >= int(first) else -1
+        choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
     else:
         choices = body.split(",")
     return [name for choice in choices for name in expand_braces(head + choice + tail)]
@@ -66,10 +66,7 @@ def expand_braces(pattern: str) -> list[str]:
 def find_shards(pattern: str, data_dir: str | None = None) -> list[str]:
     """The shard files of ``pattern`` (relative ones under ``data_dir``, when given). DataError naming
     the pattern when it has none, or the first shard that is not there."""
-    try:
-        names = expand_braces(pattern)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    names = expand_braces(pattern)
     shards = [str(Path(data_dir or "", name).expanduser()) for name in names]
     missing = [s for s in shards if not Path(s).is_file()]
     if missing:
