@@ -136,3 +136,31 @@ def test_brace_patterns_expand_as_webdataset_expands_them():
     for pattern in ("a-{008..011}.tar", "{x,y}/{1..2}", "s-{9..11}.tar", "plain.tar", "{a,b}-{00..02}-{7..8}",
                     "{3..1}"):
         assert expand_braces(pattern) == list(braceexpand(pattern)), pattern
+
+
+def test_train_options_name_columns_splits_and_sample_count(tmp_path):
+    import datasets
+
+    from densenet_jax.cli.train import train_config
+    from densenet_jax.train.config import source_options
+
+    features = datasets.Features({"img": datasets.Image(), "fine": datasets.ClassLabel(names=["a", "b", "c"])})
+    splits = {name: datasets.Dataset.from_dict({"img": [{"bytes": sources.png(0), "path": None}] * n,
+                                                "fine": [i % 3 for i in range(n)]}, features=features)
+              for name, n in (("tr", 5), ("te", 2))}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+    shard = sources.write_shard(tmp_path / "j-0.tar", [
+        {"__key__": f"k{i}", "jpg": sources.png(0), "json": json.dumps({"lab": i}).encode()} for i in range(4)])
+
+    def loaded(*argv):
+        config = train_config(cli.parser().parse_args(["train", *argv]))
+        return load_dataset(config.dataset, config.data_dir, image_size=8, **source_options(config))
+
+    hf = loaded("--dataset", f"hfds/{tmp_path / 'saved'}", "--input-key", "img", "--target-key", "fine",
+                "--train-split", "tr", "--val-split", "te")
+    assert (len(hf.train), len(hf.eval), hf.class_names) == (5, 2, ["a", "b", "c"])
+    shards = loaded("--dataset", "wds/j-{0..0}.tar", "--data-dir", str(tmp_path), "--val-split", "j-0.tar",
+                    "--target-key", "lab", "--train-num-samples", "3")
+    assert (len(shards.train), len(shards.eval), shards.num_classes) == (3, 4, 4)
+    batch = next(train_batches(shards.train, sources.identity, seed=0, epoch=0, global_batch=3))
+    assert len(set(batch["label"].tolist())) == 3 and set(batch["label"].tolist()) <= {0, 1, 2, 3}  # json "lab"
