@@ -92,6 +92,7 @@ class StandInSource(Sequence):
         self.labels, self.strict = np.asarray(labels, np.int32), strict
 
     def read(self, index: int):
+        """Image ``index`` (0 <= index < len), decoded; UnreadableImage naming it if it cannot be."""
         raise NotImplementedError
 
     def where(self) -> str:
@@ -134,9 +135,11 @@ class FileSource(StandInSource):
         self.paths, self.mode = paths, mode
 
     def read(self, index: int):
+        """The file at ``paths[index]``, read by ``images.read_image``."""
         return read_image(self.paths[index], self.mode)
 
     def where(self) -> str:
+        """The folder holding every file."""
         return os.path.commonpath(self.paths)
 
 

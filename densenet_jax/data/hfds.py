@@ -36,6 +36,7 @@ class RowSource(StandInSource):
         self.rows, self.input_key, self.mode, self.name = rows, input_key, mode, where
 
     def read(self, index: int):
+        """Row ``index``'s image: its bytes decoded, or the file it names read."""
         cell = self.rows[int(index)][self.input_key]  # {"bytes": ..., "path": ...}: decode=False
         name = f"{self.name} row {index}"
         if cell.get("bytes") is None:  # a data set that stores paths to image files
@@ -43,6 +44,7 @@ class RowSource(StandInSource):
         return decode_image(cell["bytes"], name, self.mode)
 
     def where(self) -> str:
+        """The data set and split, as ``hfds/NAME[split]``."""
         return self.name
 
 

@@ -161,6 +161,7 @@ class Decoder:
         return self.transform(example, np.random.default_rng([*self.seed, position]))
 
     def label(self, sample: dict, where: str) -> int:
+        """The sample's label (``cls``, or ``target_key`` of its json); DataError naming ``where``."""
         try:
             if self.target_key is None:
                 return int(sample["cls"])
