@@ -44,6 +44,7 @@ _HUB_PREDICT = "test_hub.py::test_predict_model_tag_gives_timms_probabilities"
 _EXPORT_ONNX = "test_export.py::test_onnx_densenet121_nchw_from_the_cli"
 _EXPLAIN = "test_explain.py::test_explain_writes_the_overlay_and_the_map"
 _EXPLAIN_XRV = "test_xrv.py::test_explain_xrv_weights_by_pathology_name"
+_SOURCES = "test_sources.py::test_train_options_name_columns_splits_and_sample_count"
 OPTION_TESTS: dict[str, dict[str, list[str]]] = {
     "train": {
         "--model": [_RUN],
@@ -52,6 +53,11 @@ OPTION_TESTS: dict[str, dict[str, list[str]]] = {
         "--workers": [_PARITY, "test_folder.py::test_train_cli_with_workers"],
         "--strict": [_RUN, "test_folder.py::test_strict_stops_in_one_line_when_the_image_is_read"],
         "--image-size": [_RUN],
+        "--input-key": [_SOURCES],
+        "--target-key": [_SOURCES],
+        "--train-split": [_SOURCES],
+        "--val-split": [_SOURCES, "test_sources.py::test_bad_shards_samples_and_columns_are_named_in_one_line"],
+        "--train-num-samples": [_SOURCES],
         "--no-progress": [_PARITY],
         "--epochs": [_RUN, _PARITY],
         "--batch-size": [_RUN, _PARITY],

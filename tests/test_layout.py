@@ -14,7 +14,7 @@ MAX_LINES = 400
 # imported inside a function.
 LAZY = {"densenet_jax.inference", "grain", "absl", "sklearn", "tqdm", "matplotlib", "torch", "jax2onnx", "onnx", "onnxruntime",
         "skimage", "torchxrayvision",
-        "huggingface_hub", "httpx2"}
+        "huggingface_hub", "httpx2", "datasets"}
 
 
 def module_name(path: Path) -> str:

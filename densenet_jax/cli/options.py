@@ -27,8 +27,10 @@ def dataset_options(p: argparse.ArgumentParser, folder: str = FOLDER_SPLITS,
                     image_size_help: str = IMAGE_SIZE_HELP) -> None:
     """``--dataset``, ``--data-dir``, ``--workers``, ``--strict`` and ``--image-size``; ``folder``
     says what a folder data set holds, ``image_size_help`` what ``--image-size`` sets."""
-    p.add_argument("--dataset", default="digits", choices=DATASETS,
-                   help="digits ships with scikit-learn; the others read --data-dir")
+    p.add_argument("--dataset", default="digits", metavar="{" + ",".join(DATASETS) + ",hfds/NAME,wds/PATTERN}",
+                   help="digits ships with scikit-learn; cifar10, cifar100, folder and csv read --data-dir; "
+                        "hfds/NAME a Hugging Face data set (Hub name, Parquet or save_to_disk folder); "
+                        "wds/PATTERN WebDataset tar shards (train-{000..127}.tar)")
     p.add_argument("--data-dir", default=None, help=f"cifar-10-batches-py / cifar-100-python folder, {folder}, "
                                                     "or the folder a CSV's image paths start from")
     p.add_argument("--workers", type=int, default=0, help="data loading processes (0: threads only)")
@@ -36,6 +38,19 @@ def dataset_options(p: argparse.ArgumentParser, folder: str = FOLDER_SPLITS,
                    help="folder: stop at an unreadable image instead of skipping it with a warning")
     p.add_argument("--image-size", type=int, default=None, help=image_size_help)
     csv_options(p)
+
+
+def source_options(p: argparse.ArgumentParser) -> None:
+    """timm's options for ``hfds/`` and ``wds/`` data: keys, splits and the training sample count."""
+    p.add_argument("--input-key", default=None, help="hfds: the image column (default image)")
+    p.add_argument("--target-key", default=None,
+                   help="hfds: the label column (default label); wds: the json field holding the label "
+                        "(default: the .cls member)")
+    p.add_argument("--train-split", default=None, help="hfds: the training split (default train)")
+    p.add_argument("--val-split", default=None,
+                   help="hfds: the held-out split (default validation); wds: its shard pattern")
+    p.add_argument("--train-num-samples", type=int, default=None,
+                   help="wds: samples in the training shards (default: counted from their headers)")
 
 
 def csv_options(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import time
 
 import jax
 
-from densenet_jax.cli.options import dataset_options, figure
+from densenet_jax.cli.options import dataset_options, figure, source_options
 from densenet_jax.model.registry import architecture_name, get_config, list_models
 from densenet_jax.train.checks import check_model_matches
 from densenet_jax.train.config import PARALLEL, PRECISIONS, SCHEDULES, DistributedConfig, TrainConfig
@@ -40,6 +40,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
                         f"densenet_<L>_k<k> / densenet_bc_<L>_k<k> of the paper's family (default "
                         f"{d.model}; with --init-from, the file's)")
     dataset_options(p)
+    source_options(p)
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, over all devices and hosts")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")

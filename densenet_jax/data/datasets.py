@@ -1,5 +1,6 @@
-"""The data sets the trainer knows by name: the bundled digits, CIFAR-10/100 and image folders,
-each with its own augmentation (train) and preprocessing (eval)."""
+"""The data sets the trainer knows by name: the bundled digits, CIFAR-10/100, image folders, CSV
+lists of images, Hugging Face data sets and WebDataset shards, each with its own augmentation
+(train) and preprocessing (eval)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from densenet_jax.data import transforms as T
 from densenet_jax.data.csv_source import CsvSpec, csv_dataset
 from densenet_jax.data.dataset import ArraySource, Dataset
 from densenet_jax.data.folder import image_folder
+from densenet_jax.data.hfds import hf_dataset
+from densenet_jax.data.wds import shard_dataset
 from densenet_jax.errors import DataError
 
 FILE_SOURCES = ("folder", "csv")  # image files, read in 1 or 3 channels
@@ -83,29 +86,45 @@ def cifar(data_dir: str | Path, num_classes: int) -> Dataset:
                    preprocess=normalize, class_names=class_names)
 
 
+STREAMED = ("hfds/", "wds/")  # data sets named by a prefix and what follows it
+
+
+def is_image_source(name: str) -> bool:
+    """Whether ``name`` is read as images of any size, with a folder's transforms: a folder, a CSV
+    list of image files, a Hugging Face data set (``hfds/...``) or WebDataset shards (``wds/...``)."""
+    return name in FILE_SOURCES or name.startswith(STREAMED)
+
+
 def check_source(name: str, data_dir: str | Path | None = None, in_chans: int = 3) -> None:
     """DataError unless :func:`load_dataset` can read ``name`` from ``data_dir`` with ``in_chans``
     channels: a known data set, its folder given and there, a channel count it has."""
-    if in_chans != 3 and name not in FILE_SOURCES:
-        raise DataError(f"in_chans={in_chans} needs --dataset folder or csv ({name} is RGB)")
-    if name == "digits":
+    if in_chans != 3 and not is_image_source(name):
+        raise DataError(f"in_chans={in_chans} needs --dataset folder, csv, hfds/... or wds/... ({name} is RGB)")
+    if is_image_source(name) and in_chans not in T.IMAGE_MODES:
+        raise DataError(f"{name}: images give 1 or 3 channels, not in_chans={in_chans}")
+    if name == "digits" or name.startswith(STREAMED):
+        if name in STREAMED:
+            raise DataError(f"--dataset {name}: name the data set after the prefix ({name}NAME)")
         return
     if name not in ("cifar10", "cifar100", *FILE_SOURCES):
-        raise DataError(f"unknown dataset {name!r}: digits, cifar10, cifar100, folder or csv")
+        raise DataError(f"unknown dataset {name!r}: digits, cifar10, cifar100, folder, csv, hfds/NAME or wds/PATTERN")
     if data_dir is None:
         raise DataError(f"--data-dir is needed for dataset {name}")
     if not Path(data_dir).is_dir():
         raise DataError(f"--data-dir {data_dir}: " + ("is a file, not a folder" if Path(data_dir).exists()
                                                       else "no such folder"))
-    if name in FILE_SOURCES and in_chans not in T.IMAGE_MODES:
-        raise DataError(f"{data_dir}: image files give 1 or 3 channels, not in_chans={in_chans}")
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = False,
-                 image_size: int = 224, in_chans: int = 3, csv: CsvSpec | None = None) -> Dataset:
-    """``digits`` (bundled), ``cifar10``/``cifar100``, ``folder`` or ``csv`` (these read ``data_dir``).
+                 image_size: int = 224, in_chans: int = 3, *, csv: CsvSpec | None = None,
+                 input_key: str | None = None, target_key: str | None = None, train_split: str | None = None,
+                 val_split: str | None = None, train_num_samples: int | None = None) -> Dataset:
+    """``digits`` (bundled), ``cifar10``/``cifar100``, ``folder`` or ``csv`` (these read ``data_dir``),
+    ``hfds/NAME`` (``data.hfds.hf_dataset``: ``input_key``, ``target_key``, ``train_split``,
+    ``val_split``) or ``wds/PATTERN`` (``data.wds.shard_dataset``: ``target_key``, ``val_split``
+    a pattern, ``train_num_samples``; relative patterns under ``data_dir``).
 
-    For a folder (``data.folder.image_folder``): ``image_size`` is the training crop (eval resizes
+    For images (a folder's, hfds', wds'): ``image_size`` is the training crop (eval resizes
     to 8/7 of it, then crops), images are read with ``in_chans`` channels (1: greyscale, "L"), and
     with ``strict`` an unreadable image is an error rather than skipped when it is read; the other
     data sets are RGB. A ``csv`` data set is the one ``csv`` describes
@@ -113,8 +132,15 @@ def load_dataset(name: str, data_dir: str | Path | None = None, strict: bool = F
     check_source(name, data_dir, in_chans)
     if name == "digits":
         return digits()
+    mode = T.IMAGE_MODES.get(in_chans, "RGB")
     if name == "csv":
-        return csv_dataset(data_dir, csv or CsvSpec(), image_size, strict, T.IMAGE_MODES[in_chans])
+        return csv_dataset(data_dir, csv or CsvSpec(), image_size, strict, mode)
     if name == "folder":
-        return image_folder(data_dir, image_size, strict, T.IMAGE_MODES[in_chans])
+        return image_folder(data_dir, image_size, strict, mode)
+    if name.startswith("hfds/"):
+        return hf_dataset(name[len("hfds/"):], image_size, strict, mode, input_key, target_key,
+                          train_split, val_split)
+    if name.startswith("wds/"):
+        return shard_dataset(name[len("wds/"):], None if data_dir is None else str(data_dir), image_size,
+                             strict, mode, target_key, val_split, train_num_samples)
     return cifar(data_dir, int(name[len("cifar"):]))

@@ -76,40 +76,48 @@ def _files_under(tree: Tree, top: str) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-class FileSource(Sequence):
-    """Image files and their labels as examples ``{"image": PIL image, "label": int32 (or float32
-    (L,) multi-label targets),
-    "skipped": int32, "unreadable": str}``, decoded when read, in ``mode`` ("RGB", or "L" for one
-    channel).
+class StandInSource(Sequence):
+    """Examples ``{"image": PIL image, "label": int32 (or float32 (L,) multi-label targets),
+    "skipped": int32, "unreadable": str}`` of images decoded when read by :meth:`read` (one per
+    index, raising UnreadableImage), with ``labels`` known beforehand.
 
-    An unreadable file is skipped with a warning naming it (once per process) and the next
-    readable file of the list takes its place, with ``skipped`` 1 and ``unreadable`` naming the
-    files passed over and why (``UNREADABLE_SEPARATOR`` between path, reason, path, ...; empty for
+    An unreadable image is skipped with a warning naming it (once per process) and the next
+    readable one of the list takes its place, with ``skipped`` 1 and ``unreadable`` naming the
+    images passed over and why (``UNREADABLE_SEPARATOR`` between name, reason, name, ...; empty for
     none): the data pipeline warns from it in the main process, where data workers cannot. Batches
     keep their size, and a rerun reads the same images. With ``strict``, UnreadableImage (a
     DataError) instead."""
 
-    def __init__(self, paths: list[str], labels: np.ndarray, mode: str = "RGB", strict: bool = False):
+    def __init__(self, labels: np.ndarray, strict: bool = False):
         labels = np.asarray(labels)
         # float32 (n, L): multi-label targets (data.csv_source); anything else: class indices
         self.labels = labels if labels.dtype == np.float32 else labels.astype(np.int32)
-        self.paths, self.mode, self.strict = paths, mode, strict
+        self.strict = strict
+
+    def read(self, index: int):
+        """Image ``index`` (0 <= index < len), decoded; UnreadableImage naming it if it cannot be."""
+        raise NotImplementedError
+
+    def where(self) -> str:
+        """What the whole source is, for the error when no image of it is readable."""
+        raise NotImplementedError
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.labels)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        if not -len(self.paths) <= index < len(self.paths):
+        n = len(self)
+        if not -n <= index < n:
             # Also ends iteration: Sequence's __iter__ reads until IndexError, and the wrap-around
             # below would otherwise read forever.
-            raise IndexError(f"index {index} out of range for {len(self.paths)} images")
+            raise IndexError(f"index {index} out of range for {n} images")
         passed = []
-        for offset in range(len(self.paths)):
-            i = (index + offset) % len(self.paths)
+        for offset in range(n):
+            i = (index + offset) % n
             try:
-                image = read_image(self.paths[i], self.mode)
+                image = self.read(i)
             except UnreadableImage as e:
                 if self.strict:
                     raise
@@ -118,7 +126,24 @@ class FileSource(Sequence):
                 continue
             return {"image": image, "label": self.labels[i], "skipped": np.int32(offset > 0),
                     "unreadable": UNREADABLE_SEPARATOR.join(passed)}
-        raise DataError(f"{os.path.commonpath(self.paths)}: none of its {len(self.paths)} images is readable")
+        raise DataError(f"{self.where()}: none of its {n} images is readable")
+
+
+class FileSource(StandInSource):
+    """Image files and their labels as examples (see StandInSource), decoded in ``mode`` ("RGB",
+    or "L" for one channel)."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, mode: str = "RGB", strict: bool = False):
+        super().__init__(labels, strict)
+        self.paths, self.mode = paths, mode
+
+    def read(self, index: int):
+        """The file at ``paths[index]``, read by ``images.read_image``."""
+        return read_image(self.paths[index], self.mode)
+
+    def where(self) -> str:
+        """The folder holding every file."""
+        return os.path.commonpath(self.paths)
 
 
 def find_split(root: Path, split: str) -> ImageList:
@@ -155,10 +180,17 @@ def image_folder(data_dir: str | os.PathLike, image_size: int = 224, strict: boo
         log.warning("warning: %s: one class folder (%s): a model trained on it predicts that class for "
                     "every image", root / "train", train.classes[0])
     say_hidden(root, [f"train/{h}" for h in train.hidden] + [f"val/{h}" for h in val.hidden])
+    return image_dataset("folder", FileSource(train.paths, train.labels, mode, strict),
+                         FileSource(val.paths, val.labels, mode, strict), train.classes, image_size, mode)
+
+
+def image_dataset(name: str, train: Sequence, val: Sequence, classes: list[str], image_size: int,
+                  mode: str) -> Dataset:
+    """A Dataset of decoded images (a folder's, a Hugging Face data set's, WebDataset shards'),
+    with the augmentation and preprocessing that :func:`image_folder` describes."""
     cfg = PretrainedCfg().with_in_chans(1 if mode == "L" else 3)
     normalize = T.Normalize(cfg.mean, cfg.std)
-    return Dataset("folder", FileSource(train.paths, train.labels, mode, strict),
-                   FileSource(val.paths, val.labels, mode, strict), len(train.classes), image_size,
+    return Dataset(name, train, val, len(classes), image_size,
                    augment=T.Compose([T.RandomResizedCrop(image_size), T.RandomFlip(), normalize]),
                    preprocess=T.Compose([T.ResizeCenterCrop(image_size * 8 // 7, image_size), normalize]),
-                   class_names=train.classes)
+                   class_names=classes)

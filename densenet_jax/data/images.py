@@ -15,6 +15,7 @@ clipped to 8 bits as ``Image.convert`` does:
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -65,6 +66,20 @@ def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
             return to_8bit(im, mode)
     except _DECODE_ERRORS as e:
         raise UnreadableImage(path, f"{type(e).__name__}: {e}") from None
+
+
+def decode_image(data: bytes, name: str, mode: str = "RGB") -> Image.Image:
+    """The image encoded in ``data`` (a Parquet row's or a tar member's bytes), decoded and
+    converted to ``mode`` as :func:`read_image` converts a file's. Raises UnreadableImage naming
+    ``name`` (where the bytes came from) for every way the bytes can fail to decode."""
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"image mode {mode!r}: RGB or L")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return to_8bit(im, mode)
+    except _DECODE_ERRORS as e:
+        raise UnreadableImage(name, f"{type(e).__name__}: {e}") from None
 
 
 _NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),

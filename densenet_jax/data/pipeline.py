@@ -42,6 +42,11 @@ def train_batches(source: Sequence[Example], augment: Callable[[Example, np.rand
     if global_batch % process_count:
         raise ValueError(f"batch size {global_batch} is not divisible by {process_count} hosts")
     epoch_seed = _epoch_seed(seed, epoch)
+    if hasattr(source, "train_stream"):  # shards streamed (data.wds), not indexed
+        return source.train_stream(augment, epoch_seed=epoch_seed, global_batch=global_batch,
+                                   steps=steps_per_epoch(len(source), global_batch, process_count),
+                                   start_step=start_step, process_index=process_index,
+                                   process_count=process_count, workers=workers)
     ds = grain.MapDataset.source(source).shuffle(seed=epoch_seed).random_map(augment, seed=epoch_seed)
     ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
     return _iterate(ds[start_step:], workers)
@@ -53,6 +58,9 @@ def eval_batches(source: Sequence[Example], transform: Callable[[Example], Examp
     """Every example once, in order; the last batch is padded to full size, with a ``weight`` of 0
     on the padding, and on an unreadable image's stand-in (``skipped``), so that they count for
     nothing."""
+    if hasattr(source, "eval_stream"):  # shards streamed (data.wds), not indexed
+        return source.eval_stream(transform, global_batch=global_batch, process_index=process_index,
+                                  process_count=process_count, workers=workers)
     per_host = global_batch // process_count
     ds = grain.MapDataset.source(_Padded(source, global_batch)).map(
         lambda ex: {**transform(ex["example"]),

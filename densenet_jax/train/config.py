@@ -17,6 +17,8 @@ import typing
 import jax.numpy as jnp
 
 from densenet_jax.data.csv_source import CsvSpec, check_spec
+from densenet_jax.data.datasets import STREAMED
+from densenet_jax.data.datasets import is_image_source as is_images
 from densenet_jax.model.registry import get_config
 from densenet_jax.train import optim
 from densenet_jax.train.losses import check_pos_weight
@@ -27,7 +29,6 @@ PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp64": jnp.float64}
 SCHEDULES: tuple[str, ...] = typing.get_args(optim.Schedule)
 PARALLEL = ("mesh", "pmap")
 DATASETS = ("digits", "cifar10", "cifar100", "folder", "csv")
-SIZED = ("folder", "csv")  # data sets whose images --image-size resizes
 DEFAULT_MODEL = "densenet_40_k12"
 FOLDER_IMAGE_SIZE = 224
 
@@ -66,6 +67,12 @@ class TrainConfig:
     strict: bool = False  # folder data: an unreadable image stops the run instead of being skipped
     # Folder data: the crop size (None: FOLDER_IMAGE_SIZE, filled in); the others have their own.
     image_size: int | None = None
+    # hfds/ and wds/ data (timm's train.py options; None: each source's default, see data.hfds, data.wds)
+    input_key: str | None = None
+    target_key: str | None = None
+    train_split: str | None = None
+    val_split: str | None = None
+    train_num_samples: int | None = None
     max_steps: int = 0  # stop after this many steps of this invocation (0: to the end); rerun to go on
     progress: bool = True
     # --dataset csv (data.csv_source.CsvSpec): the CSV files under data_dir, their columns, the
@@ -93,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"--drop-rate {self.drop_rate}: must be at least 0 and less than 1")
         check_data_options(self.dataset, self.data_dir, self.workers, self.image_size)
         self._check_csv()
+        if self.train_num_samples is not None:
+            check_at_least(("--train-num-samples", self.train_num_samples, 1))
         if self.workdir == "":
             raise ValueError("--workdir '': name a folder (or leave it out for runs/<model>-<dataset>)")
         self._check_starting_point()
@@ -100,7 +109,7 @@ class TrainConfig:
         check_choice("--parallel", self.parallel, PARALLEL)
         if self.model is None and not (self.init_from or self.pretrained):
             self.model = DEFAULT_MODEL
-        if self.image_size is None and self.dataset in SIZED:
+        if self.image_size is None and is_images(self.dataset):
             self.image_size = FOLDER_IMAGE_SIZE
 
     def _check_optimizer(self) -> None:
@@ -212,16 +221,25 @@ def check_data_options(dataset: str, data_dir: str | None, workers: int, image_s
     ``data_dir`` for the ones read from one and none beside the bundled digits (it would be
     ignored), ``workers`` at least 0, and ``image_size`` only for a folder, at least 1. ValueError
     in one line naming the option."""
-    check_choice("--dataset", dataset, DATASETS)
+    if not dataset.startswith(STREAMED) or dataset in STREAMED:
+        check_choice("--dataset", dataset, DATASETS + tuple(f"{p}..." for p in STREAMED))
     if workers < 0:
         raise ValueError(f"--workers {workers}: must be at least 0")
-    if image_size is not None and dataset not in SIZED:
+    if image_size is not None and not is_images(dataset):
         raise ValueError(f"--image-size {image_size} sets a folder's crop; --dataset {dataset} "
                          "has images of its own size")
     if image_size is not None and image_size < 1:
         raise ValueError(f"--image-size {image_size}: must be at least 1")
     if dataset == "digits" and data_dir is not None:
-        raise ValueError(f"--data-dir {data_dir} is read by --dataset cifar10, cifar100 or folder; "
+        raise ValueError(f"--data-dir {data_dir} is read by --dataset cifar10, cifar100, folder or csv; "
                          "digits ships with scikit-learn")
-    if dataset != "digits" and data_dir is None:
+    if dataset not in ("digits",) and not dataset.startswith(STREAMED) and data_dir is None:
         raise ValueError(f"--data-dir is needed for dataset {dataset}")
+
+
+SOURCE_OPTIONS = ("input_key", "target_key", "train_split", "val_split", "train_num_samples")
+
+
+def source_options(config: TrainConfig) -> dict:
+    """The csv, hfds/ and wds/ options of ``config``, as ``data.load_dataset`` takes them."""
+    return {"csv": config.csv_spec(), **{k: getattr(config, k) for k in SOURCE_OPTIONS}}

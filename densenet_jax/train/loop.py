@@ -25,7 +25,7 @@ from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.model.registry import get_config
 from densenet_jax.train import optim, parallel, workdir
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
-from densenet_jax.train.config import PRECISIONS, TrainConfig
+from densenet_jax.train.config import PRECISIONS, TrainConfig, source_options
 from densenet_jax.train.evaluate import evaluate_state
 from densenet_jax.train.losses import LossConfig, parse_pos_weight
 from densenet_jax.train.checks import (check_batch_norm_inputs, check_devices, check_image_size,
@@ -131,7 +131,7 @@ class Run:
         self.is_main = jax.process_index() == 0
         # Read the data first: a bad folder fails in a second, not after compiling.
         self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict, config.image_size,
-                                          config.in_chans, csv=config.csv_spec())
+                                          config.in_chans, **source_options(config))
         self.loss = loss_config(config, self.data)
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size, jax.process_count())
         check_steps_per_epoch(self.steps_per_epoch, config.batch_size, len(self.data.train))

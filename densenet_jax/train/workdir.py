@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+import re
 from pathlib import Path
 
 from densenet_jax.errors import WorkdirError
@@ -53,6 +54,8 @@ def default_workdir(model: str, dataset: str, init_from: str | None = None,
     name = Path(init_from).stem if init_from else model
     if dataset == "folder" and data_dir:
         dataset = Path(data_dir).expanduser().name
+    if dataset.startswith(("hfds/", "wds/")):  # one folder, named without slashes or braces
+        dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset).strip("_")
     return str(Path("runs") / f"{name}-{dataset}")
 
 
