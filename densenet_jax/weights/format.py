@@ -216,7 +216,7 @@ def stored_class_names(path: str | os.PathLike) -> list[str] | None:
 def stored_multi_label(path: str | os.PathLike) -> bool:
     """Whether a weights file's outputs are independent labels (``write_safetensors``'s
     ``multi_label``) rather than the classes of one softmax."""
-    return _header_metadata(path).get("multi_label") == "true"
+    return header_metadata(path).get("multi_label") == "true"
 
 
 def stored_pretrained_cfg(path: str | os.PathLike) -> PretrainedCfg | None:
