@@ -12,6 +12,7 @@ from densenet_jax.files import atomic_write_bytes
 # first_step_seconds on the row of the epoch it fell in (null on the others).
 FIELDS = ("epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "images_per_sec", "seconds",
           "first_step_seconds")
+EMA_FIELDS = ("eval_loss_ema", "eval_acc_ema")  # --model-ema runs only
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -23,7 +24,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """Rewrite the whole file atomically (it stays small: one line per epoch)."""
-    text = "".join(json.dumps({k: row.get(k) for k in FIELDS}) + "\n" for row in rows)
+    text = "".join(json.dumps({**{k: row.get(k) for k in FIELDS}, **{k: row[k] for k in EMA_FIELDS if k in row}})
+                   + "\n" for row in rows)
     atomic_write_bytes(path, text.encode())
 
 
