@@ -63,7 +63,8 @@ class Steps:
         # a Python call per leaf.
         self.train_def, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         params, batch_stats, self.rest = nnx.as_pure((params, batch_stats, rest))
-        average = {"params": params, "batch_stats": batch_stats} if ema else None
+        # Copies: the average's arrays must not be the parameters' buffers, which a step donates.
+        average = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats}) if ema else None
         self.initial = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params), average)
         self.lr_dtype = jax.tree.leaves(params)[0].dtype
 
