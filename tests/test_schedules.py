@@ -115,3 +115,14 @@ def test_ema_matches_timm_model_ema_v3_update_by_update(warmup):
     assert errors[worst] <= 1e-12, (worst, errors[worst])
     # The average is not the model: it lags it.
     assert not np.allclose(ours["classifier.kernel"], current["classifier.kernel"])
+
+
+def test_a_rate_far_from_the_batch_scaled_one_is_warned(tmp_path, tiny_run, caplog):
+    """A new user's --batch-size 1-like run at the default lr 0.1 hears that it is far from
+    timm's rate for its batch; the paper's batch 64 at 0.1 (4x) does not."""
+    from densenet_jax.train.loop import Run
+    Run(tiny_run(tmp_path / "two", batch_size=2))
+    assert "--lr 0.1 is 128x above 0.000781, timm's rate for a batch of 2" in caplog.text
+    caplog.clear()
+    Run(tiny_run(tmp_path / "sixty-four", batch_size=64))
+    assert "timm's rate" not in caplog.text
