@@ -6,6 +6,8 @@ import jax
 import numpy as np
 import pytest
 import torch
+import warnings
+
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
@@ -58,6 +60,27 @@ def test_timm_schedules_give_timm_rate_at_every_update(case):
     # Every step of an accumulation runs at its update's rate.
     np.testing.assert_allclose(ours, np.repeat(reference, accumulate), rtol=1e-12, atol=0)
     assert len(set(reference)) > 5  # the rate moved
+
+
+def test_plateau_follows_timm_on_the_same_accuracies():
+    """timm's PlateauLRScheduler stepped after each epoch with that epoch's accuracy (timm's
+    train.py): warm-up, a decay after more than --patience-epochs without gain, --min-lr."""
+    accuracies = [0.1, 0.2, 0.3, 0.5, 0.5, 0.49, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
+    options = dict(lr=0.4, decay_rate=0.5, warmup_lr=0.01, warmup_epochs=2, min_lr=0.06)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=options["lr"])
+    with warnings.catch_warnings():  # timm deprecates it: its state is not in its checkpoints (ours replays)
+        warnings.simplefilter("ignore", FutureWarning)
+        scheduler, _ = create_scheduler_v2(optimizer, "plateau", num_epochs=len(accuracies), patience_epochs=1,
+                                           **{k: v for k, v in options.items() if k != "lr"})
+    reference = [optimizer.param_groups[0]["lr"]]
+    for epoch, accuracy in enumerate(accuracies):
+        scheduler.step(epoch + 1, accuracy)
+        reference.append(optimizer.param_groups[0]["lr"])
+    config = TrainConfig(sched="plateau", patience_epochs=1, epochs=len(accuracies) + 1, **options)
+    schedule = optim.schedule_of(config, 3, lambda: accuracies)
+    ours = [schedule(step) for step in range(3 * (len(accuracies) + 1))]
+    np.testing.assert_allclose(ours, np.repeat(reference, 3), rtol=1e-12, atol=0)
+    assert reference[-1] == pytest.approx(0.06) and 0.2 in reference  # decayed, then held at min_lr
 
 
 def test_lr_from_lr_base_as_timm_scales_it():

@@ -42,7 +42,8 @@ def test_ema_and_accumulation_resume_exactly_and_equal_the_larger_batch(tmp_path
     assert not np.allclose(ema["classifier.kernel"], final["classifier.kernel"])
     np.testing.assert_array_equal(weights(whole, "best.safetensors")["classifier.kernel"], ema["classifier.kernel"])
     assert stored_class_names(whole / "model_ema.safetensors") == stored_class_names(whole / "model.safetensors")
-    assert dj.load(whole / "model_ema.safetensors").pretrained_cfg == dj.load(whole / "model.safetensors").pretrained_cfg
+    recorded = dj.load(whole / "model.safetensors").pretrained_cfg
+    assert recorded is not None and dj.load(whole / "model_ema.safetensors").pretrained_cfg == recorded
 
     Run(tiny_run(larger, head_only=True, batch_size=128)).fit()
     reference = weights(larger)

@@ -46,6 +46,8 @@ def add_optim_options(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--warmup-lr", type=float, default=d.warmup_lr, help="--sched: lr the warm-up starts at")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine: lr it decays to")
     g.add_argument("--cooldown-epochs", type=int, default=d.cooldown_epochs, help="cosine: epochs at --min-lr after")
+    g.add_argument("--patience-epochs", type=int, default=d.patience_epochs,
+                   help="plateau: epochs without a gain in held-out accuracy before the lr decays")
     g.add_argument("--lr-base", type=float, default=None,
                    help="without --lr: lr = this x (batch x accumulation / --lr-base-size), as timm")
     g.add_argument("--lr-base-size", type=int, default=d.lr_base_size, help="the batch --lr-base is for")

@@ -63,6 +63,7 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
     cooldown_epochs: int = 0
+    patience_epochs: int = 10
     lr_base: float | None = None
     lr_base_size: int = 256
     lr_base_scale: str | None = None
@@ -143,7 +144,8 @@ class TrainConfig:
             check_choice("--lr-base-scale", self.lr_base_scale, schedules.LR_BASE_SCALES)
         check_choice("--best-from", self.best_from, ("model", "ema"))
         check_at_least(("--grad-accum-steps", self.grad_accum_steps, 1), ("--lr-base-size", self.lr_base_size, 1),
-                       ("--cooldown-epochs", self.cooldown_epochs, 0), ("--warmup-lr", self.warmup_lr, 0),
+                       ("--cooldown-epochs", self.cooldown_epochs, 0),
+                       ("--patience-epochs", self.patience_epochs, 0), ("--warmup-lr", self.warmup_lr, 0),
                        ("--min-lr", self.min_lr, 0))
         if self.decay_epochs <= 0:
             raise ValueError(f"--decay-epochs {self.decay_epochs}: must be more than 0")

@@ -77,7 +77,8 @@ def step_store(config: TrainConfig, architecture: DenseNetConfig) -> tuple[Path,
     not_in_program = {"workdir", "max_steps", "checkpoint_every", "keep", "workers", "progress",
                       "strict", "data_dir", "init_from", "lr", "epochs", "schedule", "warmup_epochs", "sched",
                       "decay_epochs", "decay_rate", "decay_milestones", "warmup_lr", "min_lr", "cooldown_epochs",
-                      "lr_base", "lr_base_size", "lr_base_scale", "best_from", "recipe", "recipe_values"}
+                      "patience_epochs", "lr_base", "lr_base_size", "lr_base_scale", "best_from", "recipe",
+                      "recipe_values"}
     shaping = {k: v for k, v in dataclasses.asdict(config).items() if k not in not_in_program}
     return Path(cache) / "densenet-jax-steps", repr((sorted(shaping.items()), architecture))
 
@@ -121,7 +122,8 @@ class Run:
         check_accumulation(self.steps_per_epoch, config.grad_accum_steps)
         self.total_steps = optim.run_epochs(config) * self.steps_per_epoch
         self.model = training_model(config, self.data)
-        self.schedule = optim.schedule_of(config, self.steps_per_epoch)
+        # plateau: the rate follows the held-out accuracy of the epochs so far (metrics.jsonl's on resume).
+        self.schedule = optim.schedule_of(config, self.steps_per_epoch, lambda: [r["eval_acc"] for r in self.rows])
         tx = optim.from_config(config, nnx.as_pure(nnx.state(self.model, nnx.Param)))
         ema = (config.model_ema_decay, config.model_ema_warmup) if config.model_ema else None
         self.runner = parallel.make(config.parallel, self.model, tx, step_store(config, self.model.config),

@@ -35,7 +35,8 @@ def startup_lines(config, data: Dataset, model: DenseNet, workdir: Path, *, star
         f"devices: {devices} {jax.default_backend()} device{'s' * (devices > 1)} in "
         f"{jax.process_count()} process{'es' * (jax.process_count() > 1)} ({c.parallel})",
         f"batch {c.batch_size} ({c.batch_size // devices} per device), {steps_per_epoch} steps per "
-        f"epoch, {c.epochs} epoch{'s' * (c.epochs != 1)} = {total_steps} steps; lr {c.lr}, {c.sched or c.schedule} schedule; "
+        f"epoch, {c.epochs} epoch{'s' * (c.epochs != 1)} = {total_steps} steps; lr {c.lr}, "
+        f"{c.sched or c.schedule} schedule; "
         f"precision {c.precision}",
         f"work directory: {workdir}; {starting_point(start, steps_per_epoch, total_steps)}",
     ]

@@ -82,9 +82,19 @@ def run_epochs(config) -> int:
     return config.epochs + (config.cooldown_epochs if config.sched == "cosine" else 0)
 
 
-def schedule_of(config, steps_per_epoch: int) -> Callable[[int], float]:
+def schedule_of(config, steps_per_epoch: int,
+                accuracies: Callable[[], list[float]] = list) -> Callable[[int], float]:
     """The rate for each step of a run: its timm ``--sched`` or its ``--schedule``, counted in
-    optimizer updates (every ``--grad-accum-steps`` steps)."""
+    optimizer updates (every ``--grad-accum-steps`` steps); ``plateau`` reads the held-out
+    accuracy of each epoch evaluated so far from ``accuracies()``."""
+    if config.sched == "plateau":
+        def plateau(step: int) -> float:
+            rates = schedules.plateau_rates(
+                config.lr, accuracies()[:step // steps_per_epoch], decay_rate=config.decay_rate,
+                patience=config.patience_epochs, warmup_lr=config.warmup_lr,
+                warmup_epochs=config.warmup_epochs, min_lr=config.min_lr)
+            return rates[-1]
+        return plateau
     k = config.grad_accum_steps
     updates_per_epoch = steps_per_epoch // k
     if config.sched is None:

@@ -77,6 +77,9 @@ def scale_by_layer(params, layer_decay: float) -> optax.GradientTransformation:
 
 
 class RmsPropTFState(NamedTuple):
+    """RMSpropTF's state per parameter: the average of squared gradients, and the momentum buffer
+    (which holds the learning rate's scaling)."""
+
     square_avg: optax.Updates
     momentum: optax.Updates
 

@@ -5,7 +5,9 @@
 train.py drives it (``step_update`` after each update): epochs count as ``N`` updates each, the
 warm-up goes linearly from ``--warmup-lr`` over ``--warmup-epochs`` without shifting the schedule
 after it (timm's ``warmup_prefix=False``), and cosine's ``--cooldown-epochs`` at ``--min-lr`` are
-added to the run. Like the project's own schedules (:mod:`densenet_jax.train.optim`), a schedule
+added to the run. ``plateau`` is timm's per-epoch PlateauLRScheduler on the held-out accuracy,
+replayed from the epochs' metrics (so that it resumes, which timm's does not). Like the project's
+own schedules (:mod:`densenet_jax.train.optim`), a schedule
 is a function of the update on the host; the step receives its value.
 """
 
@@ -15,7 +17,7 @@ import bisect
 import math
 from typing import Callable
 
-TIMM_SCHEDULES = ("step", "multistep", "cosine")
+TIMM_SCHEDULES = ("step", "multistep", "cosine", "plateau")
 LR_BASE_SCALES = ("linear", "sqrt")
 # A rate this many times above or below the batch-scaled one draws a warning.
 FAR = 10.0
@@ -53,6 +55,28 @@ def timm_schedule(sched: str, lr: float, updates_per_epoch: int, *, epochs: int,
             return warmup_lr + u * slope
         return after(u) if u else lr  # before the first update: the optimizer's own rate
     return rate
+
+
+def plateau_rates(lr: float, accuracies: list[float], *, decay_rate: float = 0.1, patience: int = 10,
+                  warmup_lr: float = 1e-5, warmup_epochs: float = 0, min_lr: float = 0.0,
+                  threshold: float = 1e-4) -> list[float]:
+    """The rate of each epoch after ``accuracies`` (the held-out accuracy of each epoch so far):
+    timm's PlateauLRScheduler in ``max`` mode, stepped after each epoch as timm's train.py steps it
+    (linear warm-up over ``warmup_epochs``, then torch's ReduceLROnPlateau: ``decay_rate`` times,
+    not below ``min_lr``, after more than ``patience`` epochs without a relative gain of
+    ``threshold``). One rate more than ``accuracies``: the first is the rate before any epoch."""
+    current = warmup_lr if warmup_epochs else lr
+    rates, best, bad = [current], -math.inf, 0
+    for epoch, accuracy in enumerate(accuracies, start=1):
+        if epoch <= warmup_epochs:
+            current = warmup_lr + epoch * (lr - warmup_lr) / warmup_epochs
+        else:
+            best, bad = (accuracy, 0) if accuracy > best * (1 + threshold) else (best, bad + 1)
+            if bad > patience:
+                lower = max(current * decay_rate, min_lr)
+                current, bad = (lower if current - lower > 1e-8 else current), 0  # torch's eps
+        rates.append(current)
+    return rates
 
 
 def scaled_lr(lr_base: float, lr_base_size: int, global_batch: int, scale: str | None, opt: str) -> float:

@@ -47,7 +47,8 @@ LABELS = {"model": "--model", "init_from": "--init-from", "head_only": "--head-o
 STATE_OPTIONS = ("opt", "grad_accum_steps", "model_ema")
 TUNABLE_OPTIONS = ("opt_eps", "opt_betas", "filter_bias_and_bn", "clip_grad", "clip_mode", "layer_decay", "sched",
                    "decay_epochs", "decay_rate", "decay_milestones", "warmup_lr", "min_lr", "cooldown_epochs",
-                   "lr_base", "lr_base_size", "lr_base_scale", "model_ema_decay", "model_ema_warmup", "best_from",
+                   "patience_epochs", "lr_base", "lr_base_size", "lr_base_scale", "model_ema_decay", "model_ema_warmup",
+                   "best_from",
                    "recipe", "recipe_values")
 LABELS.update({k: f"--{k.replace('_', '-')}" for k in STATE_OPTIONS + TUNABLE_OPTIONS})
 LABELS["recipe_values"] = "values set by --recipe"
