@@ -21,8 +21,9 @@ from train_cli import MODEL, QUICK, finish, relative_l2, train, weights
 
 TOLERANCE = 1e-9
 # Accumulating the epoch's three steps into one update, with the EMA average (BN statistics
-# included) beside it: both must be the same however the batch is split.
-FP64 = ["--epochs", "1", "--precision", "fp64", "--grad-accum-steps", "3", "--model-ema"]
+# included) beside it: both must be the same however the batch is split. lr 1: the one update
+# must move every weight past assert_same_training's check that training happened.
+FP64 = ["--epochs", "1", "--precision", "fp64", "--grad-accum-steps", "3", "--model-ema", "--lr", "1.0"]
 
 
 @pytest.fixture(scope="module")
