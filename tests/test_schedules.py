@@ -121,8 +121,8 @@ def test_ema_matches_timm_model_ema_v3_update_by_update(warmup):
     table = weight_table(config)
     g = torch.Generator().manual_seed(0)
     with jax.enable_x64(True):
-        ours = {e.flax_key: e.to_flax(v) for e in table for k, v in state_dict_numpy(model).items()
-                if k == e.torch_key}
+        start = state_dict_numpy(model)  # views of the model's tensors, which move in place: copied
+        ours = {e.flax_key: np.array(e.to_flax(start[e.torch_key])) for e in table}
         for update in range(1, 5):
             with torch.no_grad():
                 for v in model.state_dict().values():
