@@ -20,7 +20,6 @@ from flax import nnx
 from safetensors.numpy import save
 
 from densenet_jax.model.config import DenseNetConfig
-from densenet_jax.errors import CheckpointError
 from densenet_jax.files import atomic_write_bytes, check_folder_output, check_output, write_folder
 from densenet_jax.model.densenet import DenseNet, smallest_input
 from densenet_jax.model.pretrained_cfg import PretrainedCfg

@@ -12,6 +12,7 @@ from flax import nnx
 import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.train import optim, parallel
+from densenet_jax.train.optimizers import set_learning_rate
 from densenet_jax.train import TrainConfig
 from densenet_jax.train.loop import Run
 from densenet_jax.weights.format import state_arrays
@@ -65,8 +66,8 @@ def test_host_schedules_and_lr_argument_equal_optax_sgd_with_its_schedules():
     ours, theirs, state, ref_state = params, params, tx.init(params), reference.init(params)
     for step in range(6):
         grads = {"w": jnp.cos(ours["w"] * (step + 1))}
-        updates, state = tx.update(grads, state, ours)
-        ours = optim.apply_learning_rate(ours, updates, jnp.float32(schedule(step)))
+        updates, state = tx.update(grads, set_learning_rate(state, jnp.float32(schedule(step))), ours)
+        ours = optax.apply_updates(ours, updates)
         updates, ref_state = reference.update({"w": jnp.cos(theirs["w"] * (step + 1))}, ref_state, theirs)
         theirs = optax.apply_updates(theirs, updates)
     np.testing.assert_allclose(ours["w"], theirs["w"], rtol=1e-6)

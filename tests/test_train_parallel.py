@@ -20,7 +20,10 @@ from densenet_jax.weights.format import state_arrays
 from train_cli import MODEL, QUICK, finish, relative_l2, train, weights
 
 TOLERANCE = 1e-9
-FP64 = ["--epochs", "1", "--precision", "fp64"]
+# Accumulating the epoch's three steps into one update, with the EMA average (BN statistics
+# included) beside it: both must be the same however the batch is split. lr 1: the one update
+# must move every weight past assert_same_training's check that training happened.
+FP64 = ["--epochs", "1", "--precision", "fp64", "--grad-accum-steps", "3", "--model-ema", "--lr", "1.0"]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,8 @@ def single_device(tmp_path_factory):
 
 def assert_same_training(workdir, reference):
     ours, ref = weights(workdir), weights(reference)
+    ema, ref_ema = weights(workdir, "model_ema.safetensors"), weights(reference, "model_ema.safetensors")
+    assert max(relative_l2(ema[k], ref_ema[k]) for k in ref_ema) <= TOLERANCE
     assert ours.keys() == ref.keys()
     assert all(ours[k].shape == ref[k].shape for k in ref)  # no stray device axis
     worst = max(relative_l2(ours[k], ref[k]) for k in ref)

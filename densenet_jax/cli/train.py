@@ -11,6 +11,7 @@ import time
 
 import jax
 
+from densenet_jax.cli.optim_options import add_optim_options, config_values, mark_defaults
 from densenet_jax.cli.options import dataset_options, figure, source_options
 from densenet_jax.model.registry import architecture_name, get_config, list_models
 from densenet_jax.train.checks import check_model_matches
@@ -43,7 +44,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
     source_options(p)
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, over all devices and hosts")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 0.1, or --lr-base scaled to the batch)")
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
                    help="cifar: lr/10 at 50%% and 75%%; imagenet: lr/10 at 1/3 and 2/3 (30 and 60 of 90 "
                         "epochs); cosine: warm-up then cosine decay")
@@ -77,7 +79,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="stop after this many steps, checkpointed (0: no limit); rerun to continue")
     _pretrained_options(p, d)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_optim_options(p, d)
     _distributed_options(p)
+    mark_defaults(p, TrainConfig.__dataclass_fields__)
 
 
 def _pretrained_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
@@ -102,8 +106,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     """The ``TrainConfig`` that parsed ``train`` options describe (each option sets the field of its
     name, unless left at None for the config's default; the distributed ones are not part of it).
     ValueError as TrainConfig raises it."""
-    fields = set(TrainConfig.__dataclass_fields__)
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    return TrainConfig(**config_values(args, set(TrainConfig.__dataclass_fields__)))
 
 
 def distributed_config(args: argparse.Namespace) -> DistributedConfig:

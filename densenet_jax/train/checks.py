@@ -22,6 +22,13 @@ def check_steps_per_epoch(steps: int, batch_size: int, train_examples: int) -> N
         raise ValueError(f"batch size {batch_size} exceeds the {train_examples} training examples")
 
 
+def check_accumulation(steps: int, accum_steps: int) -> None:
+    """Refuse an epoch whose steps do not split into whole updates (timm's last, shorter
+    accumulation of an epoch has no counterpart here)."""
+    if steps % accum_steps:
+        raise ValueError(f"--grad-accum-steps {accum_steps}: must divide the {steps} steps of an epoch")
+
+
 def check_image_size(architecture: DenseNetConfig, image_size: int, dataset: str) -> None:
     """Refuse images too small to leave every stage of ``architecture`` at least a pixel."""
     minimum = smallest_input(architecture)

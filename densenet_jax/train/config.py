@@ -20,7 +20,7 @@ from densenet_jax.data.csv_source import CsvSpec, check_spec
 from densenet_jax.data.datasets import STREAMED
 from densenet_jax.data.datasets import is_image_source as is_images
 from densenet_jax.model.registry import get_config
-from densenet_jax.train import optim
+from densenet_jax.train import optim, optimizers, recipes, schedules
 from densenet_jax.train.losses import check_pos_weight
 
 # bf16: bfloat16 compute, fp32 parameters, statistics and loss. fp64 (with jax_enable_x64): for
@@ -46,11 +46,37 @@ class TrainConfig:
     data_dir: str | None = None
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 0.1
+    lr: float | None = None  # None: lr_base scaled to the batch when lr_base is given, else 0.1
     schedule: optim.Schedule = "cifar"
     warmup_epochs: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # timm's train.py options (optimizers.py, schedules.py, ema.py); recipes.py: --recipe.
+    opt: str = "sgd"
+    opt_eps: float | None = None
+    opt_betas: tuple | None = None
+    filter_bias_and_bn: bool = False  # timm's default is True; the paper decays every parameter
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    grad_accum_steps: int = 1
+    layer_decay: float | None = None
+    sched: str | None = None  # a timm schedule; None: --schedule's
+    decay_epochs: float = 90.0
+    decay_rate: float = 0.1
+    decay_milestones: tuple = (90, 180, 270)
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    cooldown_epochs: int = 0
+    patience_epochs: int = 10
+    lr_base: float | None = None
+    lr_base_size: int = 256
+    lr_base_scale: str | None = None
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False
+    best_from: str = "model"  # which weights best.safetensors holds: the model's or the EMA's
+    recipe: str | None = None
+    recipe_values: dict | None = None  # what the recipe set (filled in)
     workdir: str | None = None  # None: runs/<model>-<dataset> (workdir.default_workdir)
     init_from: str | None = None
     pretrained: str | None = None  # a pretrained tag (densenet121.ra_in1k) to fine-tune, from the Hub
@@ -88,12 +114,14 @@ class TrainConfig:
     pos_weight: str | None = None
 
     def __post_init__(self):
+        recipes.apply(self)
         check_types(self)
         check_at_least(("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                        ("--max-steps", self.max_steps, 0), ("--keep", self.keep, 1),
                        ("--checkpoint-every", self.checkpoint_every, 0), ("--in-chans", self.in_chans, 1),
                        ("--weight-decay", self.weight_decay, 0))
         self._check_optimizer()
+        self._check_timm_options()
         if not 0 <= self.seed < 2**32:  # what numpy's and JAX's seeds take
             raise ValueError(f"--seed {self.seed}: must be 0 to {2**32 - 1}")
         if not 0 <= self.drop_rate < 1:
@@ -113,6 +141,10 @@ class TrainConfig:
             self.image_size = FOLDER_IMAGE_SIZE
 
     def _check_optimizer(self) -> None:
+        if self.lr is None:
+            self.lr = 0.1 if self.lr_base is None else schedules.scaled_lr(
+                self.lr_base, self.lr_base_size, self.batch_size * self.grad_accum_steps, self.lr_base_scale,
+                self.opt)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"--lr {self.lr}: must be a positive number")
         if not math.isfinite(self.weight_decay):
@@ -120,7 +152,7 @@ class TrainConfig:
         if not 0 <= self.momentum < 1:
             raise ValueError(f"--momentum {self.momentum}: must be at least 0 and less than 1")
         check_choice("--schedule", self.schedule, SCHEDULES)
-        if self.warmup_epochs and self.schedule not in optim.WARMUP_SCHEDULES:
+        if self.warmup_epochs and self.sched is None and self.schedule not in optim.WARMUP_SCHEDULES:
             raise ValueError(f"--warmup-epochs {self.warmup_epochs} has no effect with --schedule "
                              f"{self.schedule}: only {', '.join(optim.WARMUP_SCHEDULES)} warms up")
         if not 0 <= self.warmup_epochs < self.epochs:
@@ -142,6 +174,32 @@ class TrainConfig:
                                                        "patient_column", "val_fraction") if getattr(self, k) is not None]
         if given:
             raise ValueError(f"{given[0]} is read by --dataset csv, not {self.dataset}")
+
+    def _check_timm_options(self) -> None:
+        check_choice("--opt", self.opt, optimizers.OPTIMIZERS)
+        check_choice("--clip-mode", self.clip_mode, optimizers.CLIP_MODES)
+        if self.sched is not None:
+            check_choice("--sched", self.sched, schedules.TIMM_SCHEDULES)
+        if self.lr_base_scale is not None:
+            check_choice("--lr-base-scale", self.lr_base_scale, schedules.LR_BASE_SCALES)
+        check_choice("--best-from", self.best_from, ("model", "ema"))
+        check_at_least(("--grad-accum-steps", self.grad_accum_steps, 1), ("--lr-base-size", self.lr_base_size, 1),
+                       ("--cooldown-epochs", self.cooldown_epochs, 0),
+                       ("--patience-epochs", self.patience_epochs, 0), ("--warmup-lr", self.warmup_lr, 0),
+                       ("--min-lr", self.min_lr, 0))
+        if self.decay_epochs <= 0:
+            raise ValueError(f"--decay-epochs {self.decay_epochs}: must be more than 0")
+        for option, value in (("--clip-grad", self.clip_grad), ("--opt-eps", self.opt_eps),
+                              ("--layer-decay", self.layer_decay), ("--lr-base", self.lr_base)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{option} {value}: must be more than 0")
+        if not 0 <= self.model_ema_decay < 1:
+            raise ValueError(f"--model-ema-decay {self.model_ema_decay}: must be at least 0 and less than 1")
+        if self.best_from == "ema" and not self.model_ema:
+            raise ValueError("--best-from ema chooses the best epoch by the EMA's accuracy: add --model-ema")
+        if self.opt_betas is not None and (len(self.opt_betas) != 2 or not all(0 <= b < 1 for b in self.opt_betas)):
+            raise ValueError(f"--opt-betas {' '.join(map(str, self.opt_betas))}: two numbers, each at least 0 "
+                             "and less than 1")
 
     def _check_starting_point(self) -> None:
         """The architecture and the weights it starts from: named once, by one of the options."""

@@ -10,7 +10,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from densenet_jax.data import Dataset, load_dataset, train_batches
@@ -23,12 +22,12 @@ from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.model.registry import get_config
-from densenet_jax.train import optim, parallel, workdir
+from densenet_jax.train import optim, parallel, schedules, workdir
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
 from densenet_jax.train.config import PRECISIONS, TrainConfig, source_options
 from densenet_jax.train.evaluate import evaluate_state
 from densenet_jax.train.losses import LossConfig, parse_pos_weight
-from densenet_jax.train.checks import (check_batch_norm_inputs, check_devices, check_image_size,
+from densenet_jax.train.checks import (check_accumulation, check_batch_norm_inputs, check_devices, check_image_size,
                                        check_model_matches, check_precision_available, check_steps_per_epoch)
 from densenet_jax.train.messages import epoch_line, precision_warning, startup_lines, stopped_line
 from densenet_jax.train.meter import EMPTY_TOTALS, EpochMeter
@@ -70,12 +69,6 @@ def training_model(config: TrainConfig, data: Dataset) -> DenseNet:
     return model
 
 
-def update_direction(config: TrainConfig) -> optax.GradientTransformation:
-    """The optimizer without its learning rate, which the loop passes to every step."""
-    tx = optim.sgd(config.momentum, config.weight_decay)
-    return optim.head_only(tx) if config.head_only else tx
-
-
 def loss_config(config: TrainConfig, data: Dataset) -> LossConfig:
     """The run's loss: multi-label when the data is, with ``--pos-weight`` resolved on the training
     split's targets. ValueError naming the option for weights the data cannot take."""
@@ -93,7 +86,10 @@ def step_store(config: TrainConfig, architecture: DenseNetConfig,
         return None
     # The learning rate is an argument of the step, so its schedule shapes nothing in it.
     not_in_program = {"workdir", "max_steps", "checkpoint_every", "keep", "workers", "progress",
-                      "strict", "data_dir", "init_from", "lr", "epochs", "schedule", "warmup_epochs"}
+                      "strict", "data_dir", "init_from", "lr", "epochs", "schedule", "warmup_epochs", "sched",
+                      "decay_epochs", "decay_rate", "decay_milestones", "warmup_lr", "min_lr", "cooldown_epochs",
+                      "patience_epochs", "lr_base", "lr_base_size", "lr_base_scale", "best_from", "recipe",
+                      "recipe_values", "train_csv", "val_csv"}
     shaping = {k: v for k, v in dataclasses.asdict(config).items() if k not in not_in_program}
     return Path(cache) / "densenet-jax-steps", repr((sorted(shaping.items()), architecture, loss))
 
@@ -135,17 +131,28 @@ class Run:
         self.loss = loss_config(config, self.data)
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size, jax.process_count())
         check_steps_per_epoch(self.steps_per_epoch, config.batch_size, len(self.data.train))
-        self.total_steps = config.epochs * self.steps_per_epoch
+        check_accumulation(self.steps_per_epoch, config.grad_accum_steps)
+        self.total_steps = optim.run_epochs(config) * self.steps_per_epoch
         self.model = training_model(config, self.data)
-        self.schedule = optim.learning_rate(config.schedule, config.lr, self.total_steps,
-                                            self.steps_per_epoch, config.warmup_epochs)
-        self.runner = parallel.make(config.parallel, self.model, update_direction(config),
-                                    step_store(config, self.model.config, self.loss), seed=config.seed,
-                                    compute_dtype=PRECISIONS[config.precision],
-                                    freeze_features=config.head_only, loss=self.loss)
+        # plateau: the rate follows the held-out accuracy of the epochs so far (metrics.jsonl's on resume).
+        self.schedule = optim.schedule_of(config, self.steps_per_epoch, lambda: [r["eval_acc"] for r in self.rows])
+        tx = optim.from_config(config, nnx.as_pure(nnx.state(self.model, nnx.Param)))
+        ema = (config.model_ema_decay, config.model_ema_warmup) if config.model_ema else None
+        self.runner = parallel.make(config.parallel, self.model, tx, step_store(config, self.model.config, self.loss),
+                                    seed=config.seed, compute_dtype=PRECISIONS[config.precision],
+                                    freeze_features=config.head_only, accum_steps=config.grad_accum_steps,
+                                    ema=ema, loss=self.loss)
+        self._warn_about_lr()
         self.record = workdir.describe(config, self.model.config, self.data)  # what run.json holds
         self.first_step_seconds: float | None = None  # this process's first step: compilation
         self.rows: list[dict] = []  # metrics.jsonl's, one per evaluated epoch
+
+    def _warn_about_lr(self) -> None:
+        c = self.config
+        warning = schedules.far_from_scaled(c.lr, 0.1 if c.lr_base is None else c.lr_base, c.lr_base_size,
+                                            c.batch_size * c.grad_accum_steps, c.lr_base_scale, c.opt)
+        if warning and self.is_main:
+            log.warning(warning)
 
     def fit(self) -> dict:
         """Train from the latest intact checkpoint to the end (or ``max_steps`` further).
@@ -332,15 +339,22 @@ class Run:
             raise
 
     def evaluate(self, state) -> dict:
-        """Loss and accuracy on the held-out split."""
-        return evaluate_state(self.runner, state, self.data, self.config.batch_size, self.config.workers)
+        """Loss and accuracy on the held-out split; with --model-ema the average's too (``*_ema``)."""
+        c = self.config
+        result = evaluate_state(self.runner, state, self.data, c.batch_size, c.workers)
+        if c.model_ema:
+            averaged = evaluate_state(self.runner, state.averaged(), self.data, c.batch_size, c.workers)
+            result.update({f"{k}_ema": v for k, v in averaged.items()})
+        return result
 
     def _report(self, state) -> None:
-        """metrics.jsonl, curves.png, best.safetensors when this epoch is the best, and its line."""
+        """metrics.jsonl, curves.png, best.safetensors when this epoch is the best (by the model's
+        or the average's accuracy, --best-from), and its line."""
         write_metrics(self.workdir / "metrics.jsonl", self.rows)
         plot_curves(self.workdir / "curves.png", self.rows)
-        if is_best(self.rows):
-            self._write_weights(state, self.workdir / "best.safetensors")
+        ema = self.config.best_from == "ema"
+        if is_best(self.rows, ema):
+            self._write_weights(state.averaged() if ema else state, self.workdir / "best.safetensors")
         log.info(epoch_line(self.rows[-1], self.config.epochs))
 
     def _checkpoint(self, checkpoints: Checkpoints, step: int, state, totals: dict) -> None:
@@ -356,10 +370,13 @@ class Run:
         between the last checkpoint and them; a complete run's files are left as they are."""
         final = self.workdir / "model.safetensors"
         if step >= self.total_steps and self.is_main and (step > start or not final.exists()):
+            if self.config.model_ema:
+                self._write_weights(state.averaged(), self.workdir / "model_ema.safetensors")
             self._write_weights(state, final)
             log.info("final weights: %s", final)
 
     def _write_weights(self, state, path: Path) -> None:
+        """``state``'s weights (placed, or on the host) with the class names and preprocessing."""
         model = self.runner.steps.model(self.runner.host_state(state))
         write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
                           model.config.replace(memory_efficient=False, drop_rate=0.0, head_drop_rate=0.0), path,

@@ -35,7 +35,8 @@ def startup_lines(config, data: Dataset, model: DenseNet, workdir: Path, *, star
         f"devices: {devices} {jax.default_backend()} device{'s' * (devices > 1)} in "
         f"{jax.process_count()} process{'es' * (jax.process_count() > 1)} ({c.parallel})",
         f"batch {c.batch_size} ({c.batch_size // devices} per device), {steps_per_epoch} steps per "
-        f"epoch, {c.epochs} epoch{'s' * (c.epochs != 1)} = {total_steps} steps; lr {c.lr}, {c.schedule} schedule; "
+        f"epoch, {c.epochs} epoch{'s' * (c.epochs != 1)} = {total_steps} steps; lr {c.lr}, "
+        f"{c.sched or c.schedule} schedule; "
         f"precision {c.precision}",
         f"work directory: {workdir}; {starting_point(start, steps_per_epoch, total_steps)}",
     ]
@@ -58,7 +59,8 @@ def epoch_line(row: dict, epochs: int) -> str:
     fell in this epoch, because it includes compilation (or loading the compiled step)."""
     line = (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}, "
             f"held-out loss {row['eval_loss']:.4f} acc {row['eval_acc']:.4f}, "
-            f"{row['images_per_sec']:.0f} images/s, {row['seconds']:.0f} s")
+            + (f"EMA loss {row['eval_loss_ema']:.4f} acc {row['eval_acc_ema']:.4f}, " if "eval_acc_ema" in row else "")
+            + f"{row['images_per_sec']:.0f} images/s, {row['seconds']:.0f} s")
     if "eval_auroc" in row:  # multi-label: acc is exact match; AUROC is what the run is chosen on
         auroc = "undefined" if row["eval_auroc"] is None else f"{row['eval_auroc']:.4f}"
         line = line.replace(", held-out loss", f", held-out mean AUROC {auroc}, loss", 1)

@@ -1,9 +1,11 @@
-"""The paper's optimizer (SGD, Nesterov momentum 0.9, weight decay 1e-4) and its schedules.
+"""The paper's optimizer (SGD, Nesterov momentum 0.9, weight decay 1e-4), its schedules, and the
+optimizer a run's options describe.
 
-The learning rate is not part of the optimizer: the loop evaluates the schedule on the host and
-passes each step's rate to the compiled train step as an argument (:func:`apply_learning_rate`), so
-that one compiled step serves every ``--lr``, ``--epochs`` and ``--schedule``: a schedule baked
-into the step would cost a recompilation for each new value.
+The learning rate is not compiled into the step: the loop evaluates the schedule on the host and
+passes each step's rate to the compiled train step as an argument, which sets it in the optimizer's
+state (:func:`densenet_jax.train.optimizers.set_learning_rate`), so that one compiled step serves
+every ``--lr``, ``--epochs`` and ``--schedule``: a schedule baked into the step would cost a
+recompilation for each new value.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import math
 from typing import Callable, Literal
 
 import jax
-import jax.numpy as jnp
 import optax
+
+from densenet_jax.train import schedules
+from densenet_jax.train.optimizers import create_optimizer
 
 Schedule = Literal["cifar", "imagenet", "cosine", "constant"]
 # Schedules with a linear warm-up (the others would ignore --warmup-epochs).
@@ -54,15 +58,54 @@ def learning_rate(kind: Schedule, base_lr: float, total_steps: int, steps_per_ep
 
 def sgd(momentum: float = 0.9, weight_decay: float = 1e-4,
         nesterov: bool = True) -> optax.GradientTransformation:
-    """torch.optim.SGD's update direction: decay added to the gradient, then (Nesterov) momentum;
-    :func:`apply_learning_rate` scales it (optax.sgd is this chain followed by that scaling)."""
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.trace(decay=momentum, nesterov=nesterov))
+    """torch.optim.SGD: decay added to every gradient, then (Nesterov) momentum, at the rate the
+    step sets (:func:`densenet_jax.train.optimizers.set_learning_rate`)."""
+    return create_optimizer({}, "nesterov" if nesterov else "momentum", lr=0.0, weight_decay=weight_decay,
+                            momentum=momentum, filter_bias_and_bn=False)
 
 
-def apply_learning_rate(params, updates, lr: jax.Array):
-    """``params - lr * updates``, the rate cast to each update's dtype as optax.sgd casts it."""
-    return optax.apply_updates(params, jax.tree.map(lambda u: (-lr).astype(u.dtype) * u, updates))
+def from_config(config, params) -> optax.GradientTransformation:
+    """The optimizer of a TrainConfig's options, for ``params`` (its rate set by each step)."""
+    tx = create_optimizer(params, config.opt, lr=0.0, weight_decay=config.weight_decay, momentum=config.momentum,
+                          filter_bias_and_bn=config.filter_bias_and_bn, eps=config.opt_eps,
+                          betas=config.opt_betas, clip_grad=config.clip_grad, clip_mode=config.clip_mode,
+                          layer_decay=config.layer_decay)
+    tx = head_only(tx) if config.head_only else tx
+    if config.grad_accum_steps > 1:  # outside head_only's split: one accumulation for every parameter
+        dtype = jax.tree.leaves(params)[0].dtype
+        tx = optax.MultiSteps(tx, config.grad_accum_steps, accumulator_dtype=dtype).gradient_transformation()
+    return tx
+
+
+def run_epochs(config) -> int:
+    """The epochs a run trains: ``--epochs``, and timm's cosine cool-down at ``--min-lr`` after them."""
+    return config.epochs + (config.cooldown_epochs if config.sched == "cosine" else 0)
+
+
+def schedule_of(config, steps_per_epoch: int,
+                accuracies: Callable[[], list[float]] = list) -> Callable[[int], float]:
+    """The rate for each step of a run: its timm ``--sched`` or its ``--schedule``, counted in
+    optimizer updates (every ``--grad-accum-steps`` steps); ``plateau`` reads the held-out
+    accuracy of each epoch evaluated so far from ``accuracies()``."""
+    if config.sched == "plateau":
+        def plateau(step: int) -> float:
+            rates = schedules.plateau_rates(
+                config.lr, accuracies()[:step // steps_per_epoch], decay_rate=config.decay_rate,
+                patience=config.patience_epochs, warmup_lr=config.warmup_lr,
+                warmup_epochs=config.warmup_epochs, min_lr=config.min_lr)
+            return rates[-1]
+        return plateau
+    k = config.grad_accum_steps
+    updates_per_epoch = steps_per_epoch // k
+    if config.sched is None:
+        rate = learning_rate(config.schedule, config.lr, run_epochs(config) * updates_per_epoch,
+                             updates_per_epoch, config.warmup_epochs)
+    else:
+        rate = schedules.timm_schedule(
+            config.sched, config.lr, updates_per_epoch, epochs=config.epochs, decay_epochs=config.decay_epochs,
+            decay_rate=config.decay_rate, decay_milestones=config.decay_milestones, warmup_lr=config.warmup_lr,
+            warmup_epochs=config.warmup_epochs, min_lr=config.min_lr)
+    return lambda step: rate(step // k)
 
 
 def head_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:

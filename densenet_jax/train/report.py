@@ -17,18 +17,20 @@ FIELDS = ("epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "
 MULTI_LABEL_FIELDS = ("eval_auroc", "eval_auprc", "eval_auroc_labels", "eval_auprc_labels")
 
 
-def selection_key(rows: list[dict]) -> str:
+def selection_key(rows: list[dict], ema: bool = False) -> str:
     """The held-out figure a run's best epoch is chosen on: the mean AUROC for multi-label rows,
-    else accuracy."""
-    return "eval_auroc" if rows and "eval_auroc" in rows[-1] else "eval_acc"
+    else accuracy; the EMA weights' (``*_ema``) with ``ema``."""
+    key = "eval_auroc" if rows and "eval_auroc" in rows[-1] else "eval_acc"
+    return f"{key}_ema" if ema else key
 
 
-def is_best(rows: list[dict]) -> bool:
+def is_best(rows: list[dict], ema: bool = False) -> bool:
     """Whether the last row is the best so far (ties: the later one), on :func:`selection_key`;
     an undefined mean AUROC (no label with both classes held out) ranks below every number."""
-    key = selection_key(rows)
+    key = selection_key(rows, ema)
     values = [-float("inf") if r.get(key) is None else r[key] for r in rows]
     return values[-1] >= max(values)
+EMA_FIELDS = ("eval_loss_ema", "eval_acc_ema") + tuple(f"{f}_ema" for f in MULTI_LABEL_FIELDS)  # --model-ema
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -40,7 +42,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """Rewrite the whole file atomically (it stays small: one line per epoch)."""
-    text = "".join(json.dumps({k: row.get(k) for k in FIELDS + tuple(f for f in MULTI_LABEL_FIELDS if f in row)})
+    text = "".join(json.dumps({**{k: row.get(k) for k in FIELDS},
+                               **{k: row[k] for k in MULTI_LABEL_FIELDS + EMA_FIELDS if k in row}})
                    + "\n" for row in rows)
     atomic_write_bytes(path, text.encode())
 

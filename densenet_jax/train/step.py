@@ -8,8 +8,9 @@ import optax
 from flax import nnx, struct
 
 from densenet_jax.model.densenet import DenseNet
+from densenet_jax.train.ema import ema_decay, ema_update
+from densenet_jax.train.optimizers import set_learning_rate
 from densenet_jax.train.losses import LossConfig, per_example_correct, per_example_loss
-from densenet_jax.train.optim import apply_learning_rate
 
 
 @struct.dataclass
@@ -18,13 +19,21 @@ class TrainState:
     params: nnx.State
     batch_stats: nnx.State
     opt_state: optax.OptState
+    ema: dict | None = None  # {"params", "batch_stats"}: their moving average (--model-ema)
+
+    def averaged(self) -> "TrainState":
+        """This state with the moving average's weights and statistics in place of the model's."""
+        return self.replace(params=self.ema["params"], batch_stats=self.ema["batch_stats"])
 
 
 class Steps:
     """The model's train and eval steps as pure functions of (TrainState, rest, batch).
 
-    ``tx`` gives the update direction; the train step scales it by its ``lr`` argument, a scalar of
-    dtype ``lr_dtype`` (the parameters'), so that no learning rate is compiled into the step.
+    ``tx`` (from :func:`densenet_jax.train.optimizers.create_optimizer`) holds its learning rate in
+    its state; the train step sets it there from its ``lr`` argument, a scalar of dtype ``lr_dtype``
+    (the parameters'), so that no learning rate is compiled into the step. With
+    ``accum_steps`` > 1 the optimizer updates every that many steps (``tx`` accumulates);
+    ``ema=(decay, warmup)`` keeps timm's ModelEmaV3 average, moved after each update.
 
     ``rest`` is what the model holds besides parameters and statistics (dropout's RNG state); it
     never changes, because dropout is reseeded from (seed, step) in every step, which keeps a resumed
@@ -37,8 +46,11 @@ class Steps:
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation, *,
                  compute_dtype=jnp.float32, seed: int = 0, axis_name: str | None = None,
-                 freeze_features: bool = False, loss: LossConfig = LossConfig()):
+                 freeze_features: bool = False, accum_steps: int = 1, ema: tuple[float, bool] | None = None,
+                 loss: LossConfig = LossConfig()):
         self.tx = tx
+        self.accum_steps = accum_steps
+        self.ema = ema
         self.loss = loss
         self.compute_dtype = compute_dtype
         self.loss_dtype = jnp.promote_types(compute_dtype, jnp.float32)  # bf16 compute, fp32 loss
@@ -55,7 +67,9 @@ class Steps:
         # a Python call per leaf.
         self.train_def, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         params, batch_stats, self.rest = nnx.as_pure((params, batch_stats, rest))
-        self.initial = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+        # Copies: the average's arrays must not be the parameters' buffers, which a step donates.
+        average = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats}) if ema else None
+        self.initial = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params), average)
         self.lr_dtype = jax.tree.leaves(params)[0].dtype
 
     def train(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array,
@@ -77,12 +91,26 @@ class Steps:
         if self.axis_name is not None:
             grads, loss = jax.lax.pmean((grads, loss), self.axis_name)
             correct = jax.lax.psum(correct, self.axis_name)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = apply_learning_rate(state.params, updates, lr)
-        new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
+        updates, opt_state = self.tx.update(grads, set_learning_rate(state.opt_state, lr), state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(state.step + 1, params, batch_stats, opt_state,
+                               self._average(state, params, batch_stats))
         # The gradient norm too: a NaN input can leave the loss finite (a ReLU after the NaN batch
         # statistics may give 0) while the gradients of the BatchNorm weights are NaN.
         return new_state, {"loss": loss, "correct": correct, "grad_norm": optax.tree.norm(grads)}
+
+    def _average(self, state: TrainState, params, batch_stats):
+        """The moving average after this step: moved when the optimizer updated (every
+        ``accum_steps`` steps), by the decay for the update count."""
+        if self.ema is None:
+            return None
+        updates = (state.step + 1) // self.accum_steps
+        moved = ema_update(state.ema, {"params": params, "batch_stats": batch_stats},
+                           ema_decay(updates, *self.ema))
+        if self.accum_steps == 1:
+            return moved
+        updated = (state.step + 1) % self.accum_steps == 0
+        return jax.tree.map(lambda m, old: jnp.where(updated, m, old), moved, state.ema)
 
     def train_result_structure(self, state: TrainState, *_) -> jax.tree_util.PyTreeDef:
         """The pytree structure of what :meth:`train` returns, known without tracing it."""

@@ -45,6 +45,16 @@ LABELS = {"model": "--model", "init_from": "--init-from", "head_only": "--head-o
           "classes": "classes", "image_size": "image size",
           "epochs": "--epochs", "lr": "--lr", "schedule": "--schedule",
           "warmup_epochs": "--warmup-epochs", "momentum": "--momentum", "weight_decay": "--weight-decay"}
+# The timm options: those that shape the training state (optimizer, accumulation, EMA) are identity;
+# the others may change on a rerun, as the rest of the optimiser's settings.
+STATE_OPTIONS = ("opt", "grad_accum_steps", "model_ema")
+TUNABLE_OPTIONS = ("opt_eps", "opt_betas", "filter_bias_and_bn", "clip_grad", "clip_mode", "layer_decay", "sched",
+                   "decay_epochs", "decay_rate", "decay_milestones", "warmup_lr", "min_lr", "cooldown_epochs",
+                   "patience_epochs", "lr_base", "lr_base_size", "lr_base_scale", "model_ema_decay", "model_ema_warmup",
+                   "best_from",
+                   "recipe", "recipe_values")
+LABELS.update({k: f"--{k.replace('_', '-')}" for k in STATE_OPTIONS + TUNABLE_OPTIONS})
+LABELS["recipe_values"] = "values set by --recipe"
 
 
 def default_workdir(model: str, dataset: str, init_from: str | None = None,
@@ -75,9 +85,10 @@ def describe(config, architecture, data) -> dict:
         "parallel": config.parallel, "seed": config.seed, "drop_rate": config.drop_rate,
         "dataset": config.dataset, "train_examples": len(data.train), "eval_examples": len(data.eval),
         "classes": list(data.class_names), "image_size": data.image_size,
+        **{k: getattr(config, k) for k in STATE_OPTIONS},
     }
     optimizer = {k: getattr(config, k) for k in ("epochs", "lr", "schedule", "warmup_epochs",
-                                                 "momentum", "weight_decay")}
+                                                 "momentum", "weight_decay") + TUNABLE_OPTIONS}
     return json.loads(json.dumps({"identity": identity, "optimizer": optimizer}))
 
 
