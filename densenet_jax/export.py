@@ -142,8 +142,10 @@ def weights_preprocessing(model: DenseNet, image_size: int = 224) -> dict:
     ``test_crop_pct``: the ra tags'); else torchvision's at ``image_size``."""
     cfg = model.pretrained_cfg
     if cfg is None:
-        # torchvision's eval preprocessing in timm's terms: bilinear, crop_pct 0.875 (256 for 224)
-        return PretrainedCfg(input_size=(3, image_size, image_size), interpolation="bilinear").eval_config()
+        # torchvision's eval preprocessing in timm's terms: bilinear, crop_pct 0.875 (256 for 224),
+        # for the model's channels (one: ImageNet's averaged mean and std, as timm's in_chans=1)
+        return PretrainedCfg(input_size=(3, image_size, image_size), interpolation="bilinear").with_in_chans(
+            model.config.in_chans).eval_config()
     test = {"test_input_size": cfg.test_input_size, "test_crop_pct": cfg.test_crop_pct}
     return {**cfg.eval_config(), **{k: v for k, v in test.items() if v is not None}}
 

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torchvision.transforms as TT
 from PIL import Image
@@ -15,6 +16,7 @@ from densenet_jax.data import eval_batches, load_dataset, train_batches
 from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import _Padded
 from densenet_jax.model.pretrained_cfg import IMAGENET_MEAN, IMAGENET_STD
+from draws import Recorder, replay
 from fixtures import write_cifar10, write_cifar100, write_image_folder
 
 
@@ -79,15 +81,53 @@ def test_cifar_reader_never_runs_pickled_code(tmp_path):
     assert not marker.exists()
 
 
-def test_cifar_augmentation_is_pad_crop_flip():
-    image = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
-    rng = np.random.default_rng(0)
-    crops = [T.PadCrop(4)({"image": image}, rng)["image"] for _ in range(50)]
-    assert all(c.shape == (32, 32, 3) for c in crops)
-    assert any((c[:4] == 0).all() for c in crops)  # zero padding shows at some offsets
-    flipped = [T.RandomFlip()({"image": image}, rng)["image"] for _ in range(50)]
-    assert any(np.array_equal(f, image[:, ::-1]) for f in flipped)
-    assert any(np.array_equal(f, image) for f in flipped)
+def noise(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """A uint8 image whose every pixel differs from its neighbours: any offset, flip or
+    resampling difference shows."""
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_pad_crop_and_flip_equal_torchvisions_on_the_same_draws():
+    """CIFAR's augmentation is RandomCrop(32, padding=4) then RandomHorizontalFlip, pixel for pixel,
+    torchvision's run on the offsets and coin ours drew; the flip on PIL images too (folders)."""
+    image = noise(32, 32)
+    reference = TT.Compose([TT.RandomCrop(32, padding=4), TT.RandomHorizontalFlip()])
+    ours = T.Compose([T.PadCrop(4), T.RandomFlip()])
+    for seed in range(40):
+        rng = Recorder(seed)
+        out = ours({"image": image}, rng)["image"]
+        with replay(rng.draws):
+            expected = reference(Image.fromarray(image))
+        np.testing.assert_array_equal(out, np.asarray(expected), err_msg=f"draws {rng.draws}")
+    pil = Image.fromarray(noise(20, 30))
+    for seed in range(8):
+        rng = Recorder(seed)
+        out = T.RandomFlip()({"image": pil}, rng)["image"]
+        with replay(rng.draws):
+            expected = TT.RandomHorizontalFlip()(pil)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+def test_pad_crop_and_flip_draw_as_torchvision_does():
+    """Over 4,000 draws, the offsets (each of 0..8, jointly) and the flips are distributed as
+    torchvision's own draws: a chi-square test of the two samples' counts must not reject at
+    p = 1e-4 (fixed seeds: the outcome never changes; a correct draw fails one test with
+    probability 1e-4); a range one short or a flip probability of 0.4 fails it."""
+    n, image = 4000, noise(2, 2)
+    rng = Recorder(0)
+    flipped = [not np.array_equal(T.RandomFlip()({"image": image}, rng)["image"], image) for _ in range(n)]
+    for _ in range(n):
+        T.PadCrop(4)({"image": image}, rng)
+    offsets = np.array([d[3] for d in rng.draws[n:]]).reshape(n, 2)
+    ours = offsets[:, 0] * 9 + offsets[:, 1], np.array(flipped)
+    torch.manual_seed(0)
+    crop = [TT.RandomCrop.get_params(torch.zeros(1, 10, 10), (2, 2)) for _ in range(n)]
+    theirs = (np.array([i * 9 + j for i, j, _, _ in crop]),
+              np.array([bool(torch.rand(1) < 0.5) for _ in range(n)]))
+    for a, b, bins in zip(ours, theirs, (81, 2)):
+        table = np.stack([np.bincount(np.asarray(a, int), minlength=bins), np.bincount(np.asarray(b, int), minlength=bins)])
+        assert scipy.stats.chi2_contingency(table).pvalue > 1e-4, table
 
 
 def test_normalize_gives_torchvisions_numbers_exactly():
@@ -119,15 +159,77 @@ def test_folder_eval_preprocessing_equals_torchvision(tmp_path):
         np.testing.assert_allclose(ours, expected, atol=1e-6)
 
 
-def test_folder_training_crops(tmp_path):
-    data = load_dataset("folder", write_image_folder(tmp_path / "imgs"))
-    batch = next(train_batches(data.train, data.augment, seed=0, epoch=0, global_batch=4))
-    assert batch["image"].shape == (4, 224, 224, 3)
-    crop = T.RandomResizedCrop(224)
-    image = Image.new("RGB", (300, 100))
-    rng = np.random.default_rng(0)
-    sizes = {crop({"image": image}, rng)["image"].size for _ in range(20)}
-    assert sizes == {(224, 224)}
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_folder_augmentation_equals_torchvisions_on_the_same_draws(tmp_path, mode):
+    """A folder's training transform is RandomResizedCrop, RandomHorizontalFlip, ToTensor and
+    Normalize, bit for bit, torchvision's run on the numbers ours drew (the crop's tries that fail
+    included), on RGB and one-channel (in_chans=1, averaged mean and std) images."""
+    root = write_image_folder(tmp_path / "imgs", per_class=2)
+    data = load_dataset("folder", root, image_size=24, in_chans=1 if mode == "L" else 3)
+    channels = 1 if mode == "L" else 3
+    # timm's in_chans=1: the average of ImageNet's three means and stds.
+    mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if mode == "RGB" else
+                 ((sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)))
+    reference = TT.Compose([TT.RandomResizedCrop(24), TT.RandomHorizontalFlip(), TT.ToTensor(),
+                            TT.Normalize(mean, std)])
+    for i in range(len(data.train)):
+        for seed in range(3):
+            rng = Recorder(seed)
+            out = data.augment(data.train[i], rng)["image"]
+            with replay(rng.draws):
+                expected = reference(Image.open(data.train.paths[i]).convert(mode))
+            assert out.shape == (24, 24, channels)
+            np.testing.assert_array_equal(out, expected.permute(1, 2, 0).numpy())
+
+
+@pytest.mark.parametrize("size, scale", [((120, 80), (0.08, 1.0)), ((300, 101), (0.9, 1.0)),
+                                         ((101, 300), (0.9, 1.0)), ((100, 90), (1.5, 2.0))])
+def test_random_resized_crop_equals_torchvisions_on_the_same_draws(size, scale):
+    """Box and bilinear resampling, pixel for pixel: draws that succeed at once, after failed tries,
+    and the centre-crop fallback of a wide, a tall and a near-square image (every try failing)."""
+    image = Image.fromarray(noise(size[1], size[0]))
+    crop, reference = T.RandomResizedCrop(16, scale=scale), TT.RandomResizedCrop(16, scale=scale)
+    for seed in range(30):
+        rng = Recorder(seed)
+        out = crop({"image": image}, rng)["image"]
+        with replay(rng.draws):
+            expected = reference(image)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(expected), err_msg=f"draws {rng.draws}")
+
+
+def test_random_resized_crop_draws_as_torchvision_does():
+    """Over 3,000 crops of a 120x80 image, the boxes ours draws (turned into boxes by torchvision's
+    own get_params) are distributed as torchvision's draws: top, left, height, width, area and aspect
+    ratio each pass a two-sample Kolmogorov-Smirnov test at p = 1e-4 (fixed seeds: the outcome never
+    changes; six tests of a correct draw fail with probability 6e-4). A linear instead of a
+    log-uniform aspect ratio fails it."""
+    n, image = 3000, Image.fromarray(noise(80, 120))
+    crop, rng, ours = T.RandomResizedCrop(4), Recorder(0), []
+    for _ in range(n):
+        start = len(rng.draws)
+        crop({"image": image}, rng)
+        with replay(rng.draws[start:]):
+            ours.append(TT.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]))
+    torch.manual_seed(0)
+    theirs = [TT.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)]
+    ours, theirs = np.array(ours, float), np.array(theirs, float)
+    for a, b, what in [(ours.T, theirs.T, "top left height width"),
+                       ([ours[:, 2] * ours[:, 3], ours[:, 3] / ours[:, 2]],
+                        [theirs[:, 2] * theirs[:, 3], theirs[:, 3] / theirs[:, 2]], "area aspect")]:
+        for x, y, name in zip(a, b, what.split()):
+            assert scipy.stats.ks_2samp(x, y).pvalue > 1e-4, name
+
+
+@pytest.mark.parametrize("width, height", [(57, 91), (91, 57), (64, 64), (33, 40)])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_resize_and_centre_crop_equal_torchvisions(width, height, interpolation):
+    """Resize (shorter side, antialiased) and CenterCrop, pixel for pixel, on images whose
+    rounding of the crop offset and of the longer side matter."""
+    image = Image.fromarray(noise(height, width))
+    mode = T.INTERPOLATIONS[interpolation]
+    reference = TT.Compose([TT.Resize(37, TT.InterpolationMode(interpolation)), TT.CenterCrop(32)])
+    out = T.ResizeCenterCrop(37, 32, mode)({"image": image})["image"]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(reference(image)))
 
 
 @pytest.mark.parametrize("setup, message", [

@@ -6,12 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torchvision.transforms as TT
+from PIL import Image
 
+import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.weights.torch_keys import from_torchvision
 from densenet_jax.inference import class_names
+from densenet_jax.model.pretrained_cfg import IMAGENET_MEAN, IMAGENET_STD
 from densenet_jax.weights.format import write_safetensors
 from fixtures import write_cifar10, write_image_folder
 from test_predict import PHOTOS, torchvision_tensor
@@ -69,7 +74,15 @@ def test_fine_tune_example_trains_a_new_head(tmp_path, capsys, small_weights):
     cli.main(["predict", "--weights", str(tmp_path / "run" / "best.safetensors"), str(image),
               "--resize", "36", "--crop", "32", "--json"])
     top = json.loads(capsys.readouterr().out)[0]["top"]
-    assert sorted(e["name"] for e in top) == ["cat", "dog", "fox"]
+    model = dj.load(tmp_path / "run" / "best.safetensors")
+    assert model.class_names == ["cat", "dog", "fox"]  # the folders' order, as ImageFolder's
+    preprocess = TT.Compose([TT.Resize(36), TT.CenterCrop(32), TT.ToTensor(), TT.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    x = preprocess(Image.open(image).convert("RGB")).numpy().transpose(1, 2, 0)[None]
+    model.eval()
+    p = torch.softmax(torch.from_numpy(np.asarray(model(x)))[0], -1).numpy()
+    order = np.argsort(-p)  # the model's own probabilities, most likely first
+    assert [(e["name"], e["class"]) for e in top] == [(model.class_names[i], int(i)) for i in order]
+    assert all(abs(e["probability"] - p[e["class"]]) <= 1e-5 for e in top)
 
 
 def test_features_example_fits_a_probe(small_weights):

@@ -26,7 +26,7 @@ from flax import nnx
 import densenet_jax as dj
 from densenet_jax import cli
 from densenet_jax.errors import CheckpointError
-from densenet_jax.export import MIN_OPSET, default_image_size, onnx_bytes
+from densenet_jax.export import MIN_OPSET, default_image_size, export, onnx_bytes
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from jax2onnx import to_onnx
 from densenet_jax.files import write_folder
@@ -231,6 +231,22 @@ def test_timm_folder_keeps_the_weights_test_size():
                         for c in (cfg, timms))
         assert {k: tuple(v) if isinstance(v, list) else v for k, v in ours.items()} == theirs
     assert tuple(theirs["input_size"]) == (3, 288, 288)
+
+
+def test_timm_folder_of_a_one_channel_model(densenet121_weights, tmp_path):
+    """in_chans=1 (a grey model, its weights without a recorded preprocessing): timm builds it from the folder
+    with one input channel and our stem's weights, and resolves one-channel preprocessing: input
+    size (1, S, S) and one mean and std, ImageNet's averaged as timm's in_chans=1 takes them (the
+    logits of timm's folders are compared above)."""
+    model = dj.load(densenet121_weights, in_chans=1)
+    export(model, "timm", tmp_path / "grey", image_size=SIZE)
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'grey'}", pretrained=True)
+    np.testing.assert_array_equal(theirs.features.conv0.weight.detach().numpy(),
+                                  np.transpose(np.asarray(model.features.conv0.kernel[...]), (3, 2, 0, 1)))
+    data = timm.data.resolve_data_config({}, model=theirs)
+    assert tuple(data["input_size"]) == (1, SIZE, SIZE)
+    np.testing.assert_allclose(data["mean"], [sum((0.485, 0.456, 0.406)) / 3], rtol=1e-12)
+    np.testing.assert_allclose(data["std"], [sum((0.229, 0.224, 0.225)) / 3], rtol=1e-12)
 
 
 # --- refusals: one line, exit 1, nothing written ---------------------------------------------------

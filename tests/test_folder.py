@@ -10,6 +10,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torchvision.transforms as TT
 from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import pil_loader
@@ -388,14 +389,16 @@ def test_a_folder_of_only_unreadable_images_is_an_error_when_read(tmp_path):
 
 
 def test_one_channel_reading(tmp_path):
-    """in_chans=1: one channel, normalised by the average ImageNet mean and std, as timm's
-    in_chans=1 preprocessing: mean (0.485 + 0.456 + 0.406) / 3, std (0.229 + 0.224 + 0.225) / 3."""
+    """in_chans=1: files read as "L" and normalised by the average ImageNet mean and std, as timm's
+    in_chans=1 preprocessing: mean (0.485 + 0.456 + 0.406) / 3, std (0.229 + 0.224 + 0.225) / 3;
+    torchvision's Resize, CenterCrop, ToTensor and Normalize on the same random-pixel images."""
     root = write_image_folder(tmp_path / "imgs", per_class=1)
-    for path in root.rglob("*.*"):
-        Image.new("RGB", (30, 20), (100, 100, 100)).save(path)
     data = load_dataset("folder", root, image_size=16, in_chans=1)
     batch = next(train_batches(data.train, data.augment, seed=0, epoch=0, global_batch=3))
     assert batch["image"].shape == (3, 16, 16, 1)
-    evaluated = data.preprocess(data.eval[0])["image"]
-    assert evaluated.shape == (16, 16, 1)
-    np.testing.assert_allclose(evaluated, (100 / 255 - 0.449) / 0.226, atol=1e-5)
+    reference = TT.Compose([TT.Resize(18), TT.CenterCrop(16), TT.ToTensor(),
+                            TT.Normalize((sum((0.485, 0.456, 0.406)) / 3,), (sum((0.229, 0.224, 0.225)) / 3,))])
+    for i, path in enumerate(data.eval.paths):
+        evaluated = data.preprocess(data.eval[i])["image"]
+        assert evaluated.shape == (16, 16, 1)
+        np.testing.assert_array_equal(evaluated, reference(Image.open(path).convert("L")).numpy().transpose(1, 2, 0))

@@ -13,7 +13,7 @@ from densenet_jax.data import transforms as T
 from densenet_jax.data.datasets import digits
 from densenet_jax.data.folder import image_folder
 from densenet_jax.data.images import read_image
-from densenet_jax.model.pretrained_cfg import PretrainedCfg
+from densenet_jax.model.pretrained_cfg import PretrainedCfg, resize_size
 from densenet_jax.model.registry import TAGS
 from densenet_jax.train.loop import preprocessing_cfg
 from fixtures import write_image_folder
@@ -44,6 +44,17 @@ def test_eval_transform_equals_timm_on_real_photos(name):
         size = cfg.eval_config(use_test_size)["input_size"]
         assert x.shape == expected.shape == (size[1], size[2], cfg.in_chans) and x.dtype == np.float32
         assert np.abs(x - expected).max() <= 1e-6
+
+
+# (size, crop_pct) where timm's floor and rounding part (224 / 0.9 = 248.9, 32 / 0.9 = 35.6,
+# 299 / 0.95 = 314.7), where they agree (0.875, the ra tags' 288 / 0.95), and a fine-tune's 8/7.
+RESIZES = [(224, 0.9), (32, 0.9), (299, 0.95), (224, 0.875), (288, 0.95), (100, 100 / 114)]
+
+
+@pytest.mark.parametrize("size, crop_pct", RESIZES)
+def test_resize_size_is_timms(size, crop_pct):
+    reference = create_transform(input_size=(3, size, size), crop_pct=crop_pct, interpolation="bilinear")
+    assert resize_size(size, crop_pct) == reference.transforms[0].size
 
 
 def test_train_runs_store_the_preprocessing_they_evaluate_with(tmp_path):

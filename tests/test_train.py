@@ -15,6 +15,7 @@ from densenet_jax.train import optim, parallel
 from densenet_jax.train.optimizers import set_learning_rate
 from densenet_jax.train import TrainConfig
 from densenet_jax.train.loop import Run
+from densenet_jax.train.step import Steps
 from densenet_jax.weights.format import state_arrays
 
 
@@ -136,6 +137,18 @@ def test_bf16_computes_in_bfloat16_and_keeps_fp32_state(rng):
     worst = max(relative_l2(bf16[k], fp32[k]) for k in tracked)
     print(f"bf16 vs fp32: loss per step {drift}, worst kernel or BN statistic {worst:.2e}")
     assert drift.max() <= BF16_LOSS and worst <= BF16_STATE
+
+
+def test_dropout_masks_follow_the_step(rng):
+    """The train step reseeds dropout from (--seed, step): the same step from the same state gives
+    the same loss (what resuming needs), the next step another mask."""
+    x, y = batch(rng, n=4)
+    with jax.default_prng_impl("rbg"):  # threefry's masks take a minute to compile on 2 cores
+        steps = Steps(tiny(num_classes=10, drop_rate=0.2, rngs=nnx.Rngs(0)), optim.sgd(), seed=1)
+    train = jax.jit(steps.train)
+    loss = lambda step: float(train(steps.initial.replace(step=jnp.asarray(step, jnp.int32)), steps.rest,
+                                    x, y, np.float32(0.05))[1]["loss"])
+    assert loss(5) == loss(5) and loss(6) != loss(5)
 
 
 def test_head_only_changes_only_the_classifier(rng):

@@ -5,6 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -16,7 +17,14 @@ from densenet_jax.data import load_dataset
 from densenet_jax.train.workdir import check, default_workdir, describe, write
 from densenet_jax.train import TrainConfig
 from densenet_jax.train.loop import Run
+from densenet_jax.weights.format import read_safetensors
 from fixtures import write_cifar10
+
+
+def assert_same_arrays(ours: dict, expected: dict) -> None:
+    assert ours.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(ours[key], expected[key], err_msg=key)
 
 
 def snapshot(folder: Path) -> dict:
@@ -34,6 +42,8 @@ def test_a_finished_run_is_left_as_it_is(tmp_path, tiny_weights, monkeypatch, ca
     assert {"best.safetensors", "metrics.jsonl", "model.safetensors", "run.json"} <= {
         p.name for p in workdir.iterdir()}
     before = snapshot(workdir)
+    epoch1 = read_safetensors(workdir / "model.safetensors")[0]
+    assert_same_arrays(read_safetensors(workdir / "best.safetensors")[0], epoch1)  # the best is the last
     capsys.readouterr()
 
     cli.main(command)  # the same command again: complete, exit status 0, nothing rewritten
@@ -49,11 +59,13 @@ def test_a_finished_run_is_left_as_it_is(tmp_path, tiny_weights, monkeypatch, ca
     assert "pass another --workdir" in err[0]
     assert snapshot(workdir) == before
 
-    cli.main([*command, "--epochs", "2"])  # the optimiser's settings may change: more epochs go on
+    # The optimiser's settings may change: more epochs go on, here at a rate that spoils them.
+    cli.main([*command, "--epochs", "2", "--lr", "2"])
     err = capsys.readouterr().err
-    assert "changed settings (--epochs 1 there, 2 here)" in err and "at step 22" in err
+    assert "changed settings (--epochs 1 there, 2 here" in err and "at step 22" in err
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [22, 44]
+    assert [r["step"] for r in rows] == [22, 44] and rows[1]["eval_acc"] < rows[0]["eval_acc"]
+    assert_same_arrays(read_safetensors(workdir / "best.safetensors")[0], epoch1)  # the best epoch's weights
 
 
 def test_another_configuration_is_refused_and_never_called_damaged(tmp_path, tiny_run, compilation_cache):

@@ -53,3 +53,18 @@ def state_dict_numpy(model: nn.Module) -> dict[str, np.ndarray]:
 def nchw(x: np.ndarray) -> torch.Tensor:
     """An NHWC numpy batch as the NCHW tensor torch expects."""
     return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def assert_file_holds(path, state: dict, cast=None) -> None:
+    """The densenet_jax weights file at ``path`` holds every tensor of the torch state dict
+    ``state`` (BN step counters aside), value for value (after ``cast``, e.g. fp16 -> fp32), read
+    back in torch's layout."""
+    from densenet_jax.weights.format import read_safetensors
+    from densenet_jax.weights.torch_keys import to_torchvision
+    ours = to_torchvision(*read_safetensors(path))
+    expected = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert ours.keys() == expected.keys()
+    for key, value in expected.items():
+        value = value.detach() if cast is None else cast(value.detach())
+        assert ours[key].dtype == value.numpy().dtype, (key, ours[key].dtype)
+        np.testing.assert_array_equal(ours[key], value.numpy(), err_msg=key)

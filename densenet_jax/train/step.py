@@ -81,7 +81,9 @@ class Steps:
                 key = jax.random.fold_in(self.dropout_key, state.step)
                 if self.axis_name is not None:
                     key = jax.random.fold_in(key, jax.lax.axis_index(self.axis_name))
-                nnx.reseed(model, dropout=key)
+                # A model built with nnx.Rngs(seed) keeps its dropout keys in the "default" stream,
+                # one built with a "dropout" stream there: both, or every step draws the same masks.
+                nnx.reseed(model, default=key, dropout=key)
             logits = model(images.astype(self.compute_dtype)).astype(self.loss_dtype)
             loss = per_example_loss(logits, labels, self.loss).mean()
             return loss, (logits, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
