@@ -1,0 +1,245 @@
+"""--aa policies, colour jitter and random erasing against timm's and torchvision's own code: the
+same pixels for the same drawn parameters (every op over a grid of levels), and the same
+distribution of draws (counts over a few thousand draws, fixed seeds)."""
+
+import random
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from timm.data import auto_augment as timm_aa
+from timm.data.random_erasing import RandomErasing as TimmErasing
+from torchvision.transforms import autoaugment as tv_aa
+
+from densenet_jax.data import augment as A
+from densenet_jax.data import augment_policies as P
+
+LEVELS = (0, 0.5, 1, 2, 3, 4.5, 5, 6, 7.3, 8, 9, 10)
+FILTERS = (Image.BILINEAR, Image.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def picture():
+    """A 23x17 RGB picture with smooth gradients, edges and noise (odd sizes catch centring)."""
+    y, x = np.mgrid[0:17, 0:23]
+    noise = np.random.default_rng(0).integers(0, 60, (17, 23, 3))
+    rgb = np.stack([x * 11, y * 15, (x * y) % 200], -1) + noise
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def _timm_argument(name, level, negate, hparams):
+    """timm's argument for op ``name`` at ``level``, its coin for the sign forced to ``negate``."""
+    level_fn = timm_aa.LEVEL_TO_ARG[name]
+    if level_fn is None:
+        return ()
+    with mock.patch.object(timm_aa.random, "random", return_value=0.9 if negate else 0.1):
+        return level_fn(level, hparams)
+
+
+@pytest.mark.parametrize("name", sorted(P.OPS))
+def test_every_op_at_every_level_gives_timms_pixels(picture, name):
+    settings = P.OpSettings(fill=(124, 116, 104), translate_const=10, translate_pct=0.45)
+    hparams = dict(translate_const=10, img_mean=(124, 116, 104), translate_pct=0.45)
+    op = P.AugmentOp(name, 1.0, 10, settings)
+    for level in LEVELS:
+        for negate in (False, True):
+            theirs = _timm_argument(name, level, negate, hparams)
+            ours = op.argument(level, negate)
+            assert (() if ours is None else (ours,)) == theirs, (name, level, negate)
+            for resample in FILTERS if op.geometric else (None,):
+                if "Posterize" in name and ours == 0:  # timm raises (Pillow refuses 0 bits): black
+                    with pytest.raises(ValueError):
+                        timm_aa.NAME_TO_OP[name](picture, *theirs)
+                    assert not np.asarray(op.apply(picture, (ours, None))).any()
+                    continue
+                expected = timm_aa.NAME_TO_OP[name](picture, *theirs, fillcolor=(124, 116, 104),
+                                                    resample=resample or Image.BICUBIC)
+                got = op.apply(picture, (ours, resample))
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(expected),
+                                              err_msg=f"{name} level {level} negate {negate}")
+
+
+def test_ta_wide_ops_at_every_magnitude_give_torchvisions_pixels(picture):
+    space = tv_aa.TrivialAugmentWide()._augmentation_space(31)
+    assert list(space) == list(P.TA_WIDE_OPS)
+    ta = P.TrivialAugmentWide(Image.BILINEAR)
+    for name, (magnitudes, signed) in space.items():
+        table = [float(m) for m in magnitudes.reshape(-1)] if magnitudes.ndim else None
+        assert P.TA_WIDE_OPS[name][1] == table, name
+        for magnitude in table or [0.0]:
+            for m in (magnitude, -magnitude) if signed else (magnitude,):
+                expected = tv_aa._apply_op(picture, name, m, TF.InterpolationMode.BILINEAR, None)
+                np.testing.assert_array_equal(np.asarray(ta.apply(picture, name, m)), np.asarray(expected),
+                                              err_msg=f"{name} {m}")
+
+
+def test_autoaugment_policies_are_timms():
+    for name in ("original", "v0"):
+        ours = [[(op.name, op.prob, op.magnitude) for op in sub]
+                for sub in P.auto_augment_policy(name, P.OpSettings())]
+        theirs = [[(op.name, op.prob, op.magnitude) for op in sub]
+                  for sub in timm_aa.auto_augment_policy(name)]
+        assert ours == theirs, name
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5", "rand-m9-n3-mstd0.5-inc1", "rand-m7-p0.3-mmax12-mstd101"])
+def test_rand_augment_spec_builds_timms_ops(spec):
+    theirs = timm_aa.rand_augment_transform(spec, dict(translate_const=100, img_mean=(1, 2, 3)))
+    ours = P.auto_augment(spec, P.OpSettings(fill=(1, 2, 3), translate_const=100))
+    assert ours.n == theirs.num_layers
+    assert [(o.name, o.prob, o.magnitude) for o in ours.ops] == \
+        [(o.name, o.prob, o.magnitude) for o in theirs.ops]
+    assert ours.ops[0].settings.magnitude_std == theirs.ops[0].magnitude_std
+    assert ours.ops[0].settings.magnitude_max == (theirs.ops[0].magnitude_max or 10)
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-x3", "rand-mx", "augmix-b1", "v1", "ta_wide-m3", "original-m3"])
+def test_unknown_aa_spec_names_the_fault(spec):
+    with pytest.raises(ValueError, match=f"--aa {spec}"):
+        P.auto_augment(spec, P.OpSettings())
+
+
+def test_augmix_mixes_chains_as_timm(picture):
+    weights, blend = np.float32([0.2, 0.5, 0.3]), np.float32(0.37)
+    chain_op = timm_aa.AugmentOp("Rotate", prob=1.0, magnitude=6, hparams=dict(
+        translate_const=10, img_mean=(0, 0, 0), interpolation=Image.BILINEAR))
+    theirs = timm_aa.AugMixAugment([chain_op], width=3, depth=1)
+    with mock.patch.object(timm_aa.random, "random", return_value=0.1):
+        expected = theirs._apply_basic(picture, weights, blend)
+    ours_op = P.AugmentOp("Rotate", 1.0, 6, P.OpSettings(fill=(0, 0, 0)))
+    chain = [lambda im: ours_op.apply(im, (18.0, Image.BILINEAR))] * 3
+    np.testing.assert_array_equal(np.asarray(P.mix_chains(picture, weights, blend, chain)), np.asarray(expected))
+
+
+@pytest.mark.parametrize("index,adjust", [(0, TF.adjust_brightness), (1, TF.adjust_contrast),
+                                          (2, TF.adjust_saturation), (3, TF.adjust_hue)])
+def test_colour_jitter_adjustments_are_torchvisions(picture, index, adjust):
+    for factor in ((-0.5, -0.23, 0.0, 0.1, 0.49) if index == 3 else (0.0, 0.3, 0.6, 1.0, 1.4, 1.9)):
+        got = A.ColorJitter.apply(picture, [(index, factor)])
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(adjust(picture, factor)), err_msg=str(factor))
+
+
+def test_random_erasing_fills_as_timm():
+    image = np.random.default_rng(0).standard_normal((9, 11, 3)).astype(np.float32)
+    fill = np.random.default_rng(1).standard_normal((4, 5, 3)).astype(np.float32)
+    expected = torch.from_numpy(image.transpose(2, 0, 1).copy())
+    expected[:, 2:6, 3:8] = torch.from_numpy(fill.transpose(2, 0, 1))
+    got = A.RandomErasing.apply(image, [(2, 3, 4, 5, fill)])
+    np.testing.assert_array_equal(got, expected.numpy().transpose(1, 2, 0))
+
+
+# Distributions: a few thousand draws of ours against timm's (or torchvision's), fixed seeds,
+# counts compared within a few standard errors.
+
+def _close(ours, theirs, n, what):
+    ours, theirs = np.asarray(ours, float), np.asarray(theirs, float)
+    tolerance = 4.5 * np.sqrt(np.maximum(theirs * (1 - theirs), 1e-4) / n) * np.sqrt(2)
+    assert np.all(np.abs(ours - theirs) <= tolerance), (what, ours, theirs)
+
+
+def _timm_rand_draws(spec, n):
+    random.seed(0)
+    np.random.seed(0)
+    transform = timm_aa.rand_augment_transform(spec, dict(translate_const=10, img_mean=(0, 0, 0)))
+    draws = []
+    for op in transform.ops:
+        # timm draws the filter inside the geometric ops (which this recorder stands in for).
+        geometric = P.OPS[op.name][3]
+        op.aug_fn = lambda img, *args, _n=op.name, _g=geometric, **kw: draws.append((
+            _n, args[0] if args else 0, timm_aa._interpolation(dict(kw)) if _g else None)) or img
+    image = Image.new("RGB", (4, 4))
+    for _ in range(n):
+        transform(image)
+    return draws
+
+
+def _our_rand_draws(spec, n):
+    transform = P.auto_augment(spec, P.OpSettings(fill=(0, 0, 0), translate_const=10))
+    draws, rng = [], np.random.default_rng(0)
+    with mock.patch.object(P.AugmentOp, "apply",
+                           lambda self, img, d: draws.append((self.name, d[0] or 0, d[1])) or img):
+        image = Image.new("RGB", (4, 4))
+        for _ in range(n):
+            transform(image, rng)
+    return draws
+
+
+def _summary(draws, names):
+    """Per op: share of all draws, share negative, mean |argument|; share bicubic among geometric."""
+    by_name = {k: [abs(a) for n, a, _ in draws if n == k] for k in names}
+    signs = {k: np.mean([a < 0 for n, a, _ in draws if n == k]) for k in names}
+    return by_name, signs
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5", "rand-m9-n3-mstd0.5-inc1"])
+def test_rand_augment_draws_match_timms(spec):
+    n = 3000
+    ours, theirs = _our_rand_draws(spec, n), _timm_rand_draws(spec, n)
+    layers = 3 if "-n3" in spec else 2
+    names = sorted({d[0] for d in theirs})
+    _close(len(ours) / (n * layers), len(theirs) / (n * layers), n * layers, "applied")
+    shares = lambda draws: [sum(d[0] == k for d in draws) / len(draws) for k in names]
+    _close(shares(ours), shares(theirs), len(theirs), "op shares")
+    (mags_o, sign_o), (mags_t, sign_t) = _summary(ours, names), _summary(theirs, names)
+    for k in names:
+        if sign_t[k] > 0:
+            _close(sign_o[k], sign_t[k], len(mags_t[k]), f"{k} negated")
+        spread = np.std(mags_t[k]) + 1e-9
+        assert abs(np.mean(mags_o[k]) - np.mean(mags_t[k])) < 5 * spread / np.sqrt(len(mags_t[k])) + 1e-9, k
+    bicubic = lambda draws: np.mean([r == Image.BICUBIC for _, _, r in draws if r is not None])
+    _close(bicubic(ours), bicubic(theirs), len(theirs) // 2, "bicubic")
+
+
+def test_ta_wide_draws_match_torchvisions():
+    n = 4000
+    torch.manual_seed(0)
+    theirs = []
+    with mock.patch.object(tv_aa, "_apply_op", lambda img, name, m, **kw: theirs.append((name, m)) or img):
+        transform = tv_aa.TrivialAugmentWide()
+        image = Image.new("RGB", (4, 4))
+        for _ in range(n):
+            transform(image)
+    rng, ta = np.random.default_rng(0), P.TrivialAugmentWide()
+    ours = [ta.draw(rng) for _ in range(n)]
+    names = list(P.TA_WIDE_OPS)
+    shares = lambda draws: [sum(d[0] == k for d in draws) / n for k in names]
+    _close(shares(ours), shares(theirs), n, "op shares")
+    negative = lambda draws: np.mean([m < 0 for k, m in draws if k == "Rotate"])
+    _close(negative(ours), negative(theirs), n // 14, "Rotate negated")
+    bins = lambda draws: np.mean([abs(m) for k, m in draws if k == "ShearX"])
+    assert abs(bins(ours) - bins(theirs)) < 0.06
+
+
+def _boxes(erase, n, draw):
+    """(share erased, mean top, left, height, width) of single boxes drawn ``n`` times on 3x20x30."""
+    found = []
+    for _ in range(n):
+        box = draw()
+        if box is not None:
+            found.append(box)
+    return [len(found) / n, *np.mean(found, 0)]
+
+
+def test_random_erasing_draws_match_timms():
+    n = 3000
+    random.seed(0)
+    timm_erase = TimmErasing(0.4, mode="const", device="cpu")
+
+    def theirs():
+        img = torch.ones(3, 20, 30)
+        timm_erase(img)
+        rows, cols = np.nonzero(img[0].numpy() == 0)
+        return None if not len(rows) else (rows.min(), cols.min(), np.ptp(rows) + 1, np.ptp(cols) + 1)
+
+    rng, ours_erase = np.random.default_rng(0), A.RandomErasing(0.4)
+
+    def ours():
+        boxes = ours_erase.draw(rng, 20, 30, 3)
+        return boxes[0][:4] if boxes else None
+
+    a, b = _boxes(ours_erase, n, ours), _boxes(timm_erase, n, theirs)
+    _close(a[0], b[0], n, "erased share")
+    assert np.allclose(a[1:], b[1:], rtol=0.08), (a, b)
