@@ -23,6 +23,7 @@ from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.model.registry import get_config
 from densenet_jax.train import optim, parallel, workdir
+from densenet_jax.train.augment_config import batch_mixer, loss_config, with_augmentation
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
 from densenet_jax.train.config import PRECISIONS, TrainConfig
 from densenet_jax.train.evaluate import evaluate_state
@@ -119,8 +120,9 @@ class Run:
         workdir.check_folder(self.workdir)
         self.is_main = jax.process_index() == 0
         # Read the data first: a bad folder fails in a second, not after compiling.
-        self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict, config.image_size,
-                                          config.in_chans)
+        self.data: Dataset = with_augmentation(load_dataset(config.dataset, config.data_dir, config.strict,
+                                                            config.image_size, config.in_chans), config)
+        self.mixer = batch_mixer(config, self.data.num_classes)
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size, jax.process_count())
         check_steps_per_epoch(self.steps_per_epoch, config.batch_size, len(self.data.train))
         self.total_steps = config.epochs * self.steps_per_epoch
@@ -130,7 +132,7 @@ class Run:
         self.runner = parallel.make(config.parallel, self.model, update_direction(config),
                                     step_store(config, self.model.config), seed=config.seed,
                                     compute_dtype=PRECISIONS[config.precision],
-                                    freeze_features=config.head_only)
+                                    freeze_features=config.head_only, loss=loss_config(config))
         self.record = workdir.describe(config, self.model.config, self.data)  # what run.json holds
         self.first_step_seconds: float | None = None  # this process's first step: compilation
         self.rows: list[dict] = []  # metrics.jsonl's, one per evaluated epoch
@@ -213,7 +215,7 @@ class Run:
         batches = train_batches(self.data.train, self.data.augment, seed=c.seed, epoch=epoch,
                                 global_batch=c.batch_size, start_step=first,
                                 process_index=jax.process_index(),
-                                process_count=jax.process_count(), workers=c.workers)
+                                process_count=jax.process_count(), workers=c.workers, mix=self.mixer)
         bar = _progress(c.progress and self.is_main, total=self.steps_per_epoch, initial=first,
                         desc=f"epoch {epoch + 1}/{c.epochs}")
         for i in range(first, last):
@@ -241,7 +243,8 @@ class Run:
     def _step(self, state, step: int, batch: dict, meter: EpochMeter):
         """Dispatch the train step after ``step`` on ``batch``: (state, step + 1). This process's first
         step is awaited, so that its time (compilation) is told apart from the others'."""
-        images, labels = self.runner.place_batch(batch["image"], batch["label"])
+        # Mixed batches carry soft targets beside their labels.
+        images, labels = self.runner.place_batch(batch["image"], batch.get("target", batch["label"]))
         dispatched = time.perf_counter()
         state, metrics = self.runner.train(state, images, labels, self.schedule(step))
         first = self.first_step_seconds is None

@@ -8,6 +8,7 @@ import optax
 from flax import nnx, struct
 
 from densenet_jax.model.densenet import DenseNet
+from densenet_jax.train import losses
 from densenet_jax.train.optim import apply_learning_rate
 
 
@@ -30,13 +31,15 @@ class Steps:
     run identical to an uninterrupted one. With ``axis_name`` the steps run per device under
     shard_map: BatchNorm statistics and gradients are averaged across that axis.
     ``freeze_features`` runs the backbone in eval mode while training (its BatchNorm statistics stay
-    as loaded), for head-only fine-tuning.
+    as loaded), for head-only fine-tuning. ``loss`` configures the training loss
+    (:mod:`densenet_jax.train.losses`); evaluation is plain cross-entropy.
     """
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation, *,
                  compute_dtype=jnp.float32, seed: int = 0, axis_name: str | None = None,
-                 freeze_features: bool = False):
+                 freeze_features: bool = False, loss: losses.LossConfig = losses.LossConfig()):
         self.tx = tx
+        self.loss = loss
         self.compute_dtype = compute_dtype
         self.loss_dtype = jnp.promote_types(compute_dtype, jnp.float32)  # bf16 compute, fp32 loss
         self.axis_name = axis_name
@@ -57,7 +60,9 @@ class Steps:
 
     def train(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array,
               lr: jax.Array):
-        """One SGD step at learning rate ``lr``: (new state, {loss, correct, grad_norm}) for the batch."""
+        """One SGD step at learning rate ``lr``: (new state, {loss, correct, grad_norm}) for the batch.
+        ``labels``: int (n,), or float (n, classes) soft targets (mixup's); correct counts the
+        largest target class then."""
         def loss_fn(params):
             model = nnx.merge(self.train_def, params, state.batch_stats, rest, copy=True)
             if self.dropout_key is not None:
@@ -66,11 +71,11 @@ class Steps:
                     key = jax.random.fold_in(key, jax.lax.axis_index(self.axis_name))
                 nnx.reseed(model, dropout=key)
             logits = model(images.astype(self.compute_dtype)).astype(self.loss_dtype)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            loss = losses.loss(logits, labels, self.loss)
             return loss, (logits, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        correct = jnp.sum(jnp.argmax(logits, -1) == losses.hard_labels(labels))
         if self.axis_name is not None:
             grads, loss = jax.lax.pmean((grads, loss), self.axis_name)
             correct = jax.lax.psum(correct, self.axis_name)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from densenet_jax.errors import WorkdirError
 from densenet_jax.files import atomic_write_bytes
+from densenet_jax.train import augment_config
 
 log = logging.getLogger("densenet_jax")
 
@@ -71,6 +72,8 @@ def describe(config, architecture, data) -> dict:
         "dataset": config.dataset, "train_examples": len(data.train), "eval_examples": len(data.eval),
         "classes": list(data.class_names), "image_size": data.image_size,
     }
+    if augmentation := augment_config.record(config):  # absent at the defaults, as in older records
+        identity["augmentation"] = augmentation
     optimizer = {k: getattr(config, k) for k in ("epochs", "lr", "schedule", "warmup_epochs",
                                                  "momentum", "weight_decay")}
     return json.loads(json.dumps({"identity": identity, "optimizer": optimizer}))
