@@ -243,3 +243,71 @@ def test_random_erasing_draws_match_timms():
     a, b = _boxes(ours_erase, n, ours), _boxes(timm_erase, n, theirs)
     _close(a[0], b[0], n, "erased share")
     assert np.allclose(a[1:], b[1:], rtol=0.08), (a, b)
+
+
+def test_augment_flags_build_the_transform_mixer_and_loss(tmp_path):
+    """Each flag reaches the run it builds: the folder's crop, flips, policy and erasing, the batch
+    mixer and the loss; the run's record names them; the default run keeps the folder's own."""
+    from densenet_jax import cli
+    from densenet_jax.cli.train import train_config
+    from densenet_jax.data.mixup import Mixup
+    from densenet_jax.train.loop import Run
+    from fixtures import write_image_folder
+
+    root = write_image_folder(tmp_path / "images")
+    argv = ["train", "--model", "densenet_bc_16_k12", "--dataset", "folder", "--data-dir", str(root),
+            "--image-size", "32", "--batch-size", "4", "--workdir", str(tmp_path / "run"),
+            "--aa", "rand-m7-n3-mstd0.5-inc1", "--color-jitter", "0.3", "--reprob", "0.25", "--remode", "pixel",
+            "--recount", "2", "--scale", "0.5", "0.9", "--ratio", "0.8", "1.25", "--hflip", "0.3",
+            "--vflip", "0.2", "--train-interpolation", "bicubic", "--mixup", "0.8", "--cutmix", "1.0",
+            "--cutmix-minmax", "0.2", "0.8", "--mixup-prob", "0.7", "--mixup-switch-prob", "0.4",
+            "--mixup-mode", "pair", "--smoothing", "0.1", "--bce-loss"]
+    run = Run(train_config(cli.parser().parse_args(argv)))
+    crop, hflip, vflip, policy, normalize, erase = run.data.augment.transforms
+    assert (crop.size, crop.scale, crop.interpolations) == (32, (0.5, 0.9), (Image.BICUBIC,))
+    assert np.allclose(np.exp(crop.log_ratio), (0.8, 1.25))
+    assert (hflip.prob, hflip.vertical, vflip.prob, vflip.vertical) == (0.3, False, 0.2, True)
+    rand = policy.policy  # --aa wins over --color-jitter, as timm
+    assert isinstance(rand, P.RandAugment) and rand.n == 3 and rand.ops[4].name == "PosterizeIncreasing"
+    assert rand.ops[0].magnitude == 7 and rand.ops[0].settings.interpolations == (Image.BICUBIC,)
+    assert rand.ops[0].settings.translate_const == int(32 * 0.45)
+    assert (erase.prob, erase.mode, erase.count) == (0.25, "pixel", 2)
+    assert isinstance(run.mixer, Mixup) and run.mixer.o.cutmix_minmax == (0.2, 0.8)
+    assert (run.mixer.o.mixup, run.mixer.o.mixup_prob, run.mixer.o.mixup_switch_prob,
+            run.mixer.o.mixup_mode, run.mixer.o.smoothing) == (0.8, 0.7, 0.4, "pair", 0.1)
+    assert run.runner.steps.loss.bce and run.runner.steps.loss.smoothing == 0  # smoothing is in the targets
+    assert run.record["identity"]["augmentation"]["aa"] == "rand-m7-n3-mstd0.5-inc1"
+    example = run.data.augment(run.data.train[0], np.random.default_rng(0))
+    assert example["image"].shape == (32, 32, 3) and example["image"].dtype == np.float32
+
+    # Without --aa, the jitter; with neither, the folder's own transform, no mixer, no record.
+    from densenet_jax.data import load_dataset
+    from densenet_jax.train import augment_config
+
+    folder = load_dataset("folder", root, image_size=32)
+    jitter = train_config(cli.parser().parse_args(argv[:11] + ["--color-jitter", "0.3"]))
+    assert isinstance(augment_config.with_augmentation(folder, jitter).augment.transforms[2].policy, A.ColorJitter)
+    plain = train_config(cli.parser().parse_args(argv[:11]))
+    assert augment_config.with_augmentation(folder, plain) is folder
+    assert augment_config.batch_mixer(plain, 3) is None and augment_config.record(plain) == {}
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(aa="rand-m9-q2"), "--aa rand-m9-q2: unknown RandAugment section 'q2'"),
+    (dict(remode="zeros"), "--remode 'zeros': must be one of const, rand, pixel"),
+    (dict(reprob=1.5), "--reprob 1.5: must be 0 to 1"),
+    (dict(scale=(0.9, 0.5)), "--scale 0.9 0.5: two numbers, 0 < low <= high"),
+    (dict(dataset="digits", scale=(0.5, 1.0)), "--scale sets a folder's random resized crop"),
+    (dict(dataset="digits", hflip=0.0), "--dataset digits is never flipped"),
+    (dict(mixup=-1.0), "--mixup -1.0: must be at least 0"),
+    (dict(mixup_mode="row"), "--mixup-mode 'row': must be one of batch, pair, elem"),
+    (dict(cutmix_minmax=(0.5, 0.5)), "--cutmix-minmax 0.5 0.5: low must be below high"),
+    (dict(smoothing=1.0), "--smoothing 1.0: must be 0 to 1"),
+    (dict(mixup=0.8, batch_size=7), "--batch-size 7: mixup and CutMix pair"),
+])
+def test_bad_augment_options_are_refused_in_one_line(options, message):
+    from densenet_jax.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        TrainConfig(**{"dataset": "cifar10", "data_dir": None if options.get("dataset") else "x", **options})
+    assert "\n" not in str(info.value)

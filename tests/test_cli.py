@@ -42,6 +42,7 @@ _EVALUATE = "test_cli.py::test_evaluate_options"
 _PREDICT = "test_cli.py::test_predict_options"
 _HUB_PREDICT = "test_hub.py::test_predict_model_tag_gives_timms_probabilities"
 _EXPORT_ONNX = "test_export.py::test_onnx_densenet121_nchw_from_the_cli"
+_AUGMENT = "test_augment.py::test_augment_flags_build_the_transform_mixer_and_loss"
 OPTION_TESTS: dict[str, dict[str, list[str]]] = {
     "train": {
         "--model": [_RUN],
@@ -76,6 +77,24 @@ OPTION_TESTS: dict[str, dict[str, list[str]]] = {
             "test_train_messages.py::test_batch_not_divisible_by_the_devices_and_a_process_left_alone"],
         "--pretrained": ["test_hub.py::test_train_pretrained_fine_tunes_with_a_new_head_on_grey_images"],
         "--in-chans": ["test_hub.py::test_train_pretrained_fine_tunes_with_a_new_head_on_grey_images"],
+        "--aa": [_AUGMENT],
+        "--color-jitter": [_AUGMENT],
+        "--reprob": [_AUGMENT],
+        "--remode": [_AUGMENT],
+        "--recount": [_AUGMENT],
+        "--scale": [_AUGMENT],
+        "--ratio": [_AUGMENT],
+        "--hflip": [_AUGMENT],
+        "--vflip": [_AUGMENT],
+        "--train-interpolation": [_AUGMENT],
+        "--mixup": [_AUGMENT],
+        "--cutmix": [_AUGMENT],
+        "--cutmix-minmax": [_AUGMENT],
+        "--mixup-prob": [_AUGMENT],
+        "--mixup-switch-prob": [_AUGMENT],
+        "--mixup-mode": [_AUGMENT],
+        "--smoothing": [_AUGMENT],
+        "--bce-loss": [_AUGMENT],
     },
     "evaluate": {
         "--weights": [_EVALUATE, "test_train.py::test_fine_tune_from_weights_with_a_new_head"],

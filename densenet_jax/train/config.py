@@ -71,7 +71,7 @@ class TrainConfig:
     aa: str | None = None
     color_jitter: float = 0.0
     reprob: float = 0.0
-    remode: str = "const"
+    remode: str = "pixel"
     recount: int = 1
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
