@@ -10,7 +10,7 @@ the transform ``densenet-jax train`` builds; timm's is ``timm.data.create_loader
 ``ImageDataset`` with the same options (no prefetcher: it needs CUDA), the same worker count.
 Rounds alternate, figures are medians (benchmarks/data.py's ``one_round``).
 
-Mixing: the train step of a CIFAR DenseNet-BC (L=100, k=12, 32x32, batch 64) with soft targets
+Mixing: the train step of a CIFAR DenseNet-BC (``--model``, 32x32, batch 64) with soft targets
 (mixup's) against integer labels, medians of ``--steps`` steps after compiling; and the time to mix
 a batch (``Mixup`` on the host, which runs in the data workers), at the same size and at
 ImageNet's (32 x 224 x 224), against the step and against a worker's time per batch.
@@ -88,7 +88,7 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def mixing_costs(steps: int) -> dict[str, float]:
+def mixing_costs(steps: int, model_name: str) -> dict[str, float]:
     """Seconds: the train step with integer labels and with soft targets, and mixing a batch."""
     import jax
     from flax import nnx
@@ -98,7 +98,7 @@ def mixing_costs(steps: int) -> dict[str, float]:
     from densenet_jax.train import optim
     from densenet_jax.train.step import Steps
 
-    model = dj.create_model("densenet_bc_100_k12", num_classes=10, rngs=nnx.Rngs(0))
+    model = dj.create_model(model_name, num_classes=10, rngs=nnx.Rngs(0))
     s = Steps(model, optim.sgd(0.9, 1e-4))
     train = jax.jit(s.train)
     rng = np.random.default_rng(0)
@@ -128,13 +128,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--steps", type=int, default=20, help="timed train steps per variant")
+    p.add_argument("--model", default="densenet_bc_100_k12", help="the model whose train step is timed")
     p.add_argument("--note", default="", help="a line about the conditions (e.g. a shared machine)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), args.images)
         rows = throughput(Path(tmp), args.rounds, args.workers)
-    costs = mixing_costs(args.steps)
+    costs = mixing_costs(args.steps, args.model)
     from importlib.metadata import version
 
     name = machine_name()
@@ -143,7 +144,7 @@ def main() -> None:
              f"{version('timm')}, torch {version('torch')}, jax {version('jax')}, {os.cpu_count()} CPU cores. "
              f"{args.note}".rstrip(), "",
              f"Command: `python benchmarks/augment.py --images {args.images} --rounds {args.rounds} "
-             f"--workers {' '.join(map(str, args.workers))} --steps {args.steps}`.", "",
+             f"--workers {' '.join(map(str, args.workers))} --steps {args.steps} --model {args.model}`.", "",
              f"Training batches of {BATCH} from {args.images} JPEGs of 500x375 with `--aa {AA} --reprob "
              f"{REPROB}` (decode, RandomResizedCrop 224, flip, RandAugment, normalise, random erasing); "
              f"medians of {args.rounds} alternating rounds; images/s between the first batches and the "
@@ -157,7 +158,7 @@ def main() -> None:
     step = costs["step, integer labels"]
     ours_rate = next(r["rate"] for r in rows if r["contender"].startswith("densenet") and r["workers"] == max(args.workers))
     per_batch = BATCH / ours_rate * max(max(args.workers), 1)  # one worker's seconds per batch
-    lines += ["", "Mixup/CutMix (DenseNet-BC-100 k=12, 32x32, batch 64, fp32; medians):", "",
+    lines += ["", f"Mixup/CutMix ({args.model}, 32x32, batch 64, fp32; medians):", "",
               "| what | ms | vs the step with integer labels | vs a worker's time per 224 px batch |",
               "|---|---|---|---|"]
     for what, seconds in costs.items():

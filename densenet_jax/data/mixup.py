@@ -122,19 +122,25 @@ class Mixup:
         """(mixed images, soft targets) for float32 NHWC ``images`` and int ``labels``: element i
         blended with element n-1-i as ``x * lam + partner * (1 - lam)`` in float32, or the
         partner's box pasted in; targets ``lam * y_i + (1 - lam) * y_(n-1-i)``, smoothed."""
+        # Only the elements that mix are touched, each box by slicing: masks and selects over the
+        # whole batch cost several passes over it, in a worker that also decodes.
         partner = images[::-1]
+        blended = np.flatnonzero(~cut & (lam != 1.0))
         lam32 = lam.astype(np.float32)[:, None, None, None]
         rest32 = (1.0 - lam).astype(np.float32)[:, None, None, None]
-        rows, cols = np.arange(images.shape[1]), np.arange(images.shape[2])
-        inside = ((rows[None, :, None] >= boxes[:, 0, None, None]) & (rows[None, :, None] < boxes[:, 1, None, None])
-                  & (cols[None, None, :] >= boxes[:, 2, None, None]) & (cols[None, None, :] < boxes[:, 3, None, None]))
-        pasted = (cut & (lam != 1.0))[:, None, None] & inside
-        blended = ~cut & (lam != 1.0)
-        out = np.where(blended[:, None, None, None], images * lam32 + partner * rest32, images)
-        out = np.where(pasted[..., None], partner, out)
+        if len(blended) == len(images):  # batch mode's mixup: no selection needed
+            out = images * lam32
+            out += partner * rest32
+        else:
+            out = images.copy()
+            if len(blended):
+                out[blended] = images[blended] * lam32[blended] + partner[blended] * rest32[blended]
+        for i in np.flatnonzero(cut & (lam != 1.0)):
+            top, bottom, left, right = boxes[i]
+            out[i, top:bottom, left:right] = partner[i, top:bottom, left:right]
         y = soft_targets(labels, self.num_classes, self.o.smoothing)
         targets = y * lam.astype(np.float32)[:, None] + y[::-1] * (1.0 - lam).astype(np.float32)[:, None]
-        return out.astype(np.float32, copy=False), targets
+        return out, targets
 
     def __call__(self, batch: dict, rng: np.random.Generator) -> dict:
         images = batch["image"]
