@@ -136,7 +136,7 @@ def test_random_erasing_fills_as_timm():
 
 def _close(ours, theirs, n, what):
     ours, theirs = np.asarray(ours, float), np.asarray(theirs, float)
-    tolerance = 4.5 * np.sqrt(np.maximum(theirs * (1 - theirs), 1e-4) / n) * np.sqrt(2)
+    tolerance = 4 * np.sqrt(2 * np.maximum(theirs * (1 - theirs), 1e-4) / n)  # 4 sigma of a difference
     assert np.all(np.abs(ours - theirs) <= tolerance), (what, ours, theirs)
 
 
@@ -176,7 +176,7 @@ def _summary(draws, names):
 
 @pytest.mark.parametrize("spec", ["rand-m9-mstd0.5", "rand-m9-n3-mstd0.5-inc1"])
 def test_rand_augment_draws_match_timms(spec):
-    n = 3000
+    n = 5000
     ours, theirs = _our_rand_draws(spec, n), _timm_rand_draws(spec, n)
     layers = 3 if "-n3" in spec else 2
     names = sorted({d[0] for d in theirs})
@@ -184,9 +184,10 @@ def test_rand_augment_draws_match_timms(spec):
     shares = lambda draws: [sum(d[0] == k for d in draws) / len(draws) for k in names]
     _close(shares(ours), shares(theirs), len(theirs), "op shares")
     (mags_o, sign_o), (mags_t, sign_t) = _summary(ours, names), _summary(theirs, names)
+    signed = [k for k in names if sign_t[k] > 0]
+    negated = lambda draws: np.mean([a < 0 for n, a, _ in draws if n in signed])
+    _close(negated(ours), negated(theirs), sum(len(mags_t[k]) for k in signed), "negated")
     for k in names:
-        if sign_t[k] > 0:
-            _close(sign_o[k], sign_t[k], len(mags_t[k]), f"{k} negated")
         spread = np.std(mags_t[k]) + 1e-9
         assert abs(np.mean(mags_o[k]) - np.mean(mags_t[k])) < 5 * spread / np.sqrt(len(mags_t[k])) + 1e-9, k
     bicubic = lambda draws: np.mean([r == Image.BICUBIC for _, _, r in draws if r is not None])
@@ -194,7 +195,7 @@ def test_rand_augment_draws_match_timms(spec):
 
 
 def test_ta_wide_draws_match_torchvisions():
-    n = 4000
+    n = 2500
     torch.manual_seed(0)
     theirs = []
     with mock.patch.object(tv_aa, "_apply_op", lambda img, name, m, **kw: theirs.append((name, m)) or img):
@@ -311,3 +312,19 @@ def test_bad_augment_options_are_refused_in_one_line(options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         TrainConfig(**{"dataset": "cifar10", "data_dir": None if options.get("dataset") else "x", **options})
     assert "\n" not in str(info.value)
+
+
+def test_colour_jitter_draws_match_torchvisions():
+    import torchvision.transforms as TT
+
+    n, ranges = 2000, ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))
+    torch.manual_seed(0)
+    theirs = [TT.ColorJitter.get_params(*ranges) for _ in range(n)]
+    rng, ours_jitter = np.random.default_rng(0), A.ColorJitter(0.4, 0.4, 0.4, 0.1)
+    ours = [ours_jitter.draw(rng) for _ in range(n)]
+    for position in (0, 3):  # which adjustment comes first, and last
+        share = lambda orders: [np.mean([o[position] == k for o in orders]) for k in range(4)]
+        _close(share([[i for i, _ in d] for d in ours]), share([list(t[0].numpy()) for t in theirs]), n, position)
+    for k in range(4):
+        mine = np.mean([f for d in ours for i, f in d if i == k])
+        assert abs(mine - np.mean([t[k + 1] for t in theirs])) < 0.02, k
