@@ -45,6 +45,7 @@ _EXPORT_ONNX = "test_export.py::test_onnx_densenet121_nchw_from_the_cli"
 _EXPLAIN = "test_explain.py::test_explain_writes_the_overlay_and_the_map"
 _EXPLAIN_XRV = "test_xrv.py::test_explain_xrv_weights_by_pathology_name"
 _SOURCES = "test_sources.py::test_train_options_name_columns_splits_and_sample_count"
+_AUGMENT = "test_augment.py::test_augment_flags_build_the_transform_mixer_and_loss"
 OPTION_TESTS: dict[str, dict[str, list[str]]] = {
     "train": {
         "--model": [_RUN],
@@ -84,6 +85,24 @@ OPTION_TESTS: dict[str, dict[str, list[str]]] = {
             "test_train_messages.py::test_batch_not_divisible_by_the_devices_and_a_process_left_alone"],
         "--pretrained": ["test_hub.py::test_train_pretrained_fine_tunes_with_a_new_head_on_grey_images"],
         "--in-chans": ["test_hub.py::test_train_pretrained_fine_tunes_with_a_new_head_on_grey_images"],
+        "--aa": [_AUGMENT],
+        "--color-jitter": [_AUGMENT],
+        "--reprob": [_AUGMENT],
+        "--remode": [_AUGMENT],
+        "--recount": [_AUGMENT],
+        "--scale": [_AUGMENT],
+        "--ratio": [_AUGMENT],
+        "--hflip": [_AUGMENT],
+        "--vflip": [_AUGMENT],
+        "--train-interpolation": [_AUGMENT],
+        "--mixup": [_AUGMENT],
+        "--cutmix": [_AUGMENT],
+        "--cutmix-minmax": [_AUGMENT],
+        "--mixup-prob": [_AUGMENT],
+        "--mixup-switch-prob": [_AUGMENT],
+        "--mixup-mode": [_AUGMENT],
+        "--smoothing": [_AUGMENT],
+        "--bce-loss": [_AUGMENT],
     },
     "evaluate": {
         "--weights": [_EVALUATE, "test_train.py::test_fine_tune_from_weights_with_a_new_head"],

@@ -24,11 +24,22 @@ TOLERANCE = 1e-9
 # included) beside it: both must be the same however the batch is split. lr 1: the one update
 # must move every weight past assert_same_training's check that training happened.
 FP64 = ["--epochs", "1", "--precision", "fp64", "--grad-accum-steps", "3", "--model-ema", "--lr", "1.0"]
+# Devices do not change a mixed batch (a host mixes its share before placing it) nor the soft-target
+# loss: the one-process runs mix. Two processes mix each its own share, as timm's DDP does, so that
+# run is compared unmixed.
+MIXED = ["--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1"]
 
 
 @pytest.fixture(scope="module")
 def single_device(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_device")
+    train(workdir, *FP64, *MIXED)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def single_device_unmixed(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one_device_unmixed")
     train(workdir, *FP64)
     return workdir
 
@@ -54,7 +65,7 @@ def assert_same_training(workdir, reference):
 
 @pytest.mark.parametrize("mode", ["mesh", "pmap"])
 def test_eight_devices_match_one(tmp_path, single_device, mode):
-    train(tmp_path, *FP64, "--parallel", mode, devices=8)
+    train(tmp_path, *FP64, *MIXED, "--parallel", mode, devices=8)
     assert_same_training(tmp_path, single_device)
 
 
@@ -62,7 +73,7 @@ def test_eight_devices_match_one(tmp_path, single_device, mode):
 def test_memory_efficient_on_eight_devices_matches_plain_on_one(tmp_path, single_device, mode):
     """--memory-efficient recomputes each dense layer in the backward pass, BatchNorm's mean across
     devices included (pmap: an axis-name collective inside the recomputation): the same training."""
-    train(tmp_path, *FP64, "--parallel", mode, "--memory-efficient", devices=8)
+    train(tmp_path, *FP64, *MIXED, "--parallel", mode, "--memory-efficient", devices=8)
     assert_same_training(tmp_path, single_device)
 
 
@@ -97,5 +108,5 @@ def train_two_processes(root, attempts: int = 3):
                     proc.communicate()
 
 
-def test_two_processes_match_one(tmp_path, single_device):
-    assert_same_training(train_two_processes(tmp_path), single_device)
+def test_two_processes_match_one(tmp_path, single_device_unmixed):
+    assert_same_training(train_two_processes(tmp_path), single_device_unmixed)

@@ -24,9 +24,11 @@ QUICK = ["--model", MODEL, "--dataset", "digits", "--batch-size", "448", "--no-p
 
 HERE = Path(__file__).resolve().parent
 
-# Two epochs of 3 steps, dropout on (so the RNG must resume too), a checkpoint every 2 steps: the
-# run that the resume and fault tests stop, restart, and compare with an uninterrupted one.
-RUN = ["--epochs", "2", "--drop-rate", "0.2", "--checkpoint-every", "2"]
+# Two epochs of 3 steps, dropout on (so the RNG must resume too), a checkpoint every 2 steps, and
+# per-element mixup/CutMix with smoothed targets (its draws must resume too): the run that the
+# resume and fault tests stop, restart, and compare with an uninterrupted one.
+RUN = ["--epochs", "2", "--drop-rate", "0.2", "--checkpoint-every", "2", "--mixup", "0.8", "--cutmix", "1.0",
+       "--mixup-mode", "elem", "--smoothing", "0.1"]
 
 CACHES = Path(tempfile.mkdtemp(prefix="densenet-jax-test-caches-"))
 

@@ -11,6 +11,7 @@ import time
 
 import jax
 
+from densenet_jax.cli.augment import add_augment_options
 from densenet_jax.cli.optim_options import add_optim_options, config_values, mark_defaults
 from densenet_jax.cli.options import dataset_options, figure, source_options
 from densenet_jax.model.registry import architecture_name, get_config, list_models
@@ -78,6 +79,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=d.max_steps,
                    help="stop after this many steps, checkpointed (0: no limit); rerun to continue")
     _pretrained_options(p, d)
+    add_augment_options(p, d)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_optim_options(p, d)
     _distributed_options(p)

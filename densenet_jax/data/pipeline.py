@@ -33,8 +33,12 @@ def steps_per_epoch(num_examples: int, global_batch: int, process_count: int = 1
 
 def train_batches(source: Sequence[Example], augment: Callable[[Example, np.random.Generator], Example],
                   *, seed: int, epoch: int, global_batch: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1, workers: int = 0) -> Iterator[Example]:
+                  process_index: int = 0, process_count: int = 1, workers: int = 0,
+                  mix: Callable[[Example, np.random.Generator], Example] | None = None) -> Iterator[Example]:
     """This host's share of each global training batch of ``epoch``, from ``start_step`` on.
+
+    ``mix`` (mixup/CutMix) transforms each batch of this host in the workers, with a generator
+    seeded by (seed, epoch, step), the same on every host and on a resumed run.
 
     A folder's batches also hold ``skipped`` (int32, 1 where an unreadable image's stand-in is):
     its sum is the number of images skipped in the batch. ``workers`` > 0 decodes in that many
@@ -49,6 +53,8 @@ def train_batches(source: Sequence[Example], augment: Callable[[Example, np.rand
                                    process_count=process_count, workers=workers)
     ds = grain.MapDataset.source(source).shuffle(seed=epoch_seed).random_map(augment, seed=epoch_seed)
     ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
+    if mix is not None:  # a seed apart from the examples': batch k's draws are not example k's
+        ds = ds.random_map(mix, seed=int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1)[0]))
     return _iterate(ds[start_step:], workers)
 
 

@@ -81,10 +81,12 @@ class RandomFlip:
 
 class RandomResizedCrop:
     """torchvision's RandomResizedCrop: a crop of random area (8%-100%) and aspect ratio (3/4-4/3),
-    resized to ``size`` x ``size`` (bilinear); after 10 failed draws, the centre crop."""
+    resized to ``size`` x ``size`` (bilinear, or a PIL filter drawn from ``interpolations`` after
+    the crop, as timm's RandomResizedCropAndInterpolation); after 10 failed draws, the centre crop."""
 
-    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolations=(Image.BILINEAR,)):
         self.size, self.scale, self.log_ratio = size, scale, (math.log(ratio[0]), math.log(ratio[1]))
+        self.interpolations = interpolations
 
     def __call__(self, example, rng):
         image = example["image"]
@@ -102,7 +104,10 @@ class RandomResizedCrop:
         # Crop, then resize, as torchvision does: resizing with box= would blend in pixels from
         # outside the box at its edges.
         box = (left, top, left + w, top + h)
-        return {**example, "image": image.crop(box).resize((self.size, self.size), Image.BILINEAR)}
+        # One filter draws nothing, so that the default crop's stream of draws stays as it was.
+        resample = self.interpolations[rng.integers(len(self.interpolations))] if len(
+            self.interpolations) > 1 else self.interpolations[0]
+        return {**example, "image": image.crop(box).resize((self.size, self.size), resample)}
 
     def _central(self, width, height):
         low, high = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])

@@ -22,6 +22,7 @@ from densenet_jax.data.datasets import is_image_source as is_images
 from densenet_jax.model.registry import get_config
 from densenet_jax.train import optim, optimizers, recipes, schedules
 from densenet_jax.train.losses import check_pos_weight
+from densenet_jax.train.augment_config import check_augmentation
 
 # bf16: bfloat16 compute, fp32 parameters, statistics and loss. fp64 (with jax_enable_x64): for
 # reference runs where fp32 rounding would hide whether two set-ups compute the same thing.
@@ -112,6 +113,26 @@ class TrainConfig:
     val_fraction: float | None = None
     # Multi-label data: "auto" (CheXNet's |N|/|P| per label) or numbers, comma-separated (losses.py).
     pos_weight: str | None = None
+    # Augmentation and mixing, as timm's train.py names them (train/augment_config.py checks them;
+    # the defaults are this project's, which docs/training.md sets beside timm's).
+    aa: str | None = None
+    color_jitter: float = 0.0
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    vflip: float = 0.0
+    train_interpolation: str = "bilinear"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    cutmix_minmax: tuple[float, float] | None = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.0
+    bce_loss: bool = False
 
     def __post_init__(self):
         recipes.apply(self)
@@ -139,6 +160,7 @@ class TrainConfig:
             self.model = DEFAULT_MODEL
         if self.image_size is None and is_images(self.dataset):
             self.image_size = FOLDER_IMAGE_SIZE
+        check_augmentation(self)
 
     def _check_optimizer(self) -> None:
         if self.lr is None:

@@ -22,7 +22,7 @@ from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.model.registry import get_config
-from densenet_jax.train import optim, parallel, schedules, workdir
+from densenet_jax.train import augment_config, optim, parallel, schedules, workdir
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
 from densenet_jax.train.config import PRECISIONS, TrainConfig, source_options
 from densenet_jax.train.evaluate import evaluate_state
@@ -71,9 +71,17 @@ def training_model(config: TrainConfig, data: Dataset) -> DenseNet:
 
 def loss_config(config: TrainConfig, data: Dataset) -> LossConfig:
     """The run's loss: multi-label when the data is, with ``--pos-weight`` resolved on the training
-    split's targets. ValueError naming the option for weights the data cannot take."""
-    targets = data.train.labels if data.multi_label else None
-    return LossConfig(data.multi_label, parse_pos_weight(config.pos_weight, targets, data.class_names))
+    split's targets; else smoothing and BCE as asked. ValueError naming the option for what the
+    data cannot take."""
+    one_label = augment_config.loss_config(config)
+    if not data.multi_label:
+        return dataclasses.replace(one_label, pos_weight=parse_pos_weight(config.pos_weight, None, data.class_names))
+    mixing = [f"--{k.replace('_', '-')}" for k in ("mixup", "cutmix", "smoothing", "bce_loss") if getattr(config, k)]
+    if mixing:
+        raise ValueError(f"{mixing[0]} mixes or smooths the classes of one-label data; {data.name} is "
+                         "multi-label (its loss is a binary cross-entropy per label already)")
+    targets = data.train.labels
+    return LossConfig(True, parse_pos_weight(config.pos_weight, targets, data.class_names))
 
 
 def step_store(config: TrainConfig, architecture: DenseNetConfig,
@@ -126,9 +134,11 @@ class Run:
         workdir.check_folder(self.workdir)
         self.is_main = jax.process_index() == 0
         # Read the data first: a bad folder fails in a second, not after compiling.
-        self.data: Dataset = load_dataset(config.dataset, config.data_dir, config.strict, config.image_size,
-                                          config.in_chans, **source_options(config))
+        self.data: Dataset = augment_config.with_augmentation(
+            load_dataset(config.dataset, config.data_dir, config.strict, config.image_size, config.in_chans,
+                         **source_options(config)), config)
         self.loss = loss_config(config, self.data)
+        self.mixer = augment_config.batch_mixer(config, self.data.num_classes)
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size, jax.process_count())
         check_steps_per_epoch(self.steps_per_epoch, config.batch_size, len(self.data.train))
         check_accumulation(self.steps_per_epoch, config.grad_accum_steps)
@@ -257,7 +267,7 @@ class Run:
         batches = train_batches(self.data.train, self.data.augment, seed=c.seed, epoch=epoch,
                                 global_batch=c.batch_size, start_step=first,
                                 process_index=jax.process_index(),
-                                process_count=jax.process_count(), workers=c.workers)
+                                process_count=jax.process_count(), workers=c.workers, mix=self.mixer)
         bar = _progress(c.progress and self.is_main, total=self.steps_per_epoch, initial=first,
                         desc=f"epoch {epoch + 1}/{c.epochs}")
         for i in range(first, last):
@@ -287,7 +297,8 @@ class Run:
     def _step(self, state, step: int, batch: dict, meter: EpochMeter):
         """Dispatch the train step after ``step`` on ``batch``: (state, step + 1). This process's first
         step is awaited, so that its time (compilation) is told apart from the others'."""
-        images, labels = self.runner.place_batch(batch["image"], batch["label"])
+        # Mixed batches carry soft targets beside their labels.
+        images, labels = self.runner.place_batch(batch["image"], batch.get("target", batch["label"]))
         dispatched = time.perf_counter()
         state, metrics = self.runner.train(state, images, labels, self.schedule(step))
         first = self.first_step_seconds is None

@@ -41,7 +41,7 @@ class Steps:
     shard_map: BatchNorm statistics and gradients are averaged across that axis.
     ``freeze_features`` runs the backbone in eval mode while training (its BatchNorm statistics stay
     as loaded), for head-only fine-tuning. ``loss``: what the labels are and how they are scored
-    (:mod:`densenet_jax.train.losses`).
+    in training (:mod:`densenet_jax.train.losses`); held-out data gets ``loss.for_eval()``.
     """
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation, *,
@@ -74,7 +74,9 @@ class Steps:
 
     def train(self, state: TrainState, rest: nnx.State, images: jax.Array, labels: jax.Array,
               lr: jax.Array):
-        """One SGD step at learning rate ``lr``: (new state, {loss, correct, grad_norm}) for the batch."""
+        """One SGD step at learning rate ``lr``: (new state, {loss, correct, grad_norm}) for the batch.
+        ``labels``: int (n,), or float (n, classes) soft targets (mixup's); correct counts the
+        largest target class then."""
         def loss_fn(params):
             model = nnx.merge(self.train_def, params, state.batch_stats, rest, copy=True)
             if self.dropout_key is not None:
@@ -123,8 +125,9 @@ class Steps:
         """Sums over the batch of loss, correct predictions and weight (0 marks padding)."""
         model = nnx.merge(self.eval_def, state.params, state.batch_stats, rest)
         logits = model(images.astype(self.compute_dtype)).astype(self.loss_dtype)
-        sums = {"loss": jnp.sum(per_example_loss(logits, labels, self.loss) * weights),
-                "correct": jnp.sum(per_example_correct(logits, labels, self.loss) * weights),
+        held_out = self.loss.for_eval()
+        sums = {"loss": jnp.sum(per_example_loss(logits, labels, held_out) * weights),
+                "correct": jnp.sum(per_example_correct(logits, labels, held_out) * weights),
                 "count": jnp.sum(weights)}
         if self.axis_name is not None:
             sums = jax.lax.psum(sums, self.axis_name)

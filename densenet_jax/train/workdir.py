@@ -29,6 +29,7 @@ from pathlib import Path
 
 from densenet_jax.errors import WorkdirError
 from densenet_jax.files import atomic_write_bytes
+from densenet_jax.train import augment_config
 
 log = logging.getLogger("densenet_jax")
 
@@ -87,6 +88,8 @@ def describe(config, architecture, data) -> dict:
         "classes": list(data.class_names), "image_size": data.image_size,
         **{k: getattr(config, k) for k in STATE_OPTIONS},
     }
+    if augmentation := augment_config.record(config):  # absent at the defaults, as in older records
+        identity["augmentation"] = augmentation
     optimizer = {k: getattr(config, k) for k in ("epochs", "lr", "schedule", "warmup_epochs",
                                                  "momentum", "weight_decay") + TUNABLE_OPTIONS}
     return json.loads(json.dumps({"identity": identity, "optimizer": optimizer}))
