@@ -11,7 +11,7 @@ from densenet_jax.data.augment import (ERASE_MODES, TRAIN_INTERPOLATIONS, Augmen
 from densenet_jax.data.augment_policies import OpSettings, auto_augment
 from densenet_jax.data.dataset import Dataset
 from densenet_jax.data.mixup import MIX_MODES, Mixup, MixupOptions
-from densenet_jax.train.losses import LossConfig
+from densenet_jax.train.losses import LossConfig, parse_pos_weight
 
 AUGMENT_FIELDS = tuple(f.name for f in dataclasses.fields(AugmentOptions))
 MIXUP_FIELDS = tuple(f.name for f in dataclasses.fields(MixupOptions))
@@ -30,10 +30,19 @@ def mixup_options(config) -> MixupOptions:
     return MixupOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def loss_config(config) -> LossConfig:
-    """The training loss the TrainConfig asks for; with mixup the smoothing is in its targets."""
-    smoothing = 0.0 if mixup_options(config).active else config.smoothing
-    return LossConfig(smoothing=smoothing, bce=config.bce_loss)
+def loss_config(config, data: Dataset) -> LossConfig:
+    """The training loss the TrainConfig asks for on ``data``: multi-label when the data is, with
+    ``--pos-weight`` resolved on the training split's targets; else smoothing (in the targets
+    with mixup) and BCE as asked. ValueError naming the option for what the data cannot take."""
+    if not data.multi_label:
+        smoothing = 0.0 if mixup_options(config).active else config.smoothing
+        return LossConfig(smoothing=smoothing, bce=config.bce_loss,
+                          pos_weight=parse_pos_weight(config.pos_weight, None, data.class_names))
+    mixing = [_flag(k) for k in ("mixup", "cutmix", "smoothing", "bce_loss") if getattr(config, k)]
+    if mixing:
+        raise ValueError(f"{mixing[0]} mixes or smooths the classes of one-label data; {data.name} is "
+                         "multi-label (its loss is a binary cross-entropy per label already)")
+    return LossConfig(True, parse_pos_weight(config.pos_weight, data.train.labels, data.class_names))
 
 
 def _flag(name: str) -> str:

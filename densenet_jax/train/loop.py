@@ -13,20 +13,18 @@ import numpy as np
 from flax import nnx
 
 from densenet_jax.data import Dataset, load_dataset, train_batches
-from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import steps_per_epoch
 from densenet_jax.errors import DiskFullError, DivergedError, Interrupted
 from densenet_jax.factory import build_model, create_model, load
 from densenet_jax.files import disk_of, is_disk_full
 from densenet_jax.model.config import DenseNetConfig
 from densenet_jax.model.densenet import DenseNet
-from densenet_jax.model.pretrained_cfg import PretrainedCfg
 from densenet_jax.model.registry import get_config
 from densenet_jax.train import augment_config, optim, parallel, schedules, workdir
 from densenet_jax.train.checkpoint import Checkpoints, has_checkpoints
 from densenet_jax.train.config import PRECISIONS, TrainConfig, source_options
 from densenet_jax.train.evaluate import evaluate_state
-from densenet_jax.train.losses import LossConfig, parse_pos_weight
+from densenet_jax.train.losses import LossConfig
 from densenet_jax.train.checks import (check_accumulation, check_batch_norm_inputs, check_devices, check_image_size,
                                        check_model_matches, check_precision_available, check_steps_per_epoch)
 from densenet_jax.train.messages import epoch_line, precision_warning, startup_lines, stopped_line
@@ -69,21 +67,6 @@ def training_model(config: TrainConfig, data: Dataset) -> DenseNet:
     return model
 
 
-def loss_config(config: TrainConfig, data: Dataset) -> LossConfig:
-    """The run's loss: multi-label when the data is, with ``--pos-weight`` resolved on the training
-    split's targets; else smoothing and BCE as asked. ValueError naming the option for what the
-    data cannot take."""
-    one_label = augment_config.loss_config(config)
-    if not data.multi_label:
-        return dataclasses.replace(one_label, pos_weight=parse_pos_weight(config.pos_weight, None, data.class_names))
-    mixing = [f"--{k.replace('_', '-')}" for k in ("mixup", "cutmix", "smoothing", "bce_loss") if getattr(config, k)]
-    if mixing:
-        raise ValueError(f"{mixing[0]} mixes or smooths the classes of one-label data; {data.name} is "
-                         "multi-label (its loss is a binary cross-entropy per label already)")
-    targets = data.train.labels
-    return LossConfig(True, parse_pos_weight(config.pos_weight, targets, data.class_names))
-
-
 def step_store(config: TrainConfig, architecture: DenseNetConfig,
                loss: LossConfig = LossConfig()) -> tuple[Path, str] | None:
     """Where the traced train step is kept for reruns (beside XLA's compilation cache, when that
@@ -100,20 +83,6 @@ def step_store(config: TrainConfig, architecture: DenseNetConfig,
                       "recipe_values", "train_csv", "val_csv"}
     shaping = {k: v for k, v in dataclasses.asdict(config).items() if k not in not_in_program}
     return Path(cache) / "densenet-jax-steps", repr((sorted(shaping.items()), architecture, loss))
-
-
-def preprocessing_cfg(data: Dataset) -> PretrainedCfg:
-    """``data``'s eval preprocessing as a pretrained cfg (size, resize as crop_pct, interpolation,
-    mean/std, channels), stored with the weights a run writes so that ``predict`` prepares images
-    exactly as ``evaluate`` did. Read off the data set's own transforms."""
-    steps = getattr(data.preprocess, "transforms", [data.preprocess])
-    normalize = next(t for t in steps if isinstance(t, T.Normalize))
-    crop = next((t for t in steps if isinstance(t, T.ResizeCenterCrop)), None)
-    size = crop.crop if crop else data.image_size
-    interpolation = {v: k for k, v in T.INTERPOLATIONS.items()}[crop.interpolation] if crop else "bilinear"
-    return PretrainedCfg(input_size=(len(normalize.mean), size, size), interpolation=interpolation,
-                         crop_pct=size / crop.resize if crop else 1.0, num_classes=data.num_classes,
-                         mean=tuple(map(float, normalize.mean)), std=tuple(map(float, normalize.std)))
 
 
 class Run:
@@ -137,7 +106,7 @@ class Run:
         self.data: Dataset = augment_config.with_augmentation(
             load_dataset(config.dataset, config.data_dir, config.strict, config.image_size, config.in_chans,
                          **source_options(config)), config)
-        self.loss = loss_config(config, self.data)
+        self.loss = augment_config.loss_config(config, self.data)
         self.mixer = augment_config.batch_mixer(config, self.data.num_classes)
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size, jax.process_count())
         check_steps_per_epoch(self.steps_per_epoch, config.batch_size, len(self.data.train))
@@ -391,7 +360,7 @@ class Run:
         model = self.runner.steps.model(self.runner.host_state(state))
         write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
                           model.config.replace(memory_efficient=False, drop_rate=0.0, head_drop_rate=0.0), path,
-                          class_names=self.data.class_names, pretrained_cfg=preprocessing_cfg(self.data),
+                          class_names=self.data.class_names, pretrained_cfg=self.data.preprocessing_cfg(),
                           multi_label=self.data.multi_label)
 
 
