@@ -31,6 +31,7 @@ from densenet_jax.cli.train import train_config
 from densenet_jax.data import load_dataset
 from densenet_jax.train import parallel
 from densenet_jax.train.loop import Run
+from densenet_jax.train.optimizers import set_learning_rate
 from densenet_jax.weights.format import read_safetensors, state_arrays, write_safetensors
 from fixtures import write_cifar10, write_cifar100, write_image_folder
 
@@ -46,6 +47,8 @@ _EXPLAIN = "test_explain.py::test_explain_writes_the_overlay_and_the_map"
 _EXPLAIN_XRV = "test_xrv.py::test_explain_xrv_weights_by_pathology_name"
 _SOURCES = "test_sources.py::test_train_options_name_columns_splits_and_sample_count"
 _AUGMENT = "test_augment.py::test_augment_flags_build_the_transform_mixer_and_loss"
+_TIMM = "test_train_options.py::test_timm_options_set_their_fields"
+_CSV = "test_train_options.py::test_csv_options_set_the_spec"
 OPTION_TESTS: dict[str, dict[str, list[str]]] = {
     "train": {
         "--model": [_RUN],
@@ -85,6 +88,38 @@ OPTION_TESTS: dict[str, dict[str, list[str]]] = {
             "test_train_messages.py::test_batch_not_divisible_by_the_devices_and_a_process_left_alone"],
         "--pretrained": ["test_hub.py::test_train_pretrained_fine_tunes_with_a_new_head_on_grey_images"],
         "--in-chans": ["test_hub.py::test_train_pretrained_fine_tunes_with_a_new_head_on_grey_images"],
+        "--opt": [_TIMM],
+        "--opt-eps": [_TIMM],
+        "--opt-betas": [_TIMM],
+        "--filter-bias-and-bn": [_TIMM],
+        "--clip-grad": [_TIMM],
+        "--clip-mode": [_TIMM],
+        "--grad-accum-steps": [_TIMM],
+        "--layer-decay": [_TIMM],
+        "--sched": [_TIMM],
+        "--decay-epochs": [_TIMM],
+        "--decay-milestones": [_TIMM],
+        "--decay-rate": [_TIMM],
+        "--warmup-lr": [_TIMM],
+        "--min-lr": [_TIMM],
+        "--cooldown-epochs": [_TIMM],
+        "--patience-epochs": [_TIMM],
+        "--lr-base": [_TIMM],
+        "--lr-base-size": [_TIMM],
+        "--lr-base-scale": [_TIMM],
+        "--model-ema": [_TIMM],
+        "--model-ema-decay": [_TIMM],
+        "--model-ema-warmup": [_TIMM],
+        "--best-from": [_TIMM],
+        "--recipe": ["test_train_options.py::test_a_recipe_fills_what_the_command_left_out"],
+        "--train-csv": [_CSV],
+        "--val-csv": [_CSV],
+        "--path-column": [_CSV],
+        "--label-columns": [_CSV],
+        "--patient-column": [_CSV],
+        "--uncertain": [_CSV],
+        "--val-fraction": [_CSV],
+        "--pos-weight": [_CSV],
         "--aa": [_AUGMENT],
         "--color-jitter": [_AUGMENT],
         "--reprob": [_AUGMENT],
@@ -113,8 +148,17 @@ OPTION_TESTS: dict[str, dict[str, list[str]]] = {
         "--image-size": [_EVALUATE],
         "--batch-size": [_EVALUATE],
         "--precision": [_EVALUATE],
+        "--json": ["test_xray.py::test_predict_and_evaluate_multilabel_weights_agree_with_sklearn"],
+        "--train-csv": ["test_train_options.py::test_evaluate_takes_the_same_csv_options"],
+        "--val-csv": ["test_train_options.py::test_evaluate_takes_the_same_csv_options"],
+        "--path-column": ["test_train_options.py::test_evaluate_takes_the_same_csv_options"],
+        "--label-columns": ["test_train_options.py::test_evaluate_takes_the_same_csv_options"],
+        "--patient-column": ["test_train_options.py::test_evaluate_takes_the_same_csv_options"],
+        "--uncertain": ["test_train_options.py::test_evaluate_takes_the_same_csv_options"],
+        "--val-fraction": ["test_train_options.py::test_evaluate_takes_the_same_csv_options"],
     },
     "predict": {
+        "--threshold": ["test_xray.py::test_predict_and_evaluate_multilabel_weights_agree_with_sklearn"],
         "--weights": [_PREDICT, "test_predict.py::test_predict_gives_torchvision_top5"],
         "--labels": [_PREDICT, "test_predict.py::test_predict_text_output_and_errors"],
         "--top": [_PREDICT, "test_predict.py::test_predict_text_output_and_errors"],
@@ -149,6 +193,8 @@ OPTION_TESTS: dict[str, dict[str, list[str]]] = {
         "--force": ["test_bad_input.py::test_outputs_are_never_clobbered_or_half_written"],
     },
     "export": {
+        "--opset": ["test_export.py::test_bad_input_is_one_line_exit_1_and_no_output"],
+        "--platforms": ["test_export.py::test_force_replaces_an_existing_output", "test_export.py::test_the_default_image_size_is_the_weights_own"],
         "--weights": [_EXPORT_ONNX, "test_export.py::test_stablehlo_runs_without_densenet_jax_bit_for_bit"],
         "--format": [_EXPORT_ONNX, "test_export.py::test_timm_loads_the_folder_as_pretrained"],
         "--image-size": [_EXPORT_ONNX, "test_export.py::test_bad_input_is_one_line_exit_1_and_no_output"],
@@ -275,7 +321,8 @@ def test_train_options_build_the_run(tmp_path):
     assert all(np.array_equal(loaded[k], saved[k]) for k in saved if not k.startswith("classifier"))
     initial = run.runner.steps.initial
     ones = jax.tree.map(jnp.ones_like, initial.params)
-    updates, _ = run.runner.steps.tx.update(ones, initial.opt_state, initial.params)
+    opt_state = set_learning_rate(initial.opt_state, 1.0)  # each step sets it; 0 before the first
+    updates, _ = run.runner.steps.tx.update(ones, opt_state, initial.params)
     moving = {".".join(str(k.key) for k in path) for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]
               if np.any(np.asarray(leaf) != 0)}
     assert moving == {"classifier.kernel", "classifier.bias"}  # --head-only: only the head moves
