@@ -60,14 +60,14 @@ def test_train_runs_store_the_preprocessing_they_evaluate_with(tmp_path):
     """A run's stored cfg rebuilds its data set's own eval preprocessing exactly: the digits' 8x8 and
     channel statistics (not ImageNet's 256/224, which gave 10% on digits), a folder's 8/7 resize."""
     data = digits()
-    cfg = data.preprocessing_cfg()
+    cfg = T.preprocessing_cfg(data)
     assert cfg.input_size == (3, 8, 8) and cfg.crop_pct == 1.0
     example = data.eval[0]
     rebuilt = T.eval_transform_from_cfg(**cfg.eval_config())({"image": Image.fromarray(example["image"])})
     np.testing.assert_array_equal(rebuilt["image"], data.preprocess(example)["image"])
 
     folder = image_folder(write_image_folder(tmp_path / "images"), image_size=48)
-    cfg = folder.preprocessing_cfg()
+    cfg = T.preprocessing_cfg(folder)
     assert cfg.input_size == (3, 48, 48) and cfg.interpolation == "bilinear"
     for example in folder.eval:
         rebuilt = T.eval_transform_from_cfg(**cfg.eval_config())(example)

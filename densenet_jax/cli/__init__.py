@@ -14,7 +14,7 @@ from types import ModuleType
 
 import jax
 
-from densenet_jax.cli.options import HelpFormatter
+from densenet_jax.cli.help import HelpFormatter
 from densenet_jax.errors import CheckpointError, DivergedError, Interrupted
 from densenet_jax.files import is_disk_full
 

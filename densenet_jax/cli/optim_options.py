@@ -78,6 +78,6 @@ def config_values(args: argparse.Namespace, fields) -> dict:
         if isinstance(values.get(k), list):
             values[k] = tuple(values[k])
     if values.get("recipe"):
-        preset = recipes.preset(values["recipe"], given, set(fields))
+        preset = recipes.preset(values["recipe"], given, set(fields), values.get("dataset", "digits"))
         values.update(preset, recipe_values=preset)
     return values

@@ -1,4 +1,4 @@
-"""What several commands' parsers share: the help layout and the data set's options."""
+"""What several commands' parsers share: the data set's options."""
 
 from __future__ import annotations
 
@@ -6,17 +6,6 @@ import argparse
 
 from densenet_jax.data.csv_source import UNCERTAIN
 from densenet_jax.train.config import DATASETS, FOLDER_IMAGE_SIZE
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown for options that take a value; not for flags, where ``--no-progress``
-    would read "(default: True)", nor for None, which the help words."""
-
-    def _get_help_string(self, action):
-        if action.nargs == 0 or action.default is None:  # a flag, or a default the help describes
-            return action.help
-        return super()._get_help_string(action)
-
 
 FOLDER_SPLITS = "a folder with train/ and val/"
 IMAGE_SIZE_HELP = (f"folder: training crop (default {FOLDER_IMAGE_SIZE}); eval resizes to 8/7 of it "

@@ -12,9 +12,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from densenet_jax.data import transforms as T
-from densenet_jax.model.pretrained_cfg import PretrainedCfg
-
 Example = dict[str, np.ndarray]
 
 
@@ -35,18 +32,6 @@ class Dataset:
     # rather than one class index.
     multi_label: bool = False
 
-    def preprocessing_cfg(self) -> PretrainedCfg:
-        """The held-out preprocessing as a pretrained cfg (size, resize as crop_pct, interpolation,
-        mean/std, channels), stored with the weights a run writes so that ``predict`` prepares
-        images exactly as ``evaluate`` did. Read off the data set's own transforms."""
-        steps = getattr(self.preprocess, "transforms", [self.preprocess])
-        normalize = next(t for t in steps if isinstance(t, T.Normalize))
-        crop = next((t for t in steps if isinstance(t, T.ResizeCenterCrop)), None)
-        size = crop.crop if crop else self.image_size
-        interpolation = {v: k for k, v in T.INTERPOLATIONS.items()}[crop.interpolation] if crop else "bilinear"
-        return PretrainedCfg(input_size=(len(normalize.mean), size, size), interpolation=interpolation,
-                             crop_pct=size / crop.resize if crop else 1.0, num_classes=self.num_classes,
-                             mean=tuple(map(float, normalize.mean)), std=tuple(map(float, normalize.std)))
 
 
 class ArraySource(Sequence):

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from densenet_jax.model.pretrained_cfg import resize_size
+from densenet_jax.model.pretrained_cfg import PretrainedCfg, resize_size
 
 
 
@@ -202,3 +202,18 @@ def eval_transform_from_cfg(input_size: tuple[int, int, int], interpolation: str
     return Compose([ConvertMode(IMAGE_MODES[channels]),
                     ResizeCenterCrop(resize_size(height, crop_pct), height, INTERPOLATIONS[interpolation]),
                     Normalize(mean, std)])
+
+
+def preprocessing_cfg(data) -> PretrainedCfg:
+    """A :class:`~densenet_jax.data.dataset.Dataset`'s held-out preprocessing as a pretrained cfg
+    (size, resize as crop_pct, interpolation, mean/std, channels), stored with the weights a run
+    writes so that ``predict`` prepares images exactly as ``evaluate`` did. Read off the data
+    set's own transforms."""
+    steps = getattr(data.preprocess, "transforms", [data.preprocess])
+    normalize = next(t for t in steps if isinstance(t, Normalize))
+    crop = next((t for t in steps if isinstance(t, ResizeCenterCrop)), None)
+    size = crop.crop if crop else data.image_size
+    interpolation = {v: k for k, v in INTERPOLATIONS.items()}[crop.interpolation] if crop else "bilinear"
+    return PretrainedCfg(input_size=(len(normalize.mean), size, size), interpolation=interpolation,
+                         crop_pct=size / crop.resize if crop else 1.0, num_classes=data.num_classes,
+                         mean=tuple(map(float, normalize.mean)), std=tuple(map(float, normalize.std)))

@@ -10,6 +10,7 @@ from densenet_jax.data.augment import (ERASE_MODES, TRAIN_INTERPOLATIONS, Augmen
                                        train_transform)
 from densenet_jax.data.augment_policies import OpSettings, auto_augment
 from densenet_jax.data.dataset import Dataset
+from densenet_jax.data.datasets import STREAMED
 from densenet_jax.data.mixup import MIX_MODES, Mixup, MixupOptions
 from densenet_jax.train.losses import LossConfig, parse_pos_weight
 
@@ -43,6 +44,11 @@ def loss_config(config, data: Dataset) -> LossConfig:
         raise ValueError(f"{mixing[0]} mixes or smooths the classes of one-label data; {data.name} is "
                          "multi-label (its loss is a binary cross-entropy per label already)")
     return LossConfig(True, parse_pos_weight(config.pos_weight, data.train.labels, data.class_names))
+
+
+def _resized_crop(dataset: str) -> bool:
+    """Whether ``dataset`` trains on a random resized crop: a folder's, hfds' and wds' images."""
+    return dataset == "folder" or dataset.startswith(STREAMED)
 
 
 def _flag(name: str) -> str:
@@ -83,7 +89,7 @@ def check_augmentation(config) -> None:
     _check_pair("scale", a.scale)
     _check_pair("ratio", a.ratio)
     for name in _FOLDER_ONLY:
-        if config.dataset != "folder" and getattr(a, name) != getattr(defaults, name):
+        if not _resized_crop(config.dataset) and getattr(a, name) != getattr(defaults, name):
             raise ValueError(f"{_flag(name)} sets a folder's random resized crop; --dataset "
                              f"{config.dataset} crops its own way")
     if config.dataset == "digits" and (a.hflip, a.vflip) != (defaults.hflip, defaults.vflip):
@@ -120,10 +126,10 @@ def with_augmentation(data: Dataset, config) -> Dataset:
         return data
     steps = getattr(data.augment, "transforms", [])
     normalize = next(t for t in steps if isinstance(t, T.Normalize))
-    if config.dataset == "folder":
+    if _resized_crop(config.dataset):
         crop = T.RandomResizedCrop(data.image_size, a.scale, a.ratio, TRAIN_INTERPOLATIONS[a.train_interpolation])
-    else:
-        crop = next(t for t in steps if isinstance(t, T.PadCrop))
+    else:  # CIFAR's and digits' padded crops, a CSV data set's resize and centre crop
+        crop = next(t for t in steps if isinstance(t, (T.PadCrop, T.ResizeCenterCrop)))
     augment = train_transform(a, crop, data.image_size, normalize, flips=config.dataset != "digits")
     return dataclasses.replace(data, augment=augment)
 

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from densenet_jax.data import Dataset, load_dataset, train_batches
+from densenet_jax.data import transforms as T
 from densenet_jax.data.pipeline import steps_per_epoch
 from densenet_jax.errors import DiskFullError, DivergedError, Interrupted
 from densenet_jax.factory import build_model, create_model, load
@@ -360,7 +361,7 @@ class Run:
         model = self.runner.steps.model(self.runner.host_state(state))
         write_safetensors({k: np.asarray(v) for k, v in state_arrays(model).items()},
                           model.config.replace(memory_efficient=False, drop_rate=0.0, head_drop_rate=0.0), path,
-                          class_names=self.data.class_names, pretrained_cfg=self.data.preprocessing_cfg(),
+                          class_names=self.data.class_names, pretrained_cfg=T.preprocessing_cfg(self.data),
                           multi_label=self.data.multi_label)
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from densenet_jax.data.datasets import STREAMED
+
 RECIPES: dict[str, dict] = {
     "paper-cifar": dict(opt="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, filter_bias_and_bn=False,
                         schedule="cifar", epochs=300, batch_size=64),
@@ -58,15 +60,28 @@ def apply(config) -> None:
     if config.recipe_values is not None:
         return
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    values = {k: v for k, v in RECIPES[config.recipe].items()
+    values = {k: v for k, v in fitting(config.recipe, config.dataset).items()
               if k in defaults and getattr(config, k) == defaults[k]}
     for k, v in values.items():
         setattr(config, k, v)
     config.recipe_values = values
 
 
-def preset(name: str, given: set[str], fields: set[str]) -> dict:
-    """The values recipe ``name`` sets among ``fields``, less the options in ``given``."""
+def preset(name: str, given: set[str], fields: set[str], dataset: str = "folder") -> dict:
+    """The values recipe ``name`` sets among ``fields`` for ``dataset``, less the options in
+    ``given``."""
     if name not in RECIPES:
         raise ValueError(f"--recipe {name!r}: must be one of {', '.join(RECIPES)}")
-    return {k: v for k, v in RECIPES[name].items() if k in fields and k not in given}
+    return {k: v for k, v in fitting(name, dataset).items() if k in fields and k not in given}
+
+
+# A random resized crop's options: data sets that crop their own way (CIFAR's and digits' padded
+# crops, a CSV's centre crop) keep their crop under any recipe; digits are never flipped.
+_CROP = ("scale", "ratio", "train_interpolation")
+
+
+def fitting(name: str, dataset: str) -> dict:
+    """Recipe ``name``'s values that ``dataset`` can take."""
+    own_crop = not (dataset == "folder" or dataset.startswith(STREAMED))
+    left_out = _CROP * own_crop + ("hflip", "vflip") * (dataset == "digits")
+    return {k: v for k, v in RECIPES[name].items() if k not in left_out}
