@@ -16,7 +16,7 @@ from densenet_jax.train.losses import LossConfig, parse_pos_weight
 
 AUGMENT_FIELDS = tuple(f.name for f in dataclasses.fields(AugmentOptions))
 MIXUP_FIELDS = tuple(f.name for f in dataclasses.fields(MixupOptions))
-_FOLDER_ONLY = ("scale", "ratio", "train_interpolation")
+RESIZED_CROP_OPTIONS = ("scale", "ratio", "train_interpolation")  # a random resized crop's
 
 
 def augment_options(config) -> AugmentOptions:
@@ -46,7 +46,7 @@ def loss_config(config, data: Dataset) -> LossConfig:
     return LossConfig(True, parse_pos_weight(config.pos_weight, data.train.labels, data.class_names))
 
 
-def _resized_crop(dataset: str) -> bool:
+def resized_crop(dataset: str) -> bool:
     """Whether ``dataset`` trains on a random resized crop: a folder's, hfds' and wds' images."""
     return dataset == "folder" or dataset.startswith(STREAMED)
 
@@ -88,8 +88,8 @@ def check_augmentation(config) -> None:
             raise ValueError(f"{_flag(name)} {getattr(a, name)!r}: must be one of {', '.join(choices)}")
     _check_pair("scale", a.scale)
     _check_pair("ratio", a.ratio)
-    for name in _FOLDER_ONLY:
-        if not _resized_crop(config.dataset) and getattr(a, name) != getattr(defaults, name):
+    for name in RESIZED_CROP_OPTIONS:
+        if not resized_crop(config.dataset) and getattr(a, name) != getattr(defaults, name):
             raise ValueError(f"{_flag(name)} sets a folder's random resized crop; --dataset "
                              f"{config.dataset} crops its own way")
     if config.dataset == "digits" and (a.hflip, a.vflip) != (defaults.hflip, defaults.vflip):
@@ -126,7 +126,7 @@ def with_augmentation(data: Dataset, config) -> Dataset:
         return data
     steps = getattr(data.augment, "transforms", [])
     normalize = next(t for t in steps if isinstance(t, T.Normalize))
-    if _resized_crop(config.dataset):
+    if resized_crop(config.dataset):
         crop = T.RandomResizedCrop(data.image_size, a.scale, a.ratio, TRAIN_INTERPOLATIONS[a.train_interpolation])
     else:  # CIFAR's and digits' padded crops, a CSV data set's resize and centre crop
         crop = next(t for t in steps if isinstance(t, (T.PadCrop, T.ResizeCenterCrop)))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from densenet_jax.data.datasets import STREAMED
+from densenet_jax.train.augment_config import RESIZED_CROP_OPTIONS, resized_crop
 
 RECIPES: dict[str, dict] = {
     "paper-cifar": dict(opt="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, filter_bias_and_bn=False,
@@ -75,13 +75,9 @@ def preset(name: str, given: set[str], fields: set[str], dataset: str = "folder"
     return {k: v for k, v in fitting(name, dataset).items() if k in fields and k not in given}
 
 
-# A random resized crop's options: data sets that crop their own way (CIFAR's and digits' padded
-# crops, a CSV's centre crop) keep their crop under any recipe; digits are never flipped.
-_CROP = ("scale", "ratio", "train_interpolation")
-
-
 def fitting(name: str, dataset: str) -> dict:
-    """Recipe ``name``'s values that ``dataset`` can take."""
-    own_crop = not (dataset == "folder" or dataset.startswith(STREAMED))
-    left_out = _CROP * own_crop + ("hflip", "vflip") * (dataset == "digits")
+    """Recipe ``name``'s values that ``dataset`` can take: data sets that crop their own way
+    (CIFAR's and digits' padded crops, a CSV's centre crop) keep their crop under any recipe, and
+    digits are never flipped."""
+    left_out = RESIZED_CROP_OPTIONS * (not resized_crop(dataset)) + ("hflip", "vflip") * (dataset == "digits")
     return {k: v for k, v in RECIPES[name].items() if k not in left_out}
