@@ -140,6 +140,11 @@ OPTION_TESTS: dict[str, dict[str, list[str]]] = {
         "--bce-loss": [_AUGMENT],
     },
     "evaluate": {
+        "--input-key": ["test_sources.py::test_evaluate_reads_each_source_as_the_folder"],
+        "--target-key": ["test_sources.py::test_evaluate_reads_each_source_as_the_folder"],
+        "--train-split": ["test_sources.py::test_evaluate_reads_each_source_as_the_folder"],
+        "--val-split": ["test_sources.py::test_evaluate_reads_each_source_as_the_folder"],
+        "--train-num-samples": ["test_sources.py::test_evaluate_reads_each_source_as_the_folder"],
         "--weights": [_EVALUATE, "test_train.py::test_fine_tune_from_weights_with_a_new_head"],
         "--dataset": [_EVALUATE],
         "--data-dir": [_EVALUATE],

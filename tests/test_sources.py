@@ -164,3 +164,27 @@ def test_train_options_name_columns_splits_and_sample_count(tmp_path):
     assert (len(shards.train), len(shards.eval), shards.num_classes) == (3, 4, 4)
     batch = next(train_batches(shards.train, sources.identity, seed=0, epoch=0, global_batch=3))
     assert len(set(batch["label"].tolist())) == 3 and set(batch["label"].tolist()) <= {0, 1, 2, 3}  # json "lab"
+
+
+def test_evaluate_reads_each_source_as_the_folder(written, tmp_path, capsys):
+    """``evaluate`` takes timm's source options: the same weights score the same images the same
+    whether they come from the folder, the Parquet files or the shards' held-out pattern."""
+    import densenet_jax as dj
+    from flax import nnx
+
+    weights = tmp_path / "w.safetensors"
+    dj.save(dj.create_model("densenet_bc_16_k12", num_classes=sources.COUNT, rngs=nnx.Rngs(0)), weights)
+
+    def evaluated(*argv):
+        cli.main(["evaluate", "--weights", str(weights), "--image-size", str(AUGMENT_SIZE), "--json", *argv])
+        return json.loads(capsys.readouterr().out)
+
+    folder = evaluated("--dataset", "folder", "--data-dir", written["folder"]["data_dir"])
+    hfds = evaluated("--dataset", written["hfds"]["name"], "--input-key", "image", "--target-key", "label",
+                     "--train-split", "train", "--val-split", "validation")
+    wds = evaluated("--dataset", written["wds"]["name"], "--val-split", written["wds"]["val_split"],
+                    "--train-num-samples", str(sources.COUNT))
+    assert folder["count"] == hfds["count"] == wds["count"] == sources.COUNT
+    for other in (hfds, wds):
+        assert other["loss"] == pytest.approx(folder["loss"], rel=1e-5)
+        assert other["accuracy"] == folder["accuracy"]

@@ -6,9 +6,9 @@ import argparse
 import dataclasses
 import json
 
-from densenet_jax.cli.options import dataset_options, figure
+from densenet_jax.cli.options import dataset_options, figure, source_options
 from densenet_jax.data.csv_source import CsvSpec
-from densenet_jax.train.config import PRECISIONS
+from densenet_jax.train.config import PRECISIONS, SOURCE_OPTIONS
 from densenet_jax.train.evaluate import Evaluation, evaluate_weights
 
 HELP = "held-out loss and accuracy (AUROC for multi-label weights) of a weights file"
@@ -21,6 +21,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
                     image_size_help="folder, csv: the centre crop instead of the one the weights record "
                                     "(their resize ratio, interpolation and mean/std kept; without a "
                                     "record, torchvision's: resize to 8/7 of it, bilinear; default 224)")
+    source_options(p)
     p.add_argument("--batch-size", type=int, default=128, help="images per evaluation step")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="bf16: compute in bfloat16; fp64: in float64")
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> None:
     they were prepared (see :func:`densenet_jax.train.evaluate.evaluate_weights`)."""
     result = evaluate_weights(args.weights, args.dataset, args.data_dir, batch_size=args.batch_size,
                               precision=args.precision, workers=args.workers, strict=args.strict,
-                              image_size=args.image_size, csv=csv_spec(args))
+                              image_size=args.image_size, csv=csv_spec(args),
+                              sources={k: getattr(args, k) for k in SOURCE_OPTIONS})
     if args.json:
         print(json.dumps(_as_json(result), indent=1))
         return

@@ -28,7 +28,7 @@ from densenet_jax.model.densenet import DenseNet
 from densenet_jax.model.pretrained_cfg import PretrainedCfg, resize_size
 from densenet_jax.inference import model_cfg
 from densenet_jax.train.checks import compute_dtype
-from densenet_jax.train.config import check_at_least, check_data_options
+from densenet_jax.train.config import FOLDER_IMAGE_SIZE, check_at_least, check_data_options
 from densenet_jax.train.losses import LossConfig, per_example_correct, per_example_loss
 from densenet_jax.train.multilabel import gather_outputs, multilabel_figures, outputs_of
 
@@ -58,12 +58,15 @@ class Evaluation:
 def evaluate_weights(weights: str, dataset: str = "digits", data_dir: str | None = None, *,
                      batch_size: int = 128, precision: str = "fp32", workers: int = 0,
                      strict: bool = False, image_size: int | None = None,
-                     csv: CsvSpec | None = None) -> Evaluation:
+                     csv: CsvSpec | None = None, sources: dict | None = None) -> Evaluation:
     """The held-out loss and accuracy of a densenet_jax ``weights`` file on ``dataset``, in steps
     of ``batch_size`` images computed in ``precision``. A folder's ``val/`` alone is read, prepared
     as :func:`densenet_jax.inference.predict` prepares images for these weights (at ``image_size``
     when given, see :func:`held_out_folder`); so are a CSV data set's held-out rows (``csv``,
-    see :func:`held_out_csv`). Multi-label weights also get AUROC and AUPRC per label.
+    see :func:`held_out_csv`). ``sources``: timm's options for ``hfds/`` and ``wds/`` data
+    (``input_key``, ``target_key``, ``train_split``, ``val_split``, ``train_num_samples``), whose
+    held-out split is cropped at ``image_size`` or the size the weights record. Multi-label weights
+    also get AUROC and AUPRC per label.
 
     ValueError, naming the command's option, for options out of range or that contradict each
     other (as :func:`densenet_jax.train.config.check_data_options`), and for weights with another
@@ -79,7 +82,9 @@ def evaluate_weights(weights: str, dataset: str = "digits", data_dir: str | None
         examples, preprocess, preprocessing = held_out_csv(weights, model, data_dir, csv or CsvSpec(),
                                                            strict, image_size)
     else:
-        data = load_dataset(dataset, data_dir, strict, in_chans=model.config.in_chans)
+        cfg = model.pretrained_cfg
+        size = image_size or (cfg.input_size[-1] if cfg is not None else FOLDER_IMAGE_SIZE)
+        data = load_dataset(dataset, data_dir, strict, size, in_chans=model.config.in_chans, **(sources or {}))
         if model.config.num_classes != data.num_classes:
             raise ValueError(f"{weights}: has {model.config.num_classes} classes, {dataset} has "
                              f"{data.num_classes}")
