@@ -188,3 +188,24 @@ def test_evaluate_reads_each_source_as_the_folder(written, tmp_path, capsys):
     for other in (hfds, wds):
         assert other["loss"] == pytest.approx(folder["loss"], rel=1e-5)
         assert other["accuracy"] == folder["accuracy"]
+
+
+def test_a_streamed_run_resumes_only_on_as_many_hosts(written, tmp_path):
+    """wds/ shards are split across hosts by shard, so where a resume would read from depends on
+    the host count: the run records it, and a resume on another count is refused in one line."""
+    from densenet_jax.errors import WorkdirError
+    from densenet_jax.model.registry import get_config
+    from densenet_jax.train.config import TrainConfig
+    from densenet_jax.train.workdir import check, describe, write
+
+    source = written["wds"]
+    config = TrainConfig(dataset=source["name"], val_split=source["val_split"],
+                         train_num_samples=sources.COUNT, workdir=str(tmp_path))
+    data = load_dataset(source["name"], image_size=AUGMENT_SIZE, val_split=source["val_split"],
+                        train_num_samples=sources.COUNT)
+    here = describe(config, get_config("densenet_40_k12", num_classes=sources.COUNT), data)
+    assert here["identity"]["hosts"] == 1
+    there = {**here, "identity": {**here["identity"], "hosts": 2}}
+    write(tmp_path, there)
+    with pytest.raises(WorkdirError, match=r"hosts \(wds/ shards are split by host\) 2 there, 1 here"):
+        check(tmp_path, here, has_checkpoints=True)

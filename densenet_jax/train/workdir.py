@@ -10,7 +10,8 @@ command stops in one line naming each difference; nothing in the folder is moved
 Not recorded, so free to change between invocations: how far and how this invocation runs
 (``--max-steps``, ``--checkpoint-every``, ``--keep``, ``--workers``, ``--progress``, ``--strict``
 beyond what it does to the data set's size, ``--memory-efficient``, which computes the same thing),
-and the number of devices or hosts (the global batch is what counts). The optimiser's settings
+and the number of devices or hosts (the global batch is what counts), except for ``wds/`` shards,
+which are split across hosts by shard: their host count is recorded. The optimiser's settings
 (``--epochs``, ``--lr``, ``--schedule``, ``--warmup-epochs``, ``--momentum``, ``--weight-decay``)
 are recorded and may change on a rerun, with a warning naming each change: extending a finished run
 with more epochs, or lowering the learning rate by hand, are deliberate choices people make.
@@ -26,6 +27,8 @@ import os
 import tempfile
 import re
 from pathlib import Path
+
+import jax
 
 from densenet_jax.errors import WorkdirError
 from densenet_jax.files import atomic_write_bytes
@@ -43,7 +46,7 @@ LABELS = {"model": "--model", "init_from": "--init-from", "head_only": "--head-o
           "batch_size": "--batch-size", "precision": "--precision", "parallel": "--parallel",
           "seed": "--seed", "drop_rate": "--drop-rate", "dataset": "--dataset",
           "train_examples": "training examples", "eval_examples": "held-out examples",
-          "classes": "classes", "image_size": "image size",
+          "classes": "classes", "image_size": "image size", "hosts": "hosts (wds/ shards are split by host)",
           "epochs": "--epochs", "lr": "--lr", "schedule": "--schedule",
           "warmup_epochs": "--warmup-epochs", "momentum": "--momentum", "weight_decay": "--weight-decay"}
 # The timm options: those that shape the training state (optimizer, accumulation, EMA) are identity;
@@ -88,6 +91,8 @@ def describe(config, architecture, data) -> dict:
         "classes": list(data.class_names), "image_size": data.image_size,
         **{k: getattr(config, k) for k in STATE_OPTIONS},
     }
+    if config.dataset.startswith("wds/"):  # each host streams its own shards: a resume needs as many
+        identity["hosts"] = jax.process_count()
     if augmentation := augment_config.record(config):  # absent at the defaults, as in older records
         identity["augmentation"] = augmentation
     optimizer = {k: getattr(config, k) for k in ("epochs", "lr", "schedule", "warmup_epochs",
