@@ -149,7 +149,7 @@ def test_train_options_name_columns_splits_and_sample_count(tmp_path):
                                                 "fine": [i % 3 for i in range(n)]}, features=features)
               for name, n in (("tr", 5), ("te", 2))}
     datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
-    shard = sources.write_shard(tmp_path / "j-0.tar", [
+    sources.write_shard(tmp_path / "j-0.tar", [
         {"__key__": f"k{i}", "jpg": sources.png(0), "json": json.dumps({"lab": i}).encode()} for i in range(4)])
 
     def loaded(*argv):
