@@ -41,8 +41,8 @@ def loss_config(config, data: Dataset) -> LossConfig:
                           pos_weight=parse_pos_weight(config.pos_weight, None, data.class_names))
     mixing = [_flag(k) for k in ("mixup", "cutmix", "smoothing", "bce_loss") if getattr(config, k)]
     if mixing:
-        raise ValueError(f"{mixing[0]} mixes or smooths the classes of one-label data; {data.name} is "
-                         "multi-label (its loss is a binary cross-entropy per label already)")
+        raise ValueError(f"{mixing[0]} is for one-label data; {data.name} is multi-label (its loss is "
+                         "a binary cross-entropy per label already)")
     return LossConfig(True, parse_pos_weight(config.pos_weight, data.train.labels, data.class_names))
 
 

@@ -178,8 +178,10 @@ class TrainConfig:
             raise ValueError(f"--warmup-epochs {self.warmup_epochs} has no effect with --schedule "
                              f"{self.schedule}: only {', '.join(optim.WARMUP_SCHEDULES)} warms up")
         if not 0 <= self.warmup_epochs < self.epochs:
+            preset = (f" (set by --recipe {self.recipe}; give --warmup-epochs to override it)"
+                      if "warmup_epochs" in (self.recipe_values or {}) else "")
             raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must be at least 0 and less than "
-                             f"--epochs {self.epochs}")
+                             f"--epochs {self.epochs}{preset}")
 
     def csv_spec(self) -> CsvSpec:
         """The CSV options as the data source takes them."""

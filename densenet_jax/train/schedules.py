@@ -98,4 +98,4 @@ def far_from_scaled(lr: float, lr_base: float, lr_base_size: int, global_batch: 
         return None
     return (f"warning: --lr {lr:g} is {max(lr / expected, expected / lr):.0f}x "
             f"{'above' if lr > expected else 'below'} {expected:.3g}, timm's rate for a batch of {global_batch} "
-            f"(--lr-base {lr_base:g} per {lr_base_size} images); leave --lr out to use that rate")
+            f"(--lr-base {lr_base:g} per {lr_base_size} images); give --lr, or --lr-base without --lr, to set it")
