@@ -7,6 +7,7 @@ image size does not change, and its run time is smaller. Each densenet121 export
 """
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -177,7 +178,8 @@ def test_stablehlo_runs_without_densenet_jax_bit_for_bit(densenet121_weights, de
     for batch in (1, 3):
         inputs.append(tmp_path / f"x{batch}.npy")
         np.save(inputs[-1], images(batch))
-    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}  # no PYTHONPATH: no checkout either
+    # No PYTHONPATH: no checkout either; this process's XLA flags, for the same compiled program.
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
     subprocess.run([sys.executable, "-c", LOADER, out, *inputs], check=True, env=env, cwd=tmp_path,
                    timeout=600)
     # One artifact for every platform, run here on the CPU.

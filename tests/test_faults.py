@@ -93,7 +93,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def every_step(tmp_path_factory, tiny_run, compilation_cache):
+def every_step(tmp_path_factory, tiny_run):
     """The uninterrupted tiny run's workdir, a checkpoint at each of its 22 steps."""
     workdir = tmp_path_factory.mktemp("every-step")
     Run(tiny_run(workdir, checkpoint_every=1, keep=30)).fit()
@@ -111,7 +111,7 @@ PLACES = [("data", 2, 1), ("dispatch", 2, 2), ("device", 1, 10), ("fetch", 1, 10
 
 @pytest.mark.parametrize("place, n, step", PLACES, ids=[p[0] for p in PLACES])
 def test_a_stop_anywhere_checkpoints_the_last_completed_step(place, n, step, tmp_path, tiny_run,
-                                                             every_step, monkeypatch, compilation_cache):
+                                                             every_step, monkeypatch):
     faults.inject(f"sigint@{place}", n, patch=monkeypatch.setattr)
     run = Run(tiny_run(tmp_path, checkpoint_every=4 if place == "save" else 0))
     with pytest.raises(Interrupted, match=rf"stopped by SIGINT at step {step}, checkpoint saved"):
@@ -124,7 +124,7 @@ def test_a_stop_anywhere_checkpoints_the_last_completed_step(place, n, step, tmp
 
 
 def test_a_stop_during_the_first_compilation_says_what_it_waits_for(tmp_path, tiny_run, monkeypatch,
-                                                                    caplog, compilation_cache):
+                                                                    caplog):
     faults.inject("sigint@compile", 1, patch=monkeypatch.setattr)
     with pytest.raises(Interrupted, match="at step 1, checkpoint saved"):
         Run(tiny_run(tmp_path)).fit()
@@ -143,7 +143,7 @@ def killed(*_args, **_kwargs):
 
 @pytest.mark.parametrize("stop", ["sigterm@eval-lost", "kill"])
 def test_a_resume_at_an_epochs_end_records_its_missing_evaluation(stop, tmp_path, tiny_run, every_step,
-                                                                  monkeypatch, compilation_cache):
+                                                                  monkeypatch):
     """A stop or a kill during the evaluation that ends an epoch (a kill once --checkpoint-every
     saved the epoch's last step) leaves the epoch without its row; the resume evaluates it: the
     row an uninterrupted run writes, its curves and its best.safetensors."""
@@ -169,7 +169,7 @@ DISK_FULL = ValueError("RESOURCE_EXHAUSTED: Error writing \"params/0\" in OCDBT 
 
 
 def test_a_full_disk_is_one_line_and_the_resume_after_freeing_space_ends_as_uninterrupted(
-        tmp_path, tiny_run, every_step, monkeypatch, compilation_cache):
+        tmp_path, tiny_run, every_step, monkeypatch):
     def full(*_args, **_kwargs):
         raise DISK_FULL
     monkeypatch.setattr(Checkpoints, "save", faults.on_nth(2, Checkpoints.save, full, before=True))

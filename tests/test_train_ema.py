@@ -21,7 +21,7 @@ def weights(workdir, name="model.safetensors"):
     return read_safetensors(workdir / name)[0]
 
 
-def test_ema_and_accumulation_resume_exactly_and_equal_the_larger_batch(tmp_path, tiny_run, compilation_cache):
+def test_ema_and_accumulation_resume_exactly_and_equal_the_larger_batch(tmp_path, tiny_run):
     whole, pieces, larger = tmp_path / "whole", tmp_path / "pieces", tmp_path / "larger"
     Run(tiny_run(whole, **ACCUMULATED)).fit()
     Run(tiny_run(pieces, **ACCUMULATED, max_steps=5)).fit()  # stops between an accumulation's two steps

@@ -33,7 +33,7 @@ def snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_finished_run_is_left_as_it_is(tmp_path, tiny_weights, monkeypatch, capsys, compilation_cache):
+def test_a_finished_run_is_left_as_it_is(tmp_path, tiny_weights, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     command = ["train", "--init-from", str(tiny_weights), "--epochs", "1", "--batch-size", "64",
                "--schedule", "constant", "--seed", "3", "--no-progress"]  # conftest's tiny_run
@@ -68,7 +68,7 @@ def test_a_finished_run_is_left_as_it_is(tmp_path, tiny_weights, monkeypatch, ca
     assert_same_arrays(read_safetensors(workdir / "best.safetensors")[0], epoch1)  # the best epoch's weights
 
 
-def test_another_configuration_is_refused_and_never_called_damaged(tmp_path, tiny_run, compilation_cache):
+def test_another_configuration_is_refused_and_never_called_damaged(tmp_path, tiny_run):
     workdir = tmp_path / "run"
     config = tiny_run(workdir, max_steps=1)
     Run(config).fit()

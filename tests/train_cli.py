@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
-import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,23 +31,23 @@ HERE = Path(__file__).resolve().parent
 RUN = ["--epochs", "2", "--drop-rate", "0.2", "--checkpoint-every", "2", "--mixup", "0.8", "--cutmix", "1.0",
        "--mixup-mode", "elem", "--smoothing", "0.1"]
 
-CACHES = Path(tempfile.mkdtemp(prefix="densenet-jax-test-caches-"))
-
-
-def cache_of_this_test() -> Path:
-    """The compilation cache and traced-step store of the test running now: a test's reruns share
-    theirs, as a user's would, but no test loads what another one compiled."""
-    test = os.environ.get("PYTEST_CURRENT_TEST", "outside a test").rsplit(" (", 1)[0]
-    return CACHES / re.sub(r"[^\w.-]+", "_", test)
+# One compilation cache and traced-step store for every training run of this test process, as a
+# user's runs share theirs: XLA's cache is keyed by the program itself, and the traced step by
+# everything that shapes it (test_caches.py), so a run served from it computes what a fresh one
+# would, and most runs skip a compilation (the suite's largest cost). A test that checks reuse
+# passes a cache of its own.
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="densenet-jax-test-caches-"))
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
 
 
 def train(workdir: Path, *args, devices: int = 1, process: tuple[int, int] | None = None,
           port: int = 0, wait: bool = True, fault: tuple[str, int] | None = None, expect: int = 0,
           cache: str | Path | None = None):
     """Train in a fresh process; ``fault``: (point, n) for faults.py; ``expect``: its exit status;
-    ``cache``: DENSENET_JAX_CACHE ("" turns it off; by default the test's own, see cache_of_this_test)."""
-    cache = cache_of_this_test() if cache is None else cache
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    ``cache``: DENSENET_JAX_CACHE ("" turns it off; SESSION_CACHE by default)."""
+    cache = SESSION_CACHE if cache is None else cache
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = {**os.environ, "XLA_FLAGS": xla_flags,
            "JAX_PLATFORMS": "cpu", "DENSENET_JAX_CACHE": str(cache)}
     launcher = ["-m", "densenet_jax"] if fault is None else [str(HERE / "faults.py"), fault[0], str(fault[1])]
     quick = QUICK[2:] if "--init-from" in map(str, args) else QUICK  # the file names the architecture
