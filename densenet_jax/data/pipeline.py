@@ -1,8 +1,9 @@
 """Grain pipelines: deterministic for a seed, resumable at any step, sharded across hosts.
 
 An epoch's order and augmentation depend only on (seed, epoch) and on an example's place in that
-order, never on how many hosts read it: host h of H takes every H-th example of the shuffled
-epoch, so H hosts' batches together hold exactly the examples of one host's global batch.
+order, never on how many hosts read it: host h of H takes the h-th of the H equal, contiguous
+parts of each global batch, so the H hosts' batches, placed one after another as the device mesh
+orders them, are one host's global batch, example for example.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def train_batches(source: Sequence[Example], augment: Callable[[Example, np.rand
                                    start_step=start_step, process_index=process_index,
                                    process_count=process_count, workers=workers)
     ds = grain.MapDataset.source(source).shuffle(seed=epoch_seed).random_map(augment, seed=epoch_seed)
-    ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
+    steps = steps_per_epoch(len(source), global_batch, process_count)
+    # Global batch k is this dataset's parts k*H .. k*H + H-1: this host's is part k*H + h.
+    ds = ds[:steps * global_batch].batch(global_batch // process_count)[process_index::process_count]
     if mix is not None:  # a seed apart from the examples': batch k's draws are not example k's
         ds = ds.random_map(mix, seed=int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1)[0]))
     return _iterate(ds[start_step:], workers)

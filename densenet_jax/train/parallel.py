@@ -23,6 +23,26 @@ from densenet_jax.train.step import Steps, TrainState
 PMAP_AXIS = "batch"
 
 
+def process_ordered_devices() -> np.ndarray:
+    """Every device, each process's together in process order (pmap's order): the global batch
+    is then process 0's examples, then process 1's, as one process would hold them, and each
+    example meets the dropout mask (and, under pmap, the device key) it would meet there."""
+    return np.array([d for i in range(jax.process_count()) for d in jax.local_devices(i)])
+
+
+def replicate(tree, sharding: NamedSharding):
+    """``tree`` (arrays with the same values in every process) placed whole on every device of
+    ``sharding``. Typed PRNG keys (dropout's RNG state) travel as their data and are wrapped again
+    on the devices: across processes ``jax.device_put`` places plain arrays only."""
+    def place(x):
+        if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.device_put(x, sharding)
+        data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+        wrap = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=jax.random.key_impl(x)), out_shardings=sharding)
+        return wrap(data)
+    return jax.tree.map(place, tree)
+
+
 class Runner:
     """What both forms share: state replicated and the batch split over a 1-D mesh of every device;
     run the steps on them, read results back."""
@@ -81,10 +101,10 @@ class Mesh(Runner):
         # infer (the pooling's reshape of the batch-split activations). Under Auto XLA propagates
         # the batch split and the replicated weights itself, which makes BatchNorm's statistics the
         # global batch's.
-        mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+        mesh = jax.sharding.Mesh(process_ordered_devices(), ("data",), axis_types=(AxisType.Auto,))
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))
-        self.rest = jax.device_put(self.steps.rest, self.replicated)
+        self.rest = replicate(self.steps.rest, self.replicated)
         # flatbuffers (jax.export's serialisation) is a dependency, but a checkout run with
         # PYTHONPATH=. on a machine that lacks it still trains, tracing every time.
         if store is not None and jax.process_count() == 1 and importlib.util.find_spec("flatbuffers"):
@@ -106,14 +126,12 @@ class Pmap(Runner):
 
     def __init__(self, model: DenseNet, tx: optax.GradientTransformation, **step_options):
         self.steps = Steps(model, tx, axis_name=PMAP_AXIS, **step_options)
-        # pmap's device order (each process's devices together), which fixes the device, and so
-        # the dropout key, that each slice of the batch gets. Auto: shard_map sets every sharding.
-        devices = [d for i in range(jax.process_count()) for d in jax.local_devices(i)]
-        mesh = jax.sharding.Mesh(np.array(devices), (PMAP_AXIS,), axis_types=(AxisType.Auto,))
+        # Auto: shard_map sets every sharding.
+        mesh = jax.sharding.Mesh(process_ordered_devices(), (PMAP_AXIS,), axis_types=(AxisType.Auto,))
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P(PMAP_AXIS))
         self.local_device_count = jax.local_device_count()
-        self.rest = jax.device_put(self.steps.rest, self.replicated)
+        self.rest = replicate(self.steps.rest, self.replicated)
         split = P(PMAP_AXIS)
         self._train = jax.jit(self._map(mesh, self.steps.train, (P(), P(), split, split, P())),
                               donate_argnums=0)
