@@ -151,6 +151,22 @@ def test_dropout_masks_follow_the_step(rng):
     assert loss(5) == loss(5) and loss(6) != loss(5)
 
 
+def test_each_device_draws_its_own_dropout_masks(rng):
+    """Per-device steps (pmap, axis_name set) fold the device's index into the dropout key: two
+    devices holding the same examples drop different units, so the mean loss of two differs from
+    one device's. vmap stands in for the devices: it names an axis as pmap does."""
+    x, y = batch(rng, n=4)
+    with jax.default_prng_impl("rbg"):
+        steps = Steps(tiny(num_classes=10, drop_rate=0.2, rngs=nnx.Rngs(0)), optim.sgd(), seed=1,
+                      axis_name="devices")
+    step = jax.jit(jax.vmap(steps.train, in_axes=(None, None, 0, 0, None), axis_name="devices"))
+
+    def loss(devices):
+        images, labels = np.stack([x] * devices), np.stack([y] * devices)
+        return float(step(steps.initial, steps.rest, images, labels, np.float32(0.05))[1]["loss"][0])
+    assert loss(2) != loss(1)
+
+
 def test_head_only_changes_only_the_classifier(rng):
     model = tiny(num_classes=10)
     before = {k: np.asarray(v) for k, v in state_arrays(model).items()}
