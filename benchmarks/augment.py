@@ -10,8 +10,9 @@ the transform ``densenet-jax train`` builds; timm's is ``timm.data.create_loader
 ``ImageDataset`` with the same options (no prefetcher: it needs CUDA), the same worker count.
 Rounds alternate, figures are medians (benchmarks/data.py's ``one_round``).
 
-Mixing: the train step of a CIFAR DenseNet-BC (``--model``, 32x32, batch 64) with soft targets
-(mixup's) against integer labels, medians of ``--steps`` steps after compiling; and the time to mix
+Mixing and EMA: the train step of a CIFAR DenseNet-BC (``--model``, 32x32, batch 64) with soft
+targets (mixup's) and with the EMA average against the plain step with integer labels, medians of
+``--steps`` alternating steps after compiling; and the time to mix
 a batch (``Mixup`` on the host, which runs in the data workers), at the same size and at
 ImageNet's (32 x 224 x 224), against the step and against a worker's time per batch.
 """
@@ -89,7 +90,9 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def mixing_costs(steps: int, model_name: str) -> dict[str, float]:
-    """Seconds: the train step with integer labels and with soft targets, and mixing a batch."""
+    """Seconds: the train step with integer labels, with soft targets, and with the EMA average
+    (timm's ModelEmaV3, decay 0.9998 with warm-up), the variants alternating step by step; and
+    mixing a batch on the host."""
     import jax
     from flax import nnx
 
@@ -98,23 +101,29 @@ def mixing_costs(steps: int, model_name: str) -> dict[str, float]:
     from densenet_jax.train import optim
     from densenet_jax.train.step import Steps
 
-    model = dj.create_model(model_name, num_classes=10, rngs=nnx.Rngs(0))
-    s = Steps(model, optim.sgd(0.9, 1e-4))
-    train = jax.jit(s.train)
+    def steps_of(**options):
+        model = dj.create_model(model_name, num_classes=10, rngs=nnx.Rngs(0))
+        return Steps(model, optim.sgd(0.9, 1e-4), **options)
+
     rng = np.random.default_rng(0)
     images = rng.standard_normal((64, 32, 32, 3)).astype(np.float32)
     labels = rng.integers(0, 10, 64).astype(np.int32)
     mixer = Mixup(MixupOptions(mixup=0.8, cutmix=1.0, smoothing=0.1), 10)
     mixed = mixer({"image": images, "label": labels}, rng)
-    lr = np.float32(0.1)
-    out = {}
-    for name, targets in (("step, integer labels", labels), ("step, soft targets", mixed["target"])):
-        state = s.initial
-        jax.block_until_ready(train(state, s.rest, mixed["image"], targets, lr))  # compile
-
-        def one():
-            jax.block_until_ready(train(state, s.rest, mixed["image"], targets, lr))
-        out[name] = _median_seconds(one, steps)
+    plain, ema = steps_of(), steps_of(ema=(0.9998, True))
+    variants = {"step, integer labels": (plain, labels), "step, soft targets": (plain, mixed["target"]),
+                "step, integer labels, EMA": (ema, labels)}
+    calls = {}
+    for name, (s, targets) in variants.items():
+        train = jax.jit(s.train)
+        calls[name] = lambda train=train, s=s, targets=targets: jax.block_until_ready(
+            train(s.initial, s.rest, mixed["image"], targets, np.float32(0.1)))
+        calls[name]()  # compile
+    times = {name: [] for name in calls}
+    for _ in range(steps):  # alternating, so that a noisy neighbour hurts every variant alike
+        for name, call in calls.items():
+            times[name].append(_median_seconds(call, 1))
+    out = {name: statistics.median(t) for name, t in times.items()}
     out["mix 64x32x32x3 (host)"] = _median_seconds(lambda: mixer({"image": images, "label": labels}, rng), 50)
     big = rng.standard_normal((BATCH, 224, 224, 3)).astype(np.float32)
     out[f"mix {BATCH}x224x224x3 (host)"] = _median_seconds(
@@ -158,7 +167,7 @@ def main() -> None:
     step = costs["step, integer labels"]
     ours_rate = next(r["rate"] for r in rows if r["contender"].startswith("densenet") and r["workers"] == max(args.workers))
     per_batch = BATCH / ours_rate * max(max(args.workers), 1)  # one worker's seconds per batch
-    lines += ["", f"Mixup/CutMix ({args.model}, 32x32, batch 64, fp32; medians):", "",
+    lines += ["", f"Mixup/CutMix and EMA ({args.model}, 32x32, batch 64, fp32; medians):", "",
               "| what | ms | vs the step with integer labels | vs a worker's time per 224 px batch |",
               "|---|---|---|---|"]
     for what, seconds in costs.items():
