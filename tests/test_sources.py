@@ -72,6 +72,19 @@ def test_a_resumed_epoch_reads_what_the_uninterrupted_one_did(written, short):
         np.testing.assert_array_equal(a["label"], b["label"])
 
 
+@pytest.mark.parametrize("samples, short", [(sources.COUNT, False), (sources.COUNT + 4, True)])
+def test_shards_are_read_again_only_when_an_epoch_needs_more(written, samples, short, caplog):
+    """An epoch of exactly the shards' samples reads them once and says nothing, however far
+    ahead the decoding runs; one that needs more (a --train-num-samples above the real count)
+    reads them again and says so."""
+    args = {**written["wds"], "train_num_samples": samples}
+    data = load_dataset(**args, image_size=AUGMENT_SIZE)
+    with caplog.at_level(logging.INFO, logger="densenet_jax"):
+        batches = list(train_batches(data.train, data.augment, seed=1, epoch=0, global_batch=sources.BATCH))
+    assert len(batches) == samples // sources.BATCH
+    assert ("ran short of this host's share of an epoch" in caplog.text) == short, caplog.text
+
+
 def test_every_source_has_the_folders_transforms_and_the_class_names(written, tmp_path):
     folder = load_dataset(**written["folder"], image_size=AUGMENT_SIZE)
     saved = {"name": f"hfds/{sources.write_saved(tmp_path / 'saved')}"}

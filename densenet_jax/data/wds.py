@@ -197,7 +197,9 @@ class ShardSource:
         mine = [self.shards[i] for i in order[process_index::process_count]]
         rng = np.random.default_rng([epoch_seed, process_index])
         stream = enumerate(self._cycled(mine, rng))
-        stream = itertools.islice(stream, start_step * per_host, None)  # skipped, never decoded
+        # Before start_step: skipped, never decoded. After the epoch's last sample: never read, or
+        # the decoding, which runs ahead, would start the shards over and say they ran short.
+        stream = itertools.islice(stream, start_step * per_host, steps * per_host)
         decoder = Decoder(augment, self.mode, self.target_key, [epoch_seed, process_index], self.num_classes)
         examples = _stand_ins(_decoded(stream, decoder, workers, per_host), self.strict)
         return _batched(examples, per_host, (steps - start_step) * per_host)
