@@ -122,6 +122,16 @@ def test_an_unreadable_row_or_sample_is_named_and_replaced_by_the_next(tmp_path,
     assert 3 not in [label for label, _, _ in examples]
 
 
+def test_bytes_that_are_no_image_are_named_by_where_they_came_from():
+    """Pillow's own message names its in-memory buffer (``<_io.BytesIO object at 0x...>``), which
+    means nothing to the user: the line names the sample, and the reason without the buffer."""
+    from densenet_jax.data.images import UnreadableImage, decode_image
+
+    with pytest.raises(UnreadableImage) as refused:
+        decode_image(b"no image", "s-0.tar:k3.png")
+    assert str(refused.value) == "s-0.tar:k3.png: unreadable image (UnidentifiedImageError: cannot identify image file)"
+
+
 def test_bad_shards_samples_and_columns_are_named_in_one_line(tmp_path, capsys):
     good = sources.write_shard(tmp_path / "good-0.tar", [{"__key__": "a", "png": sources.png(0), "cls": b"0"}])
     (tmp_path / "junk-0.tar").write_bytes(b"not a tar file at all" * 40)

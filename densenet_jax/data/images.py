@@ -74,12 +74,13 @@ def decode_image(data: bytes, name: str, mode: str = "RGB") -> Image.Image:
     ``name`` (where the bytes came from) for every way the bytes can fail to decode."""
     if mode not in ("RGB", "L"):
         raise ValueError(f"image mode {mode!r}: RGB or L")
+    buffer = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(buffer) as im:
             im.load()
             return to_8bit(im, mode)
-    except _DECODE_ERRORS as e:
-        raise UnreadableImage(name, f"{type(e).__name__}: {e}") from None
+    except _DECODE_ERRORS as e:  # Pillow names the buffer's address: the message names ``name``
+        raise UnreadableImage(name, f"{type(e).__name__}: {str(e).replace(f' {buffer!r}', '')}") from None
 
 
 _NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
