@@ -183,7 +183,7 @@ def test_fine_tune_from_weights_with_a_new_head(tmp_path, capsys):
     config = TrainConfig(init_from=str(tmp_path / "pretrained.safetensors"), epochs=1, batch_size=448,
                          workdir=str(tmp_path / "run"), progress=False, lr=0.01)
     result = Run(config).fit()
-    assert result["step"] == 3 and 0 <= result["metrics"][0]["eval_acc"] <= 1
+    assert result["step"] == 3  # its eval_acc is checked against the evaluate command below
     tuned = dj.load(tmp_path / "run" / "model.safetensors")
     assert tuned.config.num_classes == 10
     assert tuned.config.block_config == (2, 2, 2)

@@ -1,4 +1,4 @@
-"""Two SGD steps in train mode against torch, in float64 on both sides (porting-notes 9b): the loss,
+"""Two steps in train mode against torch, in float64 on both sides (porting-notes 9b): the loss,
 every gradient, the updated parameters and the updated running statistics must agree."""
 
 import jax
@@ -23,9 +23,11 @@ def relative_l2(ours, reference):
     return np.linalg.norm(ours - reference) / max(np.linalg.norm(reference), 1e-300)
 
 
-def torch_steps(model, x, y, steps):
+def torch_steps(model, x, y, steps, optimizer=None):
+    """``steps`` steps of ``optimizer(model)`` (torch's SGD by default) on the batch (x, y)."""
     model.double().train()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    opt = optimizer(model) if optimizer else torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM,
+                                                             weight_decay=WEIGHT_DECAY)
     history = []
     for _ in range(steps):
         opt.zero_grad()
@@ -37,9 +39,10 @@ def torch_steps(model, x, y, steps):
     return history, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
-def jax_steps(model, x, y, steps):
+def jax_steps(model, x, y, steps, tx=None):
+    """``steps`` steps of ``tx`` (optax's SGD as torch's by default) on the batch (x, y)."""
     model.train()
-    tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
+    tx = tx or optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
@@ -61,19 +64,28 @@ def flat(state) -> dict[str, np.ndarray]:
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
-def test_two_sgd_steps_match_torch_in_float64(rng):
+def test_two_rmsproptf_steps_match_torch_and_timm_in_float64(rng):
     """README, How it compares: "train-mode parity with torch (float64, 1e-9)": the loss, every
     gradient, the parameters and running statistics after two steps, per-leaf relative L2, for
-    densenet121 (the paper's CIFAR stem: test_trainer_matches_torch_sgd_in_float64)."""
+    torchvision's densenet121 (the paper's CIFAR stem: test_trainer_matches_torch_sgd_in_float64),
+    stepped by create_optimizer's rmsproptf and by timm's create_optimizer_v2 with the timm-ra
+    recipe's values: epsilon inside the square root, the square average starting at one, no weight
+    decay on norms and biases (test_optimizers.py has every optimizer, on given gradients)."""
+    from timm.optim import create_optimizer_v2
+    from densenet_jax.train import create_optimizer
+
     case, torch_model, size, classes = "densenet121", torchvision_model("densenet121", seed=7), 64, 1000
     x = rng.standard_normal((4, size, size, 3))
     y = rng.integers(0, classes, 4)
+    options = dict(lr=0.016, weight_decay=1e-5, eps=1e-3)
     with jax.enable_x64(True):
         model = flax_twin(torch_model)
         cast(model, jnp.float64)
-        ours = jax_steps(model, x, y, steps=2)
+        start = flat(nnx.state(model, nnx.Param))
+        ours = jax_steps(model, x, y, steps=2, tx=create_optimizer(model, "rmsproptf", **options))
         final = flat(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
-    reference, reference_final = torch_steps(torch_model, x, y, steps=2)
+    reference, reference_final = torch_steps(torch_model, x, y, steps=2,
+                                             optimizer=lambda m: create_optimizer_v2(m, "rmsproptf", **options))
 
     table = weight_table(model.config)
     worst = {"loss": 0.0, "grad": 0.0, "state": 0.0}
@@ -84,8 +96,12 @@ def test_two_sgd_steps_match_torch_in_float64(rng):
             if e.torch_key in ref_grads:
                 worst["grad"] = max(worst["grad"], relative_l2(grads[e.flax_key], e.to_flax(ref_grads[e.torch_key])))
     assert len(grads) == len(ref_grads)
-    for e in table:  # parameters and running mean/var, after both steps
-        worst["state"] = max(worst["state"], relative_l2(final[e.flax_key], e.to_flax(reference_final[e.torch_key])))
+    for e in table:  # the parameters' change, and the running mean/var, after both steps
+        ours_now, theirs = final[e.flax_key], e.to_flax(reference_final[e.torch_key])
+        if e.flax_key in start:
+            ours_now, theirs = ours_now - start[e.flax_key], theirs - start[e.flax_key]
+            assert np.linalg.norm(theirs) > 0, e.flax_key  # every parameter moved
+        worst["state"] = max(worst["state"], relative_l2(ours_now, theirs))
     print(f"{case}: worst relative error {worst}")
     assert max(worst.values()) <= TOLERANCE, worst
 
