@@ -190,8 +190,11 @@ def _differences(there: dict, here: dict) -> list[str]:
     already differ), the augmentation's by their options (recorded only away from their defaults:
     one missing, or all of them, is at its default), a recipe's values by their names."""
     out = []
-    for key in here:
-        old, new = there.get(key), here[key]
+    # The augmentation is recorded only when an option is away from its default: absent here, it is
+    # still compared with what is there.
+    keys = [*here, *(k for k, v in there.items() if k not in here and isinstance(v, dict))]
+    for key in keys:
+        old, new = there.get(key), here.get(key)
         if old == new or (key == "architecture" and there.get("model") != here.get("model")):
             continue
         if key == "architecture" and isinstance(old, dict):
