@@ -85,7 +85,8 @@ def test_autoaugment_policies_are_timms():
         assert ours == theirs, name
 
 
-@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5", "rand-m9-n3-mstd0.5-inc1", "rand-m7-p0.3-mmax12-mstd101"])
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5", "rand-m9-n3-mstd0.5-inc1", "rand-m7-p0.3-mmax12-mstd101",
+                                  "rand-m99", "rand-m9-mmax0"])
 def test_rand_augment_spec_builds_timms_ops(spec):
     theirs = timm_aa.rand_augment_transform(spec, dict(translate_const=100, img_mean=(1, 2, 3)))
     ours = P.auto_augment(spec, P.OpSettings(fill=(1, 2, 3), translate_const=100))

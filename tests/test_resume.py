@@ -6,6 +6,7 @@ import json
 import jax
 
 from densenet_jax import cli
+from densenet_jax.train.report import PARTIAL
 from torch_twins import cifar_bc_model
 from train_cli import MODEL, RUN, assert_same_weights, train
 
@@ -16,8 +17,9 @@ def rows(workdir):
 
 def test_stopped_run_resumes_exactly(tmp_path, uninterrupted):
     whole, pieces, cache = uninterrupted, tmp_path / "pieces", tmp_path / "cache"
+    assert not (whole / PARTIAL).exists()  # what only a resume within an epoch reads is gone once done
     out = train(pieces, *RUN, "--max-steps", "2", cache=cache)  # stops mid-epoch 1, at a checkpoint
-    assert not (pieces / "model.safetensors").exists()
+    assert not (pieces / "model.safetensors").exists() and (pieces / PARTIAL).exists()
     assert ("stopped by --max-steps at step 2 of 6 (epoch 1, 2 of its 3 steps), checkpoint saved; "
             "run the same command again to continue") in out
     stored = sorted((cache / "densenet-jax-steps").glob("*.jaxexport"))
@@ -34,6 +36,7 @@ def test_stopped_run_resumes_exactly(tmp_path, uninterrupted):
         assert [r[key] for r in rows_b] == [r[key] for r in rows_a], key
     kept = sorted(int(p.name) for p in (pieces / "checkpoints").iterdir() if p.name.isdigit())
     assert kept[-1] == 6 and len(kept) <= 3  # the last K=3 kept
+    assert not (pieces / PARTIAL).exists()
     for name in ("best.safetensors", "curves.png"):
         assert (pieces / name).stat().st_size > 0
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 
 import densenet_jax as dj
+from densenet_jax.cli.train import results_line
 from densenet_jax.train.loop import Run
 from densenet_jax.weights.format import read_safetensors, stored_class_names
 
@@ -24,6 +25,9 @@ def weights(workdir, name="model.safetensors"):
 def test_ema_and_accumulation_resume_exactly_and_equal_the_larger_batch(tmp_path, tiny_run):
     whole, pieces, larger = tmp_path / "whole", tmp_path / "pieces", tmp_path / "larger"
     Run(tiny_run(whole, **ACCUMULATED)).fit()
+    # The command's last line names every weights file the run wrote, the average's included.
+    line = results_line(whole, tiny_run(whole, **ACCUMULATED))
+    assert [name for name in sorted(p.name for p in whole.glob("*.safetensors")) if name not in line] == []
     Run(tiny_run(pieces, **ACCUMULATED, max_steps=5)).fit()  # stops between an accumulation's two steps
     Run(tiny_run(pieces, **ACCUMULATED)).fit()
     for name in ("model.safetensors", "model_ema.safetensors", "best.safetensors"):

@@ -66,6 +66,9 @@ def refused(argv, capsys) -> str:
      "--process-id 2: must be 0 to 1 for --num-processes 2"),
     (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "0",
       "--distributed-timeout", "0"], "--distributed-timeout 0: must be at least 1"),
+    (["--sched", "cosine", "--lr", "0.01", "--min-lr", "0.05"], "--min-lr 0.05: must be at most --lr 0.01"),
+    (["--sched", "multistep", "--decay-milestones", "60", "30"], "--decay-milestones 60 30: must be strictly increasing"),
+    (["--sched", "step", "--decay-rate", "0"], "--decay-rate 0.0: must be more than 0"),
 ])
 def test_contradictory_or_out_of_range_options_are_one_line(argv, expected, tmp_path, capsys):
     line = refused([*argv, "--workdir", str(tmp_path / "run")], capsys)
@@ -95,6 +98,9 @@ def test_contradictory_or_out_of_range_options_are_one_line(argv, expected, tmp_
     (dict(model="densenet_7"), "unknown model 'densenet_7'; known: densenet121, "),
     (dict(pretrained="densenet121.ra_in1k", init_from="w.safetensors"),
      "--pretrained densenet121.ra_in1k names the architecture and its weights: leave --model and --init-from out"),
+    (dict(sched="cosine", min_lr=0.2), "--min-lr 0.2: must be at most --lr 0.1"),
+    (dict(sched="multistep", decay_milestones=(30, 30, 60)), "--decay-milestones 30 30 60: must be strictly increasing"),
+    (dict(sched="plateau", decay_rate=-0.5), "--decay-rate -0.5: must be more than 0"),
 ])
 def test_the_config_refuses_at_construction_as_the_command_does(options, expected):
     """A script that builds a TrainConfig is stopped where the command is, in the same words."""

@@ -141,6 +141,14 @@ def test_each_difference_is_named_once(tmp_path):
     # What only steers an invocation is not recorded.
     check(tmp_path, record("densenet_40_k12", max_steps=5, workers=2, keep=1, checkpoint_every=7,
                            memory_efficient=True, progress=False, workdir="elsewhere"), has_checkpoints=True)
+    # Settings held together are named one by one: only the augmentation options that differ.
+    write(tmp_path, record("densenet_40_k12", color_jitter=0.4, reprob=0.25))
+    with pytest.raises(WorkdirError, match=r"another run \(--color-jitter 0.4 there, 0.3 here\); "):
+        check(tmp_path, record("densenet_40_k12", color_jitter=0.3, reprob=0.25), has_checkpoints=True)
+    # A run at their defaults records none, and is still not the run that set them.
+    with pytest.raises(WorkdirError, match=r"another run \(--color-jitter 0.4 there, default here; "
+                                           r"--reprob 0.25 there, default here\); "):
+        check(tmp_path, record("densenet_40_k12"), has_checkpoints=True)
 
 
 # Paths no run can use, root included (root ignores permissions, not these): a file, a path under

@@ -136,8 +136,14 @@ def run(args: argparse.Namespace) -> None:
               f"held-out {what} {figure(rows[-1][key])} "
               f"(best {figure(best[key])} at epoch {best['epoch']}), step {result['step']}/"
               f"{trainer.total_steps}, {time.perf_counter() - started:.0f} s")
-        print(f"results in {trainer.workdir}/: metrics.jsonl, curves.png, best.safetensors, "
-              f"model.safetensors (at the end), checkpoints/")
+        print(results_line(trainer.workdir, config))
+
+
+def results_line(workdir, config: TrainConfig) -> str:
+    """The summary's last line: the files the run writes in ``workdir``."""
+    final = "model.safetensors, model_ema.safetensors" if config.model_ema else "model.safetensors"
+    return (f"results in {workdir}/: metrics.jsonl, curves.png, best.safetensors, {final} (at the end), "
+            "checkpoints/")
 
 
 

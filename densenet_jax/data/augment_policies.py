@@ -327,8 +327,10 @@ def auto_augment(spec: str, settings: OpSettings):
     if kind == "rand":
         p = _sections(spec, "RandAugment", ("m", "n", "p", "mstd", "mmax", "inc"))
         std = _number(spec, "mstd", p.get("mstd", "0"))
+        # Magnitudes above the cap are clamped to it when drawn, as timm does (rand-m99 is rand-m10);
+        # mmax0 is timm's default cap of 10, not a cap at 0.
         settings = dataclasses.replace(settings, magnitude_std=math.inf if std > 100 else std,
-                                       magnitude_max=_number(spec, "mmax", p.get("mmax", "10"), int))
+                                       magnitude_max=_number(spec, "mmax", p.get("mmax", "10"), int) or LEVEL_MAX)
         names = RAND_OPS
         if _number(spec, "inc", p.get("inc", "0"), int):
             names = tuple(RAND_INCREASING.get(n, n) for n in names)

@@ -213,6 +213,14 @@ class TrainConfig:
                        ("--min-lr", self.min_lr, 0))
         if self.decay_epochs <= 0:
             raise ValueError(f"--decay-epochs {self.decay_epochs}: must be more than 0")
+        if self.decay_rate <= 0:  # 0 stops training at the first decay; below it, the steps climb the loss
+            raise ValueError(f"--decay-rate {self.decay_rate}: must be more than 0")
+        milestones = tuple(self.decay_milestones)
+        if any(later <= earlier for earlier, later in zip(milestones, milestones[1:])):
+            # The passed milestones are counted by bisection (timm's too), which needs them in order.
+            raise ValueError(f"--decay-milestones {' '.join(map(str, milestones))}: must be strictly increasing")
+        if self.min_lr > self.lr:  # cosine would climb to it; plateau could never decay to it
+            raise ValueError(f"--min-lr {self.min_lr}: must be at most --lr {self.lr}")
         for option, value in (("--clip-grad", self.clip_grad), ("--opt-eps", self.opt_eps),
                               ("--layer-decay", self.layer_decay), ("--lr-base", self.lr_base)):
             if value is not None and not value > 0:

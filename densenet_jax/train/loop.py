@@ -30,8 +30,8 @@ from densenet_jax.train.checks import (check_accumulation, check_batch_norm_inpu
                                        check_model_matches, check_precision_available, check_steps_per_epoch)
 from densenet_jax.train.messages import epoch_line, precision_warning, startup_lines, stopped_line
 from densenet_jax.train.meter import EMPTY_TOTALS, EpochMeter
-from densenet_jax.train.report import (is_best, plot_curves, read_metrics, read_partial_epoch, write_metrics,
-                                       write_partial_epoch)
+from densenet_jax.train.report import (is_best, plot_curves, read_metrics, read_partial_epoch,
+                                       remove_partial_epochs, write_metrics, write_partial_epoch)
 from densenet_jax.train.signals import StopSignals
 from densenet_jax.weights.format import cast, state_arrays, write_safetensors
 
@@ -348,13 +348,17 @@ class Run:
 
     def _finish(self, state, start: int, step: int) -> None:
         """The final weights, once the run is complete: written once, or again if a kill came
-        between the last checkpoint and them; a complete run's files are left as they are."""
+        between the last checkpoint and them; a complete run's files are left as they are, less the
+        record of partial epochs, which only a resume within an epoch reads."""
+        if step < self.total_steps or not self.is_main:
+            return
         final = self.workdir / "model.safetensors"
-        if step >= self.total_steps and self.is_main and (step > start or not final.exists()):
+        if step > start or not final.exists():
             if self.config.model_ema:
                 self._write_weights(state.averaged(), self.workdir / "model_ema.safetensors")
             self._write_weights(state, final)
             log.info("final weights: %s", final)
+        remove_partial_epochs(self.workdir)
 
     def _write_weights(self, state, path: Path) -> None:
         """``state``'s weights (placed, or on the host) with the class names and preprocessing."""

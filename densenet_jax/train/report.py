@@ -88,6 +88,12 @@ def write_partial_epoch(workdir: Path, step: int, totals: dict, keep: int) -> No
     atomic_write_bytes(workdir / PARTIAL, json.dumps({k: records[k] for k in kept}).encode())
 
 
+def remove_partial_epochs(workdir: Path) -> None:
+    """Delete the record once the run is complete (one unlink: the file is there whole or gone);
+    a later, longer run starts its next epoch from its first step, with nothing to read."""
+    (workdir / PARTIAL).unlink(missing_ok=True)
+
+
 def read_partial_epoch(workdir: Path, step: int) -> dict | None:
     """The sums recorded with the mid-epoch checkpoint at ``step``, or None if there are none."""
     return _read_partials(workdir).get(str(step))

@@ -185,23 +185,37 @@ def _read(path: Path) -> dict | None:
 
 
 def _differences(there: dict, here: dict) -> list[str]:
-    """``"<label> <old> there, <new> here"`` for each field that differs. The architecture is
-    named field by field, and only when the model names do not already differ."""
+    """``"<label> <old> there, <new> here"`` for each field that differs. A field that holds
+    settings is named setting by setting: the architecture's (only when the model names do not
+    already differ), the augmentation's by their options (recorded only away from their defaults:
+    one missing, or all of them, is at its default), a recipe's values by their names."""
     out = []
-    for key in here:
-        old, new = there.get(key), here[key]
+    # The augmentation is recorded only when an option is away from its default: absent here, it is
+    # still compared with what is there.
+    keys = [*here, *(k for k, v in there.items() if k not in here and isinstance(v, dict))]
+    for key in keys:
+        old, new = there.get(key), here.get(key)
         if old == new or (key == "architecture" and there.get("model") != here.get("model")):
             continue
         if key == "architecture" and isinstance(old, dict):
             out += [f"architecture {k} {_show(old.get(k))} there, {_show(v)} here"
                     for k, v in new.items() if old.get(k) != v]
+        elif key == "augmentation":
+            old, new = old or {}, new or {}
+            out += [f"--{k.replace('_', '-')} {_show(old.get(k), 'default')} there, "
+                    f"{_show(new.get(k), 'default')} here" for k in sorted(old.keys() | new.keys())
+                    if old.get(k) != new.get(k)]
+        elif isinstance(old, dict) and isinstance(new, dict):  # the values a --recipe set
+            out += [f"{LABELS.get(key, key)}: {k} {_show(old.get(k))} there, {_show(new.get(k))} here"
+                    for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
         else:
             out.append(f"{LABELS.get(key, key)} {_show(old)} there, {_show(new)} here")
     return out
 
 
-def _show(value) -> str:
-    """A value short enough for a one-line message (long lists by count and first items)."""
+def _show(value, missing: str = "none") -> str:
+    """A value short enough for a one-line message (long lists by count and first items);
+    ``missing`` for None."""
     if isinstance(value, list) and len(value) > 4:
         return f"{len(value)} [{', '.join(map(str, value[:3]))}, ...]"
-    return "none" if value is None else str(value)
+    return missing if value is None else str(value)
