@@ -48,7 +48,7 @@ def test_a_finished_run_is_left_as_it_is(tmp_path, tiny_weights, monkeypatch, ca
 
     cli.main(command)  # the same command again: complete, exit status 0, nothing rewritten
     said = capsys.readouterr().err
-    assert "complete at step 22 of 22" in said and "work directory: runs/tiny-digits; complete at step 22\n" in said
+    assert "complete at step 22 (22 asked for)" in said and "work directory: runs/tiny-digits; complete at step 22\n" in said
     assert "resuming at step" not in said and snapshot(workdir) == before
 
     with pytest.raises(SystemExit) as stopped:  # another batch size: another run
@@ -66,6 +66,12 @@ def test_a_finished_run_is_left_as_it_is(tmp_path, tiny_weights, monkeypatch, ca
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [22, 44] and rows[1]["eval_acc"] < rows[0]["eval_acc"]
     assert_same_arrays(read_safetensors(workdir / "best.safetensors")[0], epoch1)  # the best epoch's weights
+
+    # Fewer epochs than the run has done: nothing to do, and nothing rewritten (run.json still
+    # records the 2 epochs that trained, or the next --epochs 2 would be called a change).
+    before = snapshot(workdir)
+    cli.main(command)
+    assert "complete at step 44" in capsys.readouterr().err and snapshot(workdir) == before
 
 
 def test_another_configuration_is_refused_and_never_called_damaged(tmp_path, tiny_run):

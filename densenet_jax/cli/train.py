@@ -142,9 +142,8 @@ def run(args: argparse.Namespace) -> None:
 def results_line(workdir, config: TrainConfig) -> str:
     """The summary's last line: the files the run writes in ``workdir``."""
     final = "model.safetensors, model_ema.safetensors" if config.model_ema else "model.safetensors"
-    return (f"results in {workdir}/: metrics.jsonl, curves.png, best.safetensors, {final} (at the end), "
-            "checkpoints/")
-
+    return (f"results in {workdir}/: run.json, metrics.jsonl, curves.png, best.safetensors, {final} "
+            "(at the end), checkpoints/")
 
 
 def _join_processes(d: DistributedConfig) -> None:

@@ -172,7 +172,9 @@ class Run:
         initial = self.runner.steps.initial
         # A host template: the checkpoint is read into numpy, then placed as the runner places states.
         restored = checkpoints.restore_latest_good(jax.tree.map(np.asarray, initial))
-        if self.is_main:  # the folder is this run's now (a different one was refused by now)
+        # The folder is this run's now (a different one was refused by now), unless it trained
+        # past what this command asks for: then nothing trains, and the record stays the run's.
+        if self.is_main and (restored is None or restored[1] < self.total_steps):
             workdir.write(self.workdir, self.record)
         if restored is None:
             return self.runner.place_state(initial), 0
@@ -188,8 +190,8 @@ class Run:
                 log.info(line)
         self.rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
         if start >= self.total_steps:
-            log.info("%s: complete at step %d of %d; nothing to do (a larger --epochs continues it, "
-                     "another --workdir starts a new run)", self.workdir, start, self.total_steps)
+            log.info("%s: complete at step %d (%d asked for); nothing to do (a larger --epochs continues "
+                     "it, another --workdir starts a new run)", self.workdir, start, self.total_steps)
 
     def _evaluate_missing_epoch(self, state, start: int, signals: StopSignals) -> None:
         """An epoch counts as done only with its evaluation recorded: a resume at the end of an
