@@ -14,8 +14,8 @@ from torch_twins import state_dict_numpy
 # (the training subprocesses get a session cache of their own, see train_cli.py).
 os.environ["DENSENET_JAX_CACHE"] = ""
 os.environ["DENSENET_JAX_LISTINGS"] = ""  # no folder listings cached in the user's home
-# The suite compiles far more than it runs. LLVM's cheapest code generation cuts XLA:CPU's
-# compile time by a third and leaves XLA's own passes (fusion, buffer assignment: what the memory
+# The suite compiles far more than it runs. LLVM's cheapest code generation shortens XLA:CPU's
+# compiles and leaves XLA's own passes (fusion, buffer assignment: what the memory
 # tests read) as they are; it is no fast-math, so results agree with the default build's to
 # rounding, and every bit-for-bit comparison here compiles both sides alike. Subprocesses inherit it.
 os.environ["XLA_FLAGS"] = f"--xla_backend_optimization_level=0 {os.environ.get('XLA_FLAGS', '')}".strip()

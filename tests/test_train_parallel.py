@@ -77,14 +77,15 @@ def test_eight_devices_match_one(tmp_path, single_device, mode):
     assert_same_training(tmp_path, single_device)
 
 
-@pytest.mark.parametrize("mode, options, reference", [("mesh", DROPOUT, "single_device_dropout"),
-                                                      ("pmap", MIXED, "single_device")])
-def test_memory_efficient_on_eight_devices_matches_plain_on_one(tmp_path, request, mode, options, reference):
+@pytest.mark.parametrize("mode, options, reference, drop_rate", [("mesh", DROPOUT, "single_device_dropout", DROP_RATE),
+                                                                 ("pmap", MIXED, "single_device", 0.0)])
+def test_memory_efficient_on_eight_devices_matches_plain_on_one(tmp_path, request, mode, options, reference,
+                                                                drop_rate):
     """--memory-efficient recomputes each dense layer in the backward pass, BatchNorm's mean across
     devices included (pmap: an axis-name collective inside the recomputation), and under mesh the
     dropout masks: the same training."""
     train(tmp_path, *FP64, *options, "--parallel", mode, "--memory-efficient", devices=8)
-    assert_same_training(tmp_path, request.getfixturevalue(reference), DROP_RATE if options == DROPOUT else 0.0)
+    assert_same_training(tmp_path, request.getfixturevalue(reference), drop_rate)
 
 
 def free_port() -> int:

@@ -33,14 +33,16 @@ def process_ordered_devices() -> np.ndarray:
 def replicate(tree, sharding: NamedSharding):
     """``tree`` (arrays with the same values in every process) placed whole on every device of
     ``sharding``. Typed PRNG keys (dropout's RNG state) travel as their data and are wrapped again
-    on the devices: across processes ``jax.device_put`` places plain arrays only."""
-    def place(x):
-        if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.device_put(x, sharding)
-        data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
-        wrap = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=jax.random.key_impl(x)), out_shardings=sharding)
-        return wrap(data)
-    return jax.tree.map(place, tree)
+    on the devices, all in one program: across processes ``jax.device_put`` places plain arrays only."""
+    leaves, treedef = jax.tree.flatten(tree)
+    impls = [jax.random.key_impl(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else None
+             for x in leaves]
+    data = jax.device_put([np.asarray(jax.random.key_data(x)) if impl else x for x, impl in zip(leaves, impls)],
+                          sharding)
+    if any(impls):
+        data = jax.jit(lambda d: [jax.random.wrap_key_data(v, impl=impl) if impl else v
+                                  for v, impl in zip(d, impls)], out_shardings=sharding)(data)
+    return treedef.unflatten(data)
 
 
 class Runner:

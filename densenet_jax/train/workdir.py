@@ -198,19 +198,22 @@ def _differences(there: dict, here: dict) -> list[str]:
         if old == new or (key == "architecture" and there.get("model") != here.get("model")):
             continue
         if key == "architecture" and isinstance(old, dict):
-            out += [f"architecture {k} {_show(old.get(k))} there, {_show(v)} here"
-                    for k, v in new.items() if old.get(k) != v]
+            out += _settings(old, new, lambda k: f"architecture {k}", keys=new)
         elif key == "augmentation":
-            old, new = old or {}, new or {}
-            out += [f"--{k.replace('_', '-')} {_show(old.get(k), 'default')} there, "
-                    f"{_show(new.get(k), 'default')} here" for k in sorted(old.keys() | new.keys())
-                    if old.get(k) != new.get(k)]
+            out += _settings(old or {}, new or {}, lambda k: f"--{k.replace('_', '-')}", missing="default")
         elif isinstance(old, dict) and isinstance(new, dict):  # the values a --recipe set
-            out += [f"{LABELS.get(key, key)}: {k} {_show(old.get(k))} there, {_show(new.get(k))} here"
-                    for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+            out += _settings(old, new, lambda k: f"{LABELS.get(key, key)}: {k}")
         else:
             out.append(f"{LABELS.get(key, key)} {_show(old)} there, {_show(new)} here")
     return out
+
+
+def _settings(old: dict, new: dict, name, missing: str = "none", keys=None) -> list[str]:
+    """``"<name(k)> <old> there, <new> here"`` for each setting ``k`` that differs, in the order of
+    ``keys`` (by default every setting of either, sorted); ``missing`` for a setting one lacks."""
+    keys = sorted(old.keys() | new.keys()) if keys is None else keys
+    return [f"{name(k)} {_show(old.get(k), missing)} there, {_show(new.get(k), missing)} here"
+            for k in keys if old.get(k) != new.get(k)]
 
 
 def _show(value, missing: str = "none") -> str:
