@@ -3,6 +3,8 @@
 import logging
 import pickle
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -26,6 +28,28 @@ def test_digits_split_is_fixed():
     np.testing.assert_array_equal(a.eval.images, b.eval.images)
     train_pixels = {x.tobytes() for x in a.train.images}
     assert sum(x.tobytes() in train_pixels for x in a.eval.images) < 10  # (digits has a few duplicates)
+
+
+def test_digits_are_scikit_learns_read_without_importing_it(tmp_path):
+    """The bundled digits are load_digits' images scaled to 0-255 and its labels, loaded in a
+    fresh process that never imports scikit-learn (its import alone takes seconds)."""
+    from sklearn.datasets import load_digits
+
+    code = ("import sys, numpy as np\nfrom densenet_jax.data import load_dataset\nd = load_dataset('digits')\n"
+            "np.savez(sys.argv[1], train=d.train.images, train_labels=d.train.labels, eval=d.eval.images, "
+            "eval_labels=d.eval.labels)\nprint('sklearn' in sys.modules)")
+    path = tmp_path / "digits.npz"
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert out.split() == ["False"], out
+    loaded, reference = np.load(path), load_digits()
+    images = np.concatenate([loaded["train"], loaded["eval"]])
+    labels = np.concatenate([loaded["train_labels"], loaded["eval_labels"]])
+    order = np.random.default_rng(0).permutation(len(reference.images))
+    held_out, train = order[:360], order[360:]
+    expected = np.round(reference.images[np.concatenate([train, held_out])] * (255 / 16))
+    np.testing.assert_array_equal(images, np.repeat(expected[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(labels, reference.target[np.concatenate([train, held_out])])
 
 
 def test_training_order_is_deterministic_resumable_and_shardable():

@@ -4,6 +4,7 @@ lists of images, Hugging Face data sets and WebDataset shards, each with its own
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 from pathlib import Path
 
@@ -21,18 +22,32 @@ FILE_SOURCES = ("folder", "csv")  # image files, read in 1 or 3 channels
 DIGITS_HELD_OUT = 360  # 20% of scikit-learn's 1,797 digits, fixed by seed 0
 
 
+def _digits_table() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 digits as (pixels (1797, 8, 8) float64 in 0-16, labels (1797,) int64), read from
+    the file that ``sklearn.datasets.load_digits`` reads (``sklearn/datasets/data/digits.csv.gz``:
+    64 pixels then the label on each line). Found, not imported: importing scikit-learn takes
+    seconds, and every digits run would pay them. Raises DataError naming the file if it is missing."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise DataError("--dataset digits: scikit-learn, which ships the digits, is not installed "
+                        "(pip install 'densenet-jax[train]')")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; the digits file is where scikit-learn's load_digits reads it")
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
 def digits() -> Dataset:
     """scikit-learn's handwritten digits (8x8, 10 classes), shipped inside scikit-learn."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = np.round(data.images * (255 / 16)).astype(np.uint8)[..., None].repeat(3, axis=-1)
+    pixels, labels = _digits_table()
+    images = np.round(pixels * (255 / 16)).astype(np.uint8)[..., None].repeat(3, axis=-1)
     order = np.random.default_rng(0).permutation(len(images))
     held_out, train = order[:DIGITS_HELD_OUT], order[DIGITS_HELD_OUT:]
     mean, std = T.channel_stats(images[train])
     normalize = T.Normalize(mean, std)
-    return Dataset("digits", ArraySource(images[train], data.target[train]),
-                   ArraySource(images[held_out], data.target[held_out]), 10, 8,
+    return Dataset("digits", ArraySource(images[train], labels[train]),
+                   ArraySource(images[held_out], labels[held_out]), 10, 8,
                    augment=T.Compose([T.PadCrop(1), normalize]), preprocess=normalize,
                    class_names=[str(d) for d in range(10)])
 
