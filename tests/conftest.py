@@ -1,13 +1,14 @@
 import logging
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import densenet_jax as dj
 from densenet_jax.weights.torch_keys import from_torchvision
-from densenet_jax.weights.format import assign
 from torch_twins import state_dict_numpy
 
 # Tests that call the CLI in this process must not write compiled programs into the user's cache
@@ -22,11 +23,21 @@ os.environ["XLA_FLAGS"] = f"--xla_backend_optimization_level=0 {os.environ.get('
 
 
 def flax_twin(torch_model, **overrides) -> dj.DenseNet:
-    """Our model holding ``torch_model``'s weights, converted through the library's own table."""
+    """Our model holding ``torch_model``'s weights, converted through the library's own table
+    (``overrides`` as from_torchvision's). Built abstractly, without first drawing random weights
+    (one small program to compile per parameter shape); dropout streams get keys of their own."""
     arrays, config = from_torchvision(state_dict_numpy(torch_model), "torch model", **overrides)
-    model = dj.DenseNet(config, rngs=nnx.Rngs(0))
-    assign(model, arrays)
-    return model
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: dj.DenseNet(config, rngs=nnx.Rngs(0))))
+    flat = nnx.to_flat_state(state)
+    for i, (path, variable) in enumerate(flat):
+        if isinstance(variable, nnx.RngKey):
+            variable.set_value(jax.random.fold_in(jax.random.key(0), i))
+        elif isinstance(variable, nnx.RngCount):
+            variable.set_value(jnp.zeros((), jnp.uint32))
+        else:
+            variable.set_value(jnp.asarray(arrays.pop(".".join(map(str, path)))))
+    assert not arrays, sorted(arrays)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 @pytest.fixture(autouse=True)

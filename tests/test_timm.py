@@ -19,6 +19,7 @@ import densenet_jax as dj
 from densenet_jax.weights.torch_keys import from_torchvision, to_torchvision, weight_table
 from densenet_jax.model.registry import model_name
 from densenet_jax.weights.format import assign, cast, state_arrays
+from conftest import flax_twin
 from test_train_parity import flat, jax_steps, relative_l2, torch_steps
 from torch_twins import nchw, randomize, state_dict_numpy
 
@@ -46,18 +47,6 @@ def timm_backbone(name: str, model: torch.nn.Module) -> torch.nn.Module:
     return backbone.eval()
 
 
-def twin(reference: torch.nn.Module, **overrides) -> dj.DenseNet:
-    """Our model holding ``reference``'s weights (as conftest.flax_twin, without first drawing
-    random weights: 72M of them for densenet264d); ``overrides`` as from_torchvision's."""
-    arrays, config = from_torchvision(state_dict_numpy(reference), "timm model", **overrides)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: dj.DenseNet(config, rngs=nnx.Rngs(0))))
-    flat = nnx.to_flat_state(state)
-    for path, variable in flat:
-        variable.set_value(jnp.asarray(arrays.pop(".".join(map(str, path)))))
-    assert not arrays
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 def relative_max(ours, reference) -> float:
     ours, reference = np.asarray(ours), np.asarray(reference)
     assert ours.shape == reference.shape, (ours.shape, reference.shape)
@@ -72,7 +61,7 @@ def nhwc(t: torch.Tensor) -> np.ndarray:
 def twins(request):
     """(name, timm's model, our model converted from its state dict)."""
     reference = timm_model(request.param, seed=3)
-    ours = twin(reference)
+    ours = flax_twin(reference)
     ours.eval()
     return request.param, reference, ours
 
@@ -158,7 +147,7 @@ def test_one_train_step_with_blur_pooling_and_the_deep_stem_in_float64(rng):
     x = rng.standard_normal((4, 64, 64, 3))
     y = rng.integers(0, 10, 4)
     with jax.enable_x64(True):
-        model = twin(reference, aa_layer="blur", aa_stem_only=False)
+        model = flax_twin(reference, aa_layer="blur", aa_stem_only=False)
         cast(model, jnp.float64)
         (loss, grads), = jax_steps(model, x, y, steps=1)
         final = flat(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
