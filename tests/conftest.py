@@ -102,3 +102,12 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
     cc.reset_cache()
+
+
+def pytest_collection_modifyitems(items):
+    """pytest-xdist's loadgroup sends each group to one worker. A file is a group (its module
+    fixtures are built once), and the files that use the session fixture ``uninterrupted`` (a
+    training run in a subprocess) form one group, so that one worker trains it, once."""
+    sharing = {item.path for item in items if "uninterrupted" in item.fixturenames}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("uninterrupted" if item.path in sharing else item.path.name))
