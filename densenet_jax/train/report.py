@@ -60,9 +60,10 @@ def plot_curves(path: Path, rows: list[dict]) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (key, title) in zip(axes, panels):
         if f"train_{key}" in rows[-1]:
-            ax.plot(epochs, [r[f"train_{key}"] for r in rows], label="train")
+            ax.plot(epochs, [r[f"train_{key}"] for r in rows], marker=".", label="train")
+        # Markers: a first epoch is a single point, which a line alone does not draw.
         ax.plot(epochs, [float("nan") if r[f"eval_{key}"] is None else r[f"eval_{key}"] for r in rows],
-                label="held-out")
+                marker=".", label="held-out")
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
