@@ -52,6 +52,43 @@ def test_digits_are_scikit_learns_read_without_importing_it(tmp_path):
     np.testing.assert_array_equal(labels, reference.target[np.concatenate([train, held_out])])
 
 
+def test_digits_without_a_usable_scikit_learn_are_one_line(tmp_path, monkeypatch):
+    """No scikit-learn (absent, or refused by an import hook), its digits file missing, not gzip,
+    or not 65 values a row: a DataError naming the fix or the file, never a traceback."""
+    import gzip
+    import importlib.machinery
+    import importlib.util
+
+    package = tmp_path / "sklearn"
+    data = package / "datasets" / "data" / "digits.csv.gz"
+    data.parent.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    real = importlib.util.find_spec
+
+    def finding(found):
+        def find_spec(name, *args):
+            if name != "sklearn":
+                return real(name, *args)
+            if isinstance(found, Exception):
+                raise found
+            return found
+        return find_spec
+
+    fake = importlib.machinery.ModuleSpec("sklearn", None, origin=str(package / "__init__.py"))
+    not_installed = "--dataset digits: scikit-learn, which ships the digits, is not installed (the [train] " \
+                    "extra: pip install scikit-learn)"
+    cases = [(None, None, not_installed), (ModuleNotFoundError("blocked"), None, not_installed),
+             (fake, None, f"{data}: not found;"), (fake, b"garbage", f"{data}: unreadable as the digits table"),
+             (fake, gzip.compress(b"1,2,3\n4,5,6\n"), f"{data}: 2 rows of 3 values; the digits have 64 pixels")]
+    for found, content, message in cases:
+        if content is not None:
+            data.write_bytes(content)
+        monkeypatch.setattr(importlib.util, "find_spec", finding(found))
+        with pytest.raises(DataError) as refused:
+            load_dataset("digits")
+        assert str(refused.value).startswith(message) and "\n" not in str(refused.value), str(refused.value)
+
+
 def test_training_order_is_deterministic_resumable_and_shardable():
     data = load_dataset("digits")
 

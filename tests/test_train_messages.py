@@ -54,8 +54,8 @@ def refused(argv, capsys) -> str:
     (["--seed", "-1"], "--seed -1: must be 0 to 4294967295"),
     (["--seed", "99999999999999999999"], "--seed 99999999999999999999: must be 0 to 4294967295"),
     (["--in-chans", "0"], "--in-chans 0: must be at least 1"),
-    (["--data-dir", "some/folder"], "--data-dir some/folder is read by --dataset cifar10, cifar100, folder or csv; "
-                                    "digits ships with scikit-learn"),
+    (["--data-dir", "some/folder"], "--data-dir 'some/folder' is read by --dataset cifar10, cifar100, folder, "
+                                    "csv or wds/...; digits ships with scikit-learn"),
     (["--head-only"], "--head-only trains only the classifier of loaded weights: add --init-from FILE"),
     (["--warmup-epochs", "2"], "--warmup-epochs 2.0 has no effect with --schedule cifar: only cosine warms up"),
     (["--schedule", "cosine", "--epochs", "3", "--warmup-epochs", "3"], "--warmup-epochs 3.0: must be at least 0 and less than --epochs 3"),
@@ -86,8 +86,8 @@ def test_contradictory_or_out_of_range_options_are_one_line(argv, expected, tmp_
     (dict(momentum=1.0), "--momentum 1.0: must be at least 0 and less than 1"),
     (dict(head_only=True), "--head-only trains only the classifier of loaded weights: add --init-from FILE"),
     (dict(warmup_epochs=1), "--warmup-epochs 1 has no effect with --schedule cifar: only cosine warms up"),
-    (dict(data_dir="some/folder"), "--data-dir some/folder is read by --dataset cifar10, cifar100, folder or csv; "
-                                   "digits ships with scikit-learn"),
+    (dict(data_dir="some/folder"), "--data-dir 'some/folder' is read by --dataset cifar10, cifar100, folder, "
+                                   "csv or wds/...; digits ships with scikit-learn"),
     (dict(dataset="cifar10"), "--data-dir is needed for dataset cifar10"),
     (dict(dataset="imagenet", data_dir="x"),
      "--dataset 'imagenet': must be one of digits, cifar10, cifar100, folder"),

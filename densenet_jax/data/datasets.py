@@ -26,15 +26,25 @@ def _digits_table() -> tuple[np.ndarray, np.ndarray]:
     """The 1,797 digits as (pixels (1797, 8, 8) float64 in 0-16, labels (1797,) int64), read from
     the file that ``sklearn.datasets.load_digits`` reads (``sklearn/datasets/data/digits.csv.gz``:
     64 pixels then the label on each line). Found, not imported: importing scikit-learn takes
-    seconds, and every digits run would pay them. Raises DataError naming the file if it is missing."""
-    spec = importlib.util.find_spec("sklearn")
+    seconds, and every digits run would pay them. Raises DataError without scikit-learn, or naming
+    the file if it is missing or not such a table."""
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):  # a finder that refuses it, or a half-imported module
+        spec = None
     if spec is None or spec.origin is None:
         raise DataError("--dataset digits: scikit-learn, which ships the digits, is not installed "
-                        "(pip install 'densenet-jax[train]')")
+                        "(the [train] extra: pip install scikit-learn)")
     path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
     if not path.is_file():
         raise DataError(f"{path}: not found; the digits file is where scikit-learn's load_digits reads it")
-    table = np.loadtxt(path, delimiter=",")
+    try:
+        table = np.loadtxt(path, delimiter=",", ndmin=2)
+    except (OSError, ValueError, EOFError) as e:  # gzip's BadGzipFile is an OSError
+        raise DataError(f"{path}: unreadable as the digits table ({e})") from None
+    if table.shape[1] != 65 or not len(table):
+        raise DataError(f"{path}: {table.shape[0]} rows of {table.shape[1]} values; the digits have "
+                        "64 pixels and a label a row")
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 

@@ -168,7 +168,7 @@ class XRayCenterCropResize:
             from skimage.transform import resize
         except ImportError:
             raise ValueError("torchxrayvision's preprocessing (crop_mode 'xrv') needs scikit-image: "
-                             "pip install 'densenet-jax[xrv]'") from None
+                             "the [xrv] extra: pip install scikit-image") from None
         image = np.asarray(example["image"])
         height, width = image.shape[:2]
         side = min(height, width)

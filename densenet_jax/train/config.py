@@ -321,8 +321,8 @@ def check_data_options(dataset: str, data_dir: str | None, workers: int, image_s
     if image_size is not None and image_size < 1:
         raise ValueError(f"--image-size {image_size}: must be at least 1")
     if dataset == "digits" and data_dir is not None:
-        raise ValueError(f"--data-dir {data_dir} is read by --dataset cifar10, cifar100, folder or csv; "
-                         "digits ships with scikit-learn")
+        raise ValueError(f"--data-dir {data_dir!r} is read by --dataset cifar10, cifar100, folder, csv or "
+                         "wds/...; digits ships with scikit-learn")
     if dataset not in ("digits",) and not dataset.startswith(STREAMED) and data_dir is None:
         raise ValueError(f"--data-dir is needed for dataset {dataset}")
 
