@@ -69,9 +69,11 @@ def test_a_finished_run_is_left_as_it_is(tmp_path, tiny_weights, monkeypatch, ca
 
     # Fewer epochs than the run has done: nothing to do, and nothing rewritten (run.json still
     # records the 2 epochs that trained, or the next --epochs 2 would be called a change).
+    # Its --epochs differs from the record's, yet nothing continues: no "continuing with changed settings".
     before = snapshot(workdir)
     cli.main(command)
-    assert "complete at step 44" in capsys.readouterr().err and snapshot(workdir) == before
+    said = capsys.readouterr().err
+    assert "complete at step 44" in said and "changed settings" not in said and snapshot(workdir) == before
 
 
 def test_another_configuration_is_refused_and_never_called_damaged(tmp_path, tiny_run):

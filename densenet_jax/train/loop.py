@@ -145,7 +145,7 @@ class Run:
         :mod:`densenet_jax.train.workdir`). A run already complete is left as it is.
         """
         # Whose folder this is, checked before anything in it is created or compiled.
-        workdir.check(self.workdir, self.record, has_checkpoints(self.workdir / "checkpoints"))
+        self.changed = workdir.check(self.workdir, self.record, has_checkpoints(self.workdir / "checkpoints"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             return self._fit()
@@ -179,6 +179,8 @@ class Run:
         if restored is None:
             return self.runner.place_state(initial), 0
         host, step = restored
+        if self.is_main and self.changed and step < self.total_steps:  # said only where it trains on
+            log.warning("warning: continuing %s with changed settings (%s)", self.workdir, "; ".join(self.changed))
         log.info("resuming from %s at step %d", checkpoints.directory, step)
         return self.runner.place_state(host), step
 

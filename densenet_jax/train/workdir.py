@@ -135,8 +135,10 @@ def _check_writable(workdir: Path, folder: Path) -> None:
     os.unlink(probe)
 
 
-def check(workdir: Path, record: dict, has_checkpoints: bool) -> None:
-    """Check that ``workdir`` belongs to the run ``record`` describes, or to none.
+def check(workdir: Path, record: dict, has_checkpoints: bool) -> list[str]:
+    """Check that ``workdir`` belongs to the run ``record`` describes, or to none; return the
+    optimiser's settings that changed since the checkpoints there were made (one "--epochs 1 there,
+    2 here" each; none without checkpoints), for the caller to name once it knows that it trains.
 
     Raises WorkdirError when the folder's ``run.json`` names another run that reached a checkpoint
     or wrote results (one that stopped before either leaves nothing to keep), or when the folder holds
@@ -159,9 +161,9 @@ def check(workdir: Path, record: dict, has_checkpoints: bool) -> None:
                      workdir, "; ".join(differences))
         elif differences:
             raise WorkdirError(f"{workdir}: belongs to another run ({'; '.join(differences)}); {OR_CONTINUE}")
-        changed = _differences(recorded.get("optimizer", {}), record["optimizer"])
-        if changed and has_checkpoints:
-            log.warning("warning: continuing %s with changed settings (%s)", workdir, "; ".join(changed))
+        if has_checkpoints:
+            return _differences(recorded.get("optimizer", {}), record["optimizer"])
+    return []
 
 
 def write(workdir: Path, record: dict) -> None:
