@@ -8,8 +8,9 @@ import json
 import numpy as np
 
 import densenet_jax as dj
-from densenet_jax.cli.train import results_line
+from densenet_jax.cli.train import held_out_summary, results_line
 from densenet_jax.train.loop import Run
+from densenet_jax.train.report import is_best
 from densenet_jax.weights.format import read_safetensors, stored_class_names
 
 # Head-only keeps the backbone's BatchNorm in eval mode, so that each example's gradient does not
@@ -55,3 +56,18 @@ def test_ema_and_accumulation_resume_exactly_and_equal_the_larger_batch(tmp_path
     for key in ("classifier.kernel", "classifier.bias"):
         error = np.linalg.norm(final[key] - reference[key]) / np.linalg.norm(reference[key])
         assert error <= 1e-5, (key, error)
+
+
+def test_the_summary_names_the_epoch_best_safetensors_holds(tiny_run, tmp_path):
+    """best.safetensors is rewritten at each epoch as good as the best so far (is_best), so a tie
+    goes to the later epoch; with --best-from ema it is the average's figures that decide. The
+    command's summary must name that epoch, not the first of a tie or the model's best."""
+    rows = [dict(epoch=1, eval_acc=0.5, eval_acc_ema=0.2), dict(epoch=2, eval_acc=0.7, eval_acc_ema=0.3),
+            dict(epoch=3, eval_acc=0.7, eval_acc_ema=0.1), dict(epoch=4, eval_acc=0.6, eval_acc_ema=0.3)]
+    for best_from, epoch, figure in (("model", 3, "0.7000"), ("ema", 4, "0.3000")):
+        written = [r["epoch"] for i, r in enumerate(rows) if is_best(rows[:i + 1], best_from == "ema")]
+        assert written[-1] == epoch, written  # the epoch whose weights the file holds at the end
+        config = tiny_run(tmp_path, **({"model_ema": True, "best_from": "ema"} if best_from == "ema" else {}))
+        summary = held_out_summary(rows, config)
+        assert summary.endswith(f"(best {figure} at epoch {epoch})"), summary
+    assert held_out_summary(rows, config).startswith("held-out accuracy of the EMA weights 0.3000")

@@ -61,10 +61,11 @@ def test_a_finished_run_is_left_as_it_is(tmp_path, tiny_weights, monkeypatch, ca
 
     # The optimiser's settings may change: more epochs go on, here at a rate that spoils them.
     cli.main([*command, "--epochs", "2", "--lr", "2"])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "changed settings (--epochs 1 there, 2 here" in err and "at step 22" in err
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [22, 44] and rows[1]["eval_acc"] < rows[0]["eval_acc"]
+    assert f"(best {rows[0]['eval_acc']:.4f} at epoch 1)" in out, out  # the summary names the best file's epoch
     assert_same_arrays(read_safetensors(workdir / "best.safetensors")[0], epoch1)  # the best epoch's weights
 
     # Fewer epochs than the run has done: nothing to do, and nothing rewritten (run.json still

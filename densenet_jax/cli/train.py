@@ -18,7 +18,7 @@ from densenet_jax.model.registry import architecture_name, get_config, list_mode
 from densenet_jax.train.checks import check_model_matches
 from densenet_jax.train.config import PARALLEL, PRECISIONS, SCHEDULES, DistributedConfig, TrainConfig
 from densenet_jax.train.loop import Run
-from densenet_jax.train.report import selection_key
+from densenet_jax.train.report import best_row, selection_key
 
 log = logging.getLogger("densenet_jax")
 
@@ -129,14 +129,18 @@ def run(args: argparse.Namespace) -> None:
     result = trainer.fit()
     rows = result["metrics"]
     if rows and trainer.is_main:
-        key = selection_key(rows)
-        best = max(rows, key=lambda r: -1 if r[key] is None else r[key])
-        what = "mean AUROC" if key == "eval_auroc" else "accuracy"
-        print(f"{architecture_name(trainer.model.config)} on {config.dataset}: "
-              f"held-out {what} {figure(rows[-1][key])} "
-              f"(best {figure(best[key])} at epoch {best['epoch']}), step {result['step']}/"
-              f"{trainer.total_steps}, {time.perf_counter() - started:.0f} s")
+        print(f"{architecture_name(trainer.model.config)} on {config.dataset}: {held_out_summary(rows, config)}, "
+              f"step {result['step']}/{trainer.total_steps}, {time.perf_counter() - started:.0f} s")
         print(results_line(trainer.workdir, config))
+
+
+def held_out_summary(rows: list[dict], config: TrainConfig) -> str:
+    """The last epoch's held-out figure and the best epoch's: the one best.safetensors holds
+    (the average's with --best-from ema)."""
+    ema = config.best_from == "ema"
+    key, best = selection_key(rows, ema), best_row(rows, ema)
+    what = ("mean AUROC" if key.startswith("eval_auroc") else "accuracy") + (" of the EMA weights" if ema else "")
+    return f"held-out {what} {figure(rows[-1][key])} (best {figure(best[key])} at epoch {best['epoch']})"
 
 
 def results_line(workdir, config: TrainConfig) -> str:

@@ -24,12 +24,18 @@ def selection_key(rows: list[dict], ema: bool = False) -> str:
     return f"{key}_ema" if ema else key
 
 
-def is_best(rows: list[dict], ema: bool = False) -> bool:
-    """Whether the last row is the best so far (ties: the later one), on :func:`selection_key`;
-    an undefined mean AUROC (no label with both classes held out) ranks below every number."""
+def best_row(rows: list[dict], ema: bool = False) -> dict:
+    """The epoch whose weights best.safetensors holds: the best on :func:`selection_key`, the
+    later of a tie (each epoch as good as the best so far replaces it); an undefined mean AUROC
+    (no label with both classes held out) ranks below every number."""
     key = selection_key(rows, ema)
     values = [-float("inf") if r.get(key) is None else r[key] for r in rows]
-    return values[-1] >= max(values)
+    return rows[max(range(len(rows)), key=lambda i: (values[i], i))]
+
+
+def is_best(rows: list[dict], ema: bool = False) -> bool:
+    """Whether the last row is :func:`best_row` (best.safetensors is to be written for it)."""
+    return best_row(rows, ema) is rows[-1]
 EMA_FIELDS = ("eval_loss_ema", "eval_acc_ema") + tuple(f"{f}_ema" for f in MULTI_LABEL_FIELDS)  # --model-ema
 
 
