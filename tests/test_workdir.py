@@ -3,6 +3,7 @@ never moved), a finished run is left as it is, and each model and data set gets 
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,31 @@ def test_a_finished_run_is_left_as_it_is(tmp_path, tiny_weights, monkeypatch, ca
     before = snapshot(workdir)
     cli.main(command)
     said = capsys.readouterr().err
-    assert "complete at step 44" in said and "changed settings" not in said and snapshot(workdir) == before
+    assert "at step 44, past the 22 steps asked for; nothing to do" in said and snapshot(workdir) == before
+    assert "changed settings" not in said
+
+
+def test_fewer_epochs_than_an_unfinished_run_has_done_leave_it_as_it_is(tmp_path, tiny_run, caplog):
+    """An unfinished run (stopped in its second epoch, or at its end before the evaluation) rerun
+    with --epochs 1 is past the steps asked for but not complete: nothing is written (no final
+    weights from the middle of an epoch, no evaluation), nothing removed (the partial epoch's
+    record), and it says so; its own --epochs then resumes it as if never asked."""
+    for stop_at in (30, 44):  # 22 steps an epoch: inside epoch 2, and at its end
+        workdir = tmp_path / str(stop_at)
+        Run(tiny_run(workdir, epochs=3, max_steps=stop_at)).fit()
+        if stop_at == 44:
+            (workdir / "metrics.jsonl").write_text((workdir / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+        before = snapshot(workdir)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="densenet_jax"):
+            Run(tiny_run(workdir, epochs=1)).fit()
+        assert snapshot(workdir) == before and not (workdir / "model.safetensors").exists()
+        said = caplog.text
+        assert f"at step {stop_at}, past the 22 steps asked for; nothing to do, nothing written" in said, said
+        assert "complete at step" not in said and "changed settings" not in said
+    with caplog.at_level(logging.INFO, logger="densenet_jax"):
+        Run(tiny_run(workdir, epochs=3, max_steps=1)).fit()
+    assert "no record of the steps" not in caplog.text and "evaluating epoch 2" in caplog.text
 
 
 def test_another_configuration_is_refused_and_never_called_damaged(tmp_path, tiny_run):

@@ -191,16 +191,20 @@ class Run:
                                       steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps):
                 log.info(line)
         self.rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
-        if start >= self.total_steps:
+        if start == self.total_steps:
             log.info("%s: complete at step %d (%d asked for); nothing to do (a larger --epochs continues "
                      "it, another --workdir starts a new run)", self.workdir, start, self.total_steps)
+        elif start > self.total_steps:  # the folder's run is longer than this command's: not ours to end
+            log.info("%s: at step %d, past the %d steps asked for; nothing to do, nothing written (run.json "
+                     "records the run's own --epochs; another --workdir starts a new run)",
+                     self.workdir, start, self.total_steps)
 
     def _evaluate_missing_epoch(self, state, start: int, signals: StopSignals) -> None:
         """An epoch counts as done only with its evaluation recorded: a resume at the end of an
         epoch whose evaluation a stop or a kill cut short evaluates it now (its row, the curves, the
         choice of best.safetensors), with the epoch's train figures recorded beside its checkpoint."""
         epoch, within = divmod(start, self.steps_per_epoch)
-        if not start or within or any(r["step"] == start for r in self.rows):
+        if not start or within or start > self.total_steps or any(r["step"] == start for r in self.rows):
             return
         if self.is_main:
             log.info("evaluating epoch %d, whose evaluation was not recorded", epoch)
@@ -353,8 +357,10 @@ class Run:
     def _finish(self, state, start: int, step: int) -> None:
         """The final weights, once the run is complete: written once, or again if a kill came
         between the last checkpoint and them; a complete run's files are left as they are, less the
-        record of partial epochs, which only a resume within an epoch reads."""
-        if step < self.total_steps or not self.is_main:
+        record of partial epochs, which only a resume within an epoch reads. A folder whose run went
+        past the steps asked for is left as it is: that run may be unfinished (its final weights
+        and partial epochs are its own end's)."""
+        if step != self.total_steps or not self.is_main:
             return
         final = self.workdir / "model.safetensors"
         if step > start or not final.exists():

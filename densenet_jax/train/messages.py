@@ -43,10 +43,13 @@ def startup_lines(config, data: Dataset, model: DenseNet, workdir: Path, *, star
 
 
 def starting_point(start: int, steps_per_epoch: int, total_steps: int) -> str:
-    """Where a run starts: at step 0, resuming (at an epoch's start or within it), or complete."""
+    """Where a run starts: at step 0, resuming (at an epoch's start or within it), complete, or
+    past the steps asked for (a longer run's folder, finished or not)."""
     epoch, into = divmod(start, steps_per_epoch)
-    if start >= total_steps:
+    if start == total_steps:
         return f"complete at step {start}"
+    if start > total_steps:
+        return f"at step {start}, past the {total_steps} steps asked for"
     if into:
         return f"resuming at step {start} (epoch {epoch + 1}, {into} of its {steps_per_epoch} steps done)"
     if start:
