@@ -179,9 +179,11 @@ class Run:
         if restored is None:
             return self.runner.place_state(initial), 0
         host, step = restored
-        if self.is_main and self.changed and step < self.total_steps:  # said only where it trains on
-            log.warning("warning: continuing %s with changed settings (%s)", self.workdir, "; ".join(self.changed))
-        log.info("resuming from %s at step %d", checkpoints.directory, step)
+        if step < self.total_steps:  # else nothing trains, and _begin says why
+            if self.is_main and self.changed:
+                log.warning("warning: continuing %s with changed settings (%s)", self.workdir,
+                            "; ".join(self.changed))
+            log.info("resuming from %s at step %d", checkpoints.directory, step)
         return self.runner.place_state(host), step
 
     def _begin(self, start: int) -> None:
