@@ -28,7 +28,7 @@ from densenet_jax.train.evaluate import evaluate_state
 from densenet_jax.train.losses import LossConfig
 from densenet_jax.train.checks import (check_accumulation, check_batch_norm_inputs, check_devices, check_image_size,
                                        check_model_matches, check_precision_available, check_steps_per_epoch)
-from densenet_jax.train.messages import epoch_line, precision_warning, startup_lines, stopped_line
+from densenet_jax.train.messages import epoch_line, nothing_to_train, precision_warning, startup_lines, stopped_line
 from densenet_jax.train.meter import EMPTY_TOTALS, EpochMeter
 from densenet_jax.train.report import (is_best, plot_curves, read_metrics, read_partial_epoch,
                                        remove_partial_epochs, write_metrics, write_partial_epoch)
@@ -181,8 +181,7 @@ class Run:
         host, step = restored
         if step < self.total_steps:  # else nothing trains, and _begin says why
             if self.is_main and self.changed:
-                log.warning("warning: continuing %s with changed settings (%s)", self.workdir,
-                            "; ".join(self.changed))
+                log.warning("warning: continuing %s with changed settings (%s)", self.workdir, "; ".join(self.changed))
             log.info("resuming from %s at step %d", checkpoints.directory, step)
         return self.runner.place_state(host), step
 
@@ -193,13 +192,8 @@ class Run:
                                       steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps):
                 log.info(line)
         self.rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
-        if start == self.total_steps:
-            log.info("%s: complete at step %d (%d asked for); nothing to do (a larger --epochs continues "
-                     "it, another --workdir starts a new run)", self.workdir, start, self.total_steps)
-        elif start > self.total_steps:  # the folder's run is longer than this command's: not ours to end
-            log.info("%s: at step %d, past the %d steps asked for; nothing to do, nothing written (run.json "
-                     "records the run's own --epochs; another --workdir starts a new run)",
-                     self.workdir, start, self.total_steps)
+        if (why := nothing_to_train(self.workdir, start, self.total_steps)) is not None:
+            log.info(why)
 
     def _evaluate_missing_epoch(self, state, start: int, signals: StopSignals) -> None:
         """An epoch counts as done only with its evaluation recorded: a resume at the end of an
@@ -358,10 +352,8 @@ class Run:
 
     def _finish(self, state, start: int, step: int) -> None:
         """The final weights, once the run is complete: written once, or again if a kill came
-        between the last checkpoint and them; a complete run's files are left as they are, less the
-        record of partial epochs, which only a resume within an epoch reads. A folder whose run went
-        past the steps asked for is left as it is: that run may be unfinished (its final weights
-        and partial epochs are its own end's)."""
+        between the last checkpoint and them. A complete run's files are left as they are, less the
+        record of partial epochs (only a resume within an epoch reads it); a longer run's, wholly."""
         if step != self.total_steps or not self.is_main:
             return
         final = self.workdir / "model.safetensors"
