@@ -192,7 +192,7 @@ class Run:
                                       steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps):
                 log.info(line)
         self.rows = [r for r in read_metrics(self.workdir / "metrics.jsonl") if r["step"] <= start]
-        if (why := nothing_to_train(self.workdir, start, self.total_steps)) is not None:
+        if (why := nothing_to_train(self.workdir, start, self.steps_per_epoch, self.total_steps)) is not None:
             log.info(why)
 
     def _evaluate_missing_epoch(self, state, start: int, signals: StopSignals) -> None:

@@ -57,16 +57,17 @@ def starting_point(start: int, steps_per_epoch: int, total_steps: int) -> str:
     return "starting at step 0"
 
 
-def nothing_to_train(workdir, start: int, total_steps: int) -> str | None:
+def nothing_to_train(workdir, start: int, steps_per_epoch: int, total_steps: int) -> str | None:
     """Why a run that starts at step ``start`` trains nothing, or None when it trains: it is
     complete, or past the steps asked for (a longer run's folder, finished or not, left as it is)."""
+    if start < total_steps:
+        return None
+    where = starting_point(start, steps_per_epoch, total_steps)
     if start == total_steps:
-        return (f"{workdir}: complete at step {start} ({total_steps} asked for); nothing to do (a larger "
-                "--epochs continues it, another --workdir starts a new run)")
-    if start > total_steps:
-        return (f"{workdir}: at step {start}, past the {total_steps} steps asked for; nothing to do, nothing "
-                "written (run.json records the run's own --epochs; another --workdir starts a new run)")
-    return None
+        return (f"{workdir}: {where} ({total_steps} asked for); nothing to do (a larger --epochs continues it, "
+                "another --workdir starts a new run)")
+    return (f"{workdir}: {where}; nothing to do, nothing written (run.json records the run's own --epochs; "
+            "another --workdir starts a new run)")
 
 
 def epoch_line(row: dict, epochs: int) -> str:

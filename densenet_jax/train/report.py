@@ -15,6 +15,7 @@ FIELDS = ("epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "
 # Multi-label runs' rows add these (densenet_jax.train.multilabel): the mean AUROC and AUPRC over the
 # labels where they are defined, and each label's ({name: value}, null where undefined).
 MULTI_LABEL_FIELDS = ("eval_auroc", "eval_auprc", "eval_auroc_labels", "eval_auprc_labels")
+EMA_FIELDS = ("eval_loss_ema", "eval_acc_ema") + tuple(f"{f}_ema" for f in MULTI_LABEL_FIELDS)  # --model-ema
 
 
 def selection_key(rows: list[dict], ema: bool = False) -> str:
@@ -36,7 +37,6 @@ def best_row(rows: list[dict], ema: bool = False) -> dict:
 def is_best(rows: list[dict], ema: bool = False) -> bool:
     """Whether the last row is :func:`best_row` (best.safetensors is to be written for it)."""
     return best_row(rows, ema) is rows[-1]
-EMA_FIELDS = ("eval_loss_ema", "eval_acc_ema") + tuple(f"{f}_ema" for f in MULTI_LABEL_FIELDS)  # --model-ema
 
 
 def read_metrics(path: Path) -> list[dict]:
